@@ -1,0 +1,9 @@
+"""repsqueeze: train rich convolution blocks, deploy one exact convolution per block."""
+
+from repsqueeze.algebra import ConvMap
+from repsqueeze.blocks import Parallel, Squeezable, SqueezableBlock
+from repsqueeze.convert import deploy
+from repsqueeze.zoo import RepVGGBlock
+
+__all__ = ["ConvMap", "Parallel", "RepVGGBlock", "Squeezable", "SqueezableBlock", "deploy"]
+__version__ = "0.1.0"

@@ -1,0 +1,188 @@
+"""The algebra of affine, translation-equivariant maps: how convolutions compose and add.
+
+Every layer a block accepts (convolution, BatchNorm, identity, average pooling) is an affine
+map ``x -> W * x + b`` that reads a window of the input, advances by a stride and, under
+*border-consistent padding*, needs its input extended by a fixed number of samples on each
+side. :class:`ConvMap` holds such a map with a dense kernel (dilation 1, groups expanded) in
+float64, so that composition is plain arithmetic:
+
+* chain ``b(a(x))``: kernel ``conv_transpose(W_b, W_a, stride=s_a)``, stride ``s_a * s_b``,
+  padding ``p_a + s_a * p_b``, bias ``b_b + sum(W_b) @ b_a``;
+* sum ``a(x) + b(x)``: kernels placed on a common window and added, biases added.
+
+:func:`to_conv` turns a map back into the smallest ``nn.ConvNd`` (dilation and groups
+recovered from the structural pattern, not from numerical zeros).
+
+References: Ding et al., "RepVGG" (CVPR 2021) and "Diverse Branch Block" (CVPR 2021) for the
+branch algebra; Guo et al., "ExpandNets" (NeurIPS 2020) for chains of convolutions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Pad = tuple[tuple[int, int], ...]
+
+CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@dataclass
+class ConvMap:
+    """An affine map ``x -> W * x + b`` on an input pre-padded by ``pad``.
+
+    Attributes:
+        weight: dense kernel, shape ``(C_out, C_in, *extent)``, dilation 1, no groups.
+        bias: shape ``(C_out,)``.
+        stride: per spatial dim.
+        pad: ``(left, right)`` samples the input must be extended by, per spatial dim.
+    """
+
+    weight: Tensor
+    bias: Tensor
+    stride: tuple[int, ...]
+    pad: Pad
+
+    @property
+    def ndim(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def slack(self) -> tuple[int, ...]:
+        """``pad_l + pad_r - extent``: with the stride, fixes the output length."""
+        return tuple(l + r - e for (l, r), e in zip(self.pad, self.extent, strict=True))
+
+
+def dense_kernel(weight: Tensor, groups: int, dilation: tuple[int, ...]) -> Tensor:
+    """Expands a grouped, dilated kernel ``(C_out, C_in/g, *k)`` to ``(C_out, C_in, *extent)``."""
+    c_out, c_in_g = weight.shape[:2]
+    k = weight.shape[2:]
+    extent = [d * (n - 1) + 1 for d, n in zip(dilation, k, strict=True)]
+    dense = weight.new_zeros(c_out, c_in_g * groups, *extent)
+    taps = tuple(slice(None, None, d) for d in dilation)
+    c_out_g = c_out // groups
+    for g in range(groups):
+        rows = slice(g * c_out_g, (g + 1) * c_out_g)
+        cols = slice(g * c_in_g, (g + 1) * c_in_g)
+        dense[(rows, cols, *taps)] = weight[rows]
+    return dense
+
+
+def chain(a: ConvMap, b: ConvMap) -> ConvMap:
+    """The map ``x -> b(a(x))``."""
+    conv_t = _CONV_TRANSPOSE[a.ndim]
+    # conv_transpose treats b's output channels as a batch and a's kernel as its weight:
+    # out[o, i, u * s_a + t] += W_b[o, m, u] * W_a[m, i, t]
+    weight = conv_t(b.weight, a.weight, stride=a.stride)
+    bias = b.bias + b.weight.sum(dim=tuple(range(2, b.weight.dim()))) @ a.bias
+    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride, strict=True))
+    pad = tuple(
+        (pa[0] + sa * pb[0], pa[1] + sa * pb[1])
+        for pa, pb, sa in zip(a.pad, b.pad, a.stride, strict=True)
+    )
+    return ConvMap(weight, bias, stride, pad)
+
+
+def parallel(maps: list[ConvMap]) -> ConvMap:
+    """The map ``x -> sum_i maps[i](x)``; the maps must share stride and slack."""
+    pad = tuple(
+        (max(m.pad[d][0] for m in maps), max(m.pad[d][1] for m in maps))
+        for d in range(maps[0].ndim)
+    )
+    extent = tuple(p[0] + p[1] - s for p, s in zip(pad, maps[0].slack, strict=True))
+    first = maps[0].weight
+    weight = first.new_zeros(*first.shape[:2], *extent)
+    for m in maps:
+        window = tuple(
+            slice(pl - ml, pl - ml + e)
+            for (pl, _), (ml, _), e in zip(pad, m.pad, m.extent, strict=True)
+        )
+        weight[(slice(None), slice(None), *window)] += m.weight
+    bias = torch.stack([m.bias for m in maps]).sum(0)
+    return ConvMap(weight, bias, maps[0].stride, pad)
+
+
+def largest_groups(mask: Tensor) -> int:
+    """The largest ``g`` such that the ``(C_out, C_in)`` mask is ``g``-block-diagonal."""
+    c_out, c_in = mask.shape
+    for g in sorted(_divisors(math.gcd(c_out, c_in)), reverse=True):
+        o = torch.arange(c_out, device=mask.device) // (c_out // g)
+        i = torch.arange(c_in, device=mask.device) // (c_in // g)
+        if not (mask & (o[:, None] != i[None, :])).any():
+            return g
+    return 1
+
+
+def to_conv(
+    structure: ConvMap,
+    padding_mode: str,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    values: ConvMap | None = None,
+) -> nn.Module:
+    """Builds the smallest ``nn.ConvNd`` that computes a map on an unpadded input.
+
+    Args:
+        structure: the map built from non-negative indicator weights; its non-zero pattern
+            (no cancellation possible) decides kernel, dilation and groups, so the
+            architecture never depends on the values of the weights.
+        padding_mode: padding mode of the result.
+        dtype: dtype of the result.
+        device: device of the result.
+        values: the numerical map to copy in; ``None`` leaves the default initialisation
+            (for building a deployed architecture whose weights a state dict will fill).
+    """
+    ndim = structure.ndim
+    # nn.ConvNd pads symmetrically: widen an asymmetric window with zero taps.
+    padding, widen = [], []
+    for left, right in structure.pad:
+        q = max(left, right)
+        padding.append(q)
+        widen += [q - right, q - left]
+    widen = widen[::-1]  # F.pad wants the last dim first, each as (front, back)
+    taps = F.pad(structure.weight.ne(0).to(torch.uint8), widen).bool()
+    dilation = []
+    for d in range(ndim):
+        other = tuple(i for i in range(ndim + 2) if i != d + 2)
+        used = taps.any(dim=other).nonzero().flatten().tolist()
+        dilation.append(math.gcd(*used, taps.shape[d + 2] - 1) or 1)
+    every = (slice(None), slice(None), *(slice(None, None, d) for d in dilation))
+    taps = taps[every]
+    groups = largest_groups(taps.flatten(2).any(-1))
+    c_out, c_in = taps.shape[:2]
+    conv = CONV_CLASSES[ndim](
+        c_in,
+        c_out,
+        tuple(taps.shape[2:]),
+        stride=structure.stride,
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+        groups=groups,
+        bias=True,
+        padding_mode=padding_mode,
+        device=device,
+        dtype=dtype,
+    )
+    if values is not None:
+        weight = F.pad(values.weight, widen)[every]
+        go, gi = c_out // groups, c_in // groups
+        weight = torch.cat(
+            [weight[g * go : (g + 1) * go, g * gi : (g + 1) * gi] for g in range(groups)]
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(values.bias)
+    return conv
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

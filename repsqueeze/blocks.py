@@ -1,0 +1,443 @@
+"""Trainable blocks that squeeze into one convolution: chains and parallel branches.
+
+The naive chain ``conv2(conv1(x))`` cannot be one convolution when ``conv2`` pads: its zero
+border is applied to ``conv1``'s output, which no kernel on ``x`` reproduces. A
+:class:`SqueezableBlock` instead pads its input *once*, by the total padding
+``P = sum_i p_i * prod_{j<i} s_j``, with the layers' padding mode, and runs every layer
+unpadded (border-consistent padding). Its output has the naive chain's shape and interior,
+and it *is* one convolution, which :meth:`Squeezable.squeeze` builds.
+
+:class:`Parallel` sums branches; it pads once by the largest branch padding and hands each
+branch the window it would have padded itself. Chains nest in parallels and parallels in
+chains to any depth; ``nn.Sequential`` inside a block is a nested chain.
+
+References: Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021;
+Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repsqueeze import primitives
+from repsqueeze.algebra import ConvMap, Pad, chain, parallel, to_conv
+from repsqueeze.primitives import Geometry, identity_geometry, name_of
+
+_TORCH_MODE = {
+    "zeros": "constant",
+    "reflect": "reflect",
+    "replicate": "replicate",
+    "circular": "circular",
+}
+
+
+class Squeezable(nn.Module):
+    """Base of every block that squeezes into one convolution.
+
+    Subclasses hold their children in an ``nn.ModuleList`` and call :meth:`_finalize` at the
+    end of ``__init__``. After :meth:`deploy` the block holds only ``self.conv``.
+    """
+
+    deployed: bool = False
+    _children_attr: str = ""
+
+    def _finalize(self, deployed: bool = False) -> None:
+        """Validates the structure (errors name the layer) and builds the deployed form.
+
+        Args:
+            deployed: build the single convolution directly (its weights left at their
+                default initialisation, for a state dict to fill) and drop the branches.
+        """
+        self._geometry_cache: dict[int, Geometry] = {}
+        self._ndim = node_ndim(self, "")
+        if self._ndim is not None:
+            self.geometry(self._ndim)
+        if deployed:
+            conv = to_conv(
+                self._structure(), self._padding_mode(), torch.get_default_dtype(), "cpu"
+            )
+            self._become(conv)
+
+    # --- structure -------------------------------------------------------------------------
+    def named_parts(self) -> list[tuple[str, nn.Module]]:
+        """The children in order, named as in the state dict."""
+        return [
+            (f"{self._children_attr}.{i}", m)
+            for i, m in enumerate(getattr(self, self._children_attr))
+        ]
+
+    @property
+    def ndim(self) -> int | None:
+        """Spatial dimensionality (1, 2 or 3); ``None`` when no layer fixes it."""
+        return self._ndim
+
+    def geometry(self, ndim: int) -> Geometry:
+        """Stride, padding, window and channels of the whole block."""
+        if self.deployed:
+            return self._deployed_geometry
+        if ndim not in self._geometry_cache:
+            self._geometry_cache[ndim] = self._combine_geometry(ndim, "")
+        return self._geometry_cache[ndim]
+
+    def _combine_geometry(self, ndim: int, path: str) -> Geometry:
+        raise NotImplementedError
+
+    def _combine_maps(self, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+        raise NotImplementedError
+
+    def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+        raise NotImplementedError
+
+    def _padding_mode(self) -> str:
+        return self.geometry(self._require_ndim()).mode or "zeros"
+
+    def _require_ndim(self) -> int:
+        if self._ndim is None:
+            raise ValueError(
+                f"{type(self).__name__}: no layer fixes the spatial dimensionality (only "
+                "Identity/SyncBatchNorm); add a ConvNd, BatchNormNd or AvgPoolNd"
+            )
+        return self._ndim
+
+    def _in_channels(self) -> int:
+        c_in = self.geometry(self._require_ndim()).c_in
+        if c_in is None:
+            raise ValueError(
+                f"{type(self).__name__}: no layer fixes the number of channels (only Identity/"
+                "AvgPool); add a convolution or a BatchNorm"
+            )
+        return c_in
+
+    def _structure(self) -> ConvMap:
+        return node_map(self, self._in_channels(), self._require_ndim(), "", structural=True)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.deployed:
+            return self.conv(x)
+        ndim = self._ndim or x.dim() - 2
+        geo = self.geometry(ndim)
+        x = pad(x, geo.pad, geo.mode)  # (N, C, *spatial + total padding)
+        return self._run(x, ((0, 0),) * ndim, ndim)
+
+    # --- squeeze and deploy ----------------------------------------------------------------
+    @torch.no_grad()
+    def squeeze(self) -> nn.Module:
+        """A new ``nn.ConvNd`` equal to this block in eval mode; the block is unchanged.
+
+        Composed in float64, cast once to the dtype of the block's parameters.
+        """
+        if self.deployed:
+            conv = type(self.conv)(**_conv_kwargs(self.conv))
+            conv.load_state_dict(self.conv.state_dict())
+            return conv
+        ndim = self._require_ndim()
+        values = node_map(self, self._in_channels(), ndim, "", structural=False)
+        ref = next(iter(self.parameters()), None)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        return to_conv(self._structure(), self._padding_mode(), dtype, values.weight.device, values)
+
+    @torch.no_grad()
+    def deploy(self) -> Squeezable:
+        """Switches to the deployed form in place (one convolution) and frees the branches.
+
+        Idempotent. BatchNorm is folded with its running statistics.
+        """
+        if not self.deployed:
+            conv = self.squeeze()
+            conv.train(self.training)
+            self._become(conv)
+        return self
+
+    def _become(self, conv: nn.Module) -> None:
+        ndim = self._require_ndim()
+        geo = self.geometry(ndim)
+        self._deployed_geometry = geo
+        delattr(self, self._children_attr)
+        self.conv = conv
+        self.deployed = True
+
+    def extra_repr(self) -> str:
+        return "deployed=True" if self.deployed else ""
+
+
+class SqueezableBlock(Squeezable):
+    """A chain of linear layers that squeezes into one convolution.
+
+    Args:
+        *layers: ``ConvNd``, ``BatchNormNd``/``SyncBatchNorm`` (before or after a conv),
+            ``Identity``, ``AvgPoolNd``, ``nn.Sequential`` of these, nested blocks.
+        deployed: build the squeezed convolution directly instead of the layers.
+
+    Example:
+        >>> block = SqueezableBlock(nn.Conv2d(5, 3, 3, padding=1), nn.Conv2d(3, 1, 3, padding=1))
+        >>> block.squeeze()  # Conv2d(5, 1, kernel_size=(5, 5), padding=(2, 2))
+    """
+
+    _children_attr = "layers"
+
+    def __init__(self, *layers: nn.Module, deployed: bool = False) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("SqueezableBlock needs at least one layer")
+        self.layers = nn.ModuleList(layers)
+        self._finalize(deployed)
+
+    def _combine_geometry(self, ndim: int, path: str) -> Geometry:
+        return chain_geometry(self.named_parts(), ndim, path)
+
+    def _combine_maps(self, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+        return chain_map(self.named_parts(), c_in, ndim, path, structural)
+
+    def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+        return chain_run([m for _, m in self.named_parts()], x, ext, ndim)
+
+
+class Parallel(Squeezable):
+    """The sum of branches that share stride and output alignment.
+
+    A 1x1 conv with padding 0 beside a 3x3 conv with padding 1 is aligned; so is an
+    ``Identity`` or a ``BatchNorm`` branch when channels match and the stride is 1.
+
+    Args:
+        *branches: layers, ``nn.Sequential`` chains or nested blocks.
+        deployed: build the squeezed convolution directly instead of the branches.
+    """
+
+    _children_attr = "branches"
+
+    def __init__(self, *branches: nn.Module, deployed: bool = False) -> None:
+        super().__init__()
+        if not branches:
+            raise ValueError("Parallel needs at least one branch")
+        self.branches = nn.ModuleList(branches)
+        self._finalize(deployed)
+
+    def _combine_geometry(self, ndim: int, path: str) -> Geometry:
+        return parallel_geometry(self.named_parts(), ndim, path)
+
+    def _combine_maps(self, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+        maps = [node_map(m, c_in, ndim, f"{path}{n}", structural) for n, m in self.named_parts()]
+        return parallel(maps)
+
+    def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+        geo = self.geometry(ndim)
+        out = None
+        for _, branch in self.named_parts():
+            own = node_geometry(branch, ndim, "").pad
+            window = tuple(
+                slice(pl - bl, x.shape[d + 2] - (pr - br))
+                for d, ((pl, pr), (bl, br)) in enumerate(zip(geo.pad, own, strict=True))
+            )
+            y = node_run(branch, x[(slice(None), slice(None), *window)], ext, ndim)
+            out = y if out is None else out + y
+        return out
+
+
+# --- dispatch over the kinds of node: block, Sequential, single layer ------------------------
+def node_ndim(module: nn.Module, path: str) -> int | None:
+    """Spatial dimensionality fixed by a node; ``ValueError`` when its layers disagree."""
+    if isinstance(module, Squeezable) and module.deployed:
+        return module.conv.weight.dim() - 2
+    if isinstance(module, (Squeezable, nn.Sequential)):
+        parts = module.named_parts() if isinstance(module, Squeezable) else _seq_parts(module)
+        found, where = None, ""
+        for name, child in parts:
+            n = node_ndim(child, f"{path}{name}")
+            if n is not None and found is not None and n != found:
+                raise ValueError(
+                    f"{name_of(child, path + name)} is {n}-D but {where} is {found}-D; "
+                    "one block has one spatial dimensionality"
+                )
+            if n is not None and found is None:
+                found, where = n, name_of(child, path + name)
+        return found
+    if not primitives.is_primitive(module):
+        primitives.geometry(module, 2, path)  # raises the TypeError naming the layer
+    return primitives.ndim_of(module)
+
+
+def node_geometry(module: nn.Module, ndim: int, path: str) -> Geometry:
+    if isinstance(module, Squeezable):
+        return module.geometry(ndim)
+    if isinstance(module, nn.Sequential):
+        return chain_geometry(_seq_parts(module), ndim, path)
+    return primitives.geometry(module, ndim, path)
+
+
+def node_map(module: nn.Module, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+    if isinstance(module, Squeezable):
+        if module.deployed:
+            return _deployed_map(module, c_in, ndim, path, structural)
+        return module._combine_maps(c_in, ndim, path, structural)
+    if isinstance(module, nn.Sequential):
+        return chain_map(_seq_parts(module), c_in, ndim, path, structural)
+    return primitives.linear_map(module, c_in, ndim, path, structural)
+
+
+def node_run(module: nn.Module, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+    if isinstance(module, Squeezable):
+        if module.deployed:
+            return _deployed_run(module, x, ndim)
+        return module._run(x, ext, ndim)
+    if isinstance(module, nn.Sequential):
+        return chain_run(list(module), x, ext, ndim)
+    return primitives.run(module, x, ext, ndim)
+
+
+def _seq_parts(seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    return [(f".{name}", m) for name, m in seq.named_children()]
+
+
+# --- chains --------------------------------------------------------------------------------
+def chain_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> Geometry:
+    total = identity_geometry(ndim)
+    stride, pad, extent = list(total.stride), [list(p) for p in total.pad], list(total.extent)
+    mode = mode_from = None
+    c_in = channels = None
+    last = None
+    for name, child in parts:
+        where = path + name
+        g = node_geometry(child, ndim, where)
+        if g.mode is not None:
+            _check_mode(mode, mode_from, g.mode, name_of(child, where))
+            mode, mode_from = g.mode, mode_from or name_of(child, where)
+        if g.c_in is not None:
+            if channels is not None and g.c_in != channels:
+                raise ValueError(
+                    f"{name_of(child, where)} expects {g.c_in} input channels but "
+                    f"{last} produces {channels}"
+                )
+            c_in = c_in if channels is not None else g.c_in
+            channels, last = g.c_out, name_of(child, where)
+        for d in range(ndim):
+            pad[d][0] += stride[d] * g.pad[d][0]
+            pad[d][1] += stride[d] * g.pad[d][1]
+            extent[d] += stride[d] * (g.extent[d] - 1)
+            stride[d] *= g.stride[d]
+    return Geometry(tuple(stride), tuple(map(tuple, pad)), tuple(extent), mode, c_in, channels)
+
+
+def chain_map(
+    parts: list[tuple[str, nn.Module]], c_in: int, ndim: int, path: str, structural: bool
+) -> ConvMap:
+    total = None
+    for name, child in parts:
+        m = node_map(child, c_in, ndim, path + name, structural)
+        total = m if total is None else chain(total, m)
+        c_in = m.weight.shape[0]
+    return total
+
+
+def chain_run(layers: list[nn.Module], x: Tensor, ext: Pad, ndim: int) -> Tensor:
+    # Border each layer's output carries for the layers after it, computed back to front.
+    exts = [ext]
+    for layer in reversed(layers[1:]):
+        g = node_geometry(layer, ndim, "")
+        exts.append(
+            tuple(
+                (p[0] + s * e[0], p[1] + s * e[1])
+                for p, s, e in zip(g.pad, g.stride, exts[-1], strict=True)
+            )
+        )
+    for layer, e in zip(layers, reversed(exts), strict=True):
+        x = node_run(layer, x, e, ndim)
+    return x
+
+
+# --- parallel branches ---------------------------------------------------------------------
+def parallel_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> Geometry:
+    geos = [(name_of(m, path + n), node_geometry(m, ndim, path + n)) for n, m in parts]
+    first_name, first = geos[0]
+    mode = mode_from = None
+    c_in = next((g.c_in for _, g in geos if g.c_in is not None), None)
+    c_out = next((g.c_out for _, g in geos if g.c_out is not None), None)
+    for name, g in geos:
+        if g.stride != first.stride:
+            raise ValueError(
+                f"{name} has stride {g.stride} but {first_name} has {first.stride}; "
+                "parallel branches must share stride"
+            )
+        if g.slack != first.slack:
+            raise ValueError(
+                f"{name} is misaligned with {first_name}: padding {g.pad} with window "
+                f"{g.extent} vs padding {first.pad} with window {first.extent}; branches must "
+                "satisfy pad_left + pad_right - window = same value so their outputs overlap"
+            )
+        if g.mode is not None:
+            _check_mode(mode, mode_from, g.mode, name)
+            mode, mode_from = g.mode, mode_from or name
+        if g.c_in is not None and g.c_in != c_in:
+            raise ValueError(
+                f"{name} takes {g.c_in} input channels but another branch takes {c_in}"
+            )
+        if g.c_out is not None and g.c_out != c_out:
+            raise ValueError(
+                f"{name} gives {g.c_out} output channels but another branch gives {c_out}"
+            )
+        if g.c_in is None and c_in is not None and c_in != c_out:
+            raise ValueError(
+                f"{name} keeps its channel count, but the other branches map {c_in} to {c_out} "
+                "channels; an identity-like branch needs equal input and output channels"
+            )
+    pad = tuple(
+        (max(g.pad[d][0] for _, g in geos), max(g.pad[d][1] for _, g in geos)) for d in range(ndim)
+    )
+    extent = tuple(p[0] + p[1] - s for p, s in zip(pad, first.slack, strict=True))
+    c_in = c_in if c_in is not None else c_out
+    c_out = c_out if c_out is not None else c_in
+    return Geometry(first.stride, pad, extent, mode, c_in, c_out)
+
+
+def _check_mode(mode: str | None, mode_from: str | None, new: str, where: str) -> None:
+    if mode is not None and new != mode:
+        raise ValueError(
+            f"{where} pads with padding_mode='{new}' but {mode_from} pads with '{mode}'; "
+            "a block pads its input once, so all its padded layers must share one mode"
+        )
+
+
+# --- deployed nodes inside a block that is still in training form ---------------------------
+def _deployed_map(block: Squeezable, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+    m = primitives.linear_map(block.conv, c_in, ndim, f"{path}.conv", structural)
+    geo = block._deployed_geometry
+    # Drop the zero taps a symmetric-padding conv added around an asymmetric window.
+    window = tuple(
+        slice(q - l, q - l + e)
+        for (q, _), (l, _), e in zip(m.pad, geo.pad, geo.extent, strict=True)
+    )
+    return ConvMap(m.weight[(slice(None), slice(None), *window)], m.bias, m.stride, geo.pad)
+
+
+def _deployed_run(block: Squeezable, x: Tensor, ndim: int) -> Tensor:
+    conv, geo = block.conv, block._deployed_geometry
+    # The input carries the block's own (possibly asymmetric) border; top it up with zeros
+    # where the conv's symmetric padding has only zero taps.
+    extra = tuple((q - l, q - r) for q, (l, r) in zip(conv.padding, geo.pad, strict=True))
+    return primitives.run(conv, pad(x, extra, "zeros"), ((0, 0),) * ndim, ndim)
+
+
+def _conv_kwargs(conv: nn.Module) -> dict:
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+        "device": conv.weight.device,
+        "dtype": conv.weight.dtype,
+    }
+
+
+def pad(x: Tensor, amount: Pad, mode: str | None) -> Tensor:
+    """Pads the spatial dims of ``x`` by ``(left, right)`` each, with a conv padding mode."""
+    if not any(map(any, amount)):
+        return x
+    flat = [v for pair in reversed(amount) for v in pair]
+    return F.pad(x, flat, mode=_TORCH_MODE[mode or "zeros"])

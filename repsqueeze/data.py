@@ -1,0 +1,357 @@
+"""LightningDataModules for the datasets repsqueeze trains and verifies on.
+
+- :class:`DigitsDataModule`: scikit-learn's embedded 8x8 handwritten digits (no download),
+  small enough for tests and CPU smoke runs.
+- :class:`CIFARDataModule`: torchvision CIFAR-10 / CIFAR-100 with the standard crop-and-flip
+  augmentation (He et al., "Deep Residual Learning for Image Recognition", 2016).
+- :class:`ImageFolderDataModule`: any ``ImageFolder`` tree with ImageNet-style transforms.
+
+Validation splits carved out of a training set never see training augmentation: the split
+indices are shared, and each side applies its own transform to the untransformed images.
+:func:`example_batch` returns one real batch, e.g. to check a deployed model against its
+training form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torchvision import datasets
+from torchvision import transforms as T
+
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _TransformedSubset(Dataset):
+    """The ``indices`` of an untransformed ``dataset``, seen through ``transform``."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        image, target = self.dataset[self.indices[i]]
+        return self.transform(image), target
+
+
+def _split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of ``range(n)`` into ``n - val_size`` train and ``val_size`` val indices."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
+    generator = torch.Generator().manual_seed(seed)
+    train, val = random_split(range(n), [n - val_size, val_size], generator=generator)
+    return list(train.indices), list(val.indices)
+
+
+class _DataModule(LightningDataModule):
+    """Holds the three splits and builds their loaders; subclasses fill them in ``setup``."""
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int, pin_memory: bool) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class DigitsDataModule(_DataModule):
+    """scikit-learn's 1797 8x8 grey-scale digits, split train/val/test with stratification.
+
+    Pixels are scaled to [0, 1] and, with ``normalize``, standardised with the training
+    split's mean and std (stored as ``mean`` / ``std`` after ``setup``).
+
+    Args:
+        batch_size: Samples per batch.
+        val_fraction: Fraction of all samples held out for validation.
+        test_fraction: Fraction of all samples held out for testing.
+        seed: Seed of the split and of the training shuffle.
+        num_workers: DataLoader worker processes.
+        normalize: Standardise with the training split's pixel mean and std.
+        pin_memory: Pin batches in page-locked memory.
+    """
+
+    num_classes = 10
+    in_channels = 1
+    image_size = 8
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+        normalize: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, pin_memory)
+        if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                "need val_fraction > 0, test_fraction > 0 and val_fraction + test_fraction < 1, "
+                f"got {val_fraction} and {test_fraction}"
+            )
+        self.save_hyperparameters()
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.normalize = normalize
+        self.mean: float | None = None
+        self.std: float | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        digits = load_digits()
+        x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+        y = torch.as_tensor(digits.target, dtype=torch.long)
+        n = len(y)
+        n_test, n_val = round(self.test_fraction * n), round(self.val_fraction * n)
+        rest, test = train_test_split(
+            np.arange(n), test_size=n_test, stratify=digits.target, random_state=self.seed
+        )
+        train, val = train_test_split(
+            rest, test_size=n_val, stratify=digits.target[rest], random_state=self.seed
+        )
+        train, val, test = (torch.as_tensor(i, dtype=torch.long) for i in (train, val, test))
+        if self.normalize:
+            self.mean, self.std = x[train].mean().item(), x[train].std().item()
+            x = (x - self.mean) / self.std
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
+
+class CIFARDataModule(_DataModule):
+    """torchvision CIFAR-10 or CIFAR-100; ``val_size`` images of the official train set
+    are held out (seeded) for validation, and the official test set is the test split.
+
+    Args:
+        data_dir: Directory holding (or receiving) ``cifar-10-batches-py`` /
+            ``cifar-100-python``.
+        name: ``"cifar10"`` or ``"cifar100"``.
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes.
+        download: Download the archive in ``prepare_data`` when it is missing.
+        val_size: Training images held out for validation.
+        seed: Seed of the train/val split and of the training shuffle.
+        augment: RandomCrop(32, padding=4) + RandomHorizontalFlip on the training split.
+        pin_memory: Pin batches in page-locked memory.
+    """
+
+    in_channels = 3
+    image_size = 32
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data/",
+        name: str = "cifar10",
+        batch_size: int = 128,
+        num_workers: int = 2,
+        download: bool = False,
+        val_size: int = 5000,
+        seed: int = 0,
+        augment: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, pin_memory)
+        if name not in CIFAR_STATS:
+            raise ValueError(f"unknown CIFAR name {name!r}; expected one of {list(CIFAR_STATS)}")
+        self.save_hyperparameters()
+        self.data_dir = str(data_dir)
+        self.name = name
+        self.download = download
+        self.val_size = val_size
+        self.augment = augment
+        self.num_classes = 10 if name == "cifar10" else 100
+        self.dataset_cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        self.eval_transform = T.Compose([T.ToTensor(), T.Normalize(*CIFAR_STATS[name])])
+        augmentation = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+        self.train_transform = T.Compose([*augmentation, self.eval_transform])
+
+    def _dataset(self, train: bool, transform: Callable | None) -> Dataset:
+        try:
+            return self.dataset_cls(self.data_dir, train=train, transform=transform)
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{self.name} not found or corrupted under {self.data_dir!r} "
+                f"(expected {self.dataset_cls.base_folder}/); pass download=True to fetch it"
+            ) from err
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self.dataset_cls(self.data_dir, train=True, download=True)
+            self.dataset_cls(self.data_dir, train=False, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            full = self._dataset(train=True, transform=None)
+            train, val = _split_indices(len(full), self.val_size, self.seed)
+            self.train_set = _TransformedSubset(full, train, self.train_transform)
+            self.val_set = _TransformedSubset(full, val, self.eval_transform)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self._dataset(train=False, transform=self.eval_transform)
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    """:class:`CIFARDataModule` with ``name="cifar10"``; takes the same other arguments."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(name="cifar10", **kwargs)
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    """:class:`CIFARDataModule` with ``name="cifar100"``; takes the same other arguments."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(name="cifar100", **kwargs)
+
+
+class ImageFolderDataModule(_DataModule):
+    """An ``ImageFolder`` tree with ImageNet-style transforms.
+
+    With ``root/train`` and ``root/val`` present those are the train and val splits
+    (``root/test`` is the test split if present, else ``root/val``). Otherwise ``root`` itself
+    is one ImageFolder, split with a seeded ``val_fraction`` that also serves as test split.
+    ``num_classes`` is known from construction when ``root`` exists, else after ``setup``.
+
+    Args:
+        root: Dataset directory.
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes.
+        image_size: Side of the square crops fed to the model.
+        val_fraction: Fraction held out for validation when ``root`` has no train/val split.
+        seed: Seed of the train/val split and of the training shuffle.
+        pin_memory: Pin batches in page-locked memory.
+    """
+
+    in_channels = 3
+
+    def __init__(
+        self,
+        root: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        image_size: int = 224,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, pin_memory)
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.image_size = image_size
+        self.val_fraction = val_fraction
+        self.train_transform = T.Compose(
+            [
+                T.RandomResizedCrop(image_size),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        self.eval_transform = T.Compose(
+            [
+                T.Resize(int(image_size * 256 / 224)),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        self.classes: list[str] | None = None
+        self.num_classes: int | None = None
+        if self.root.is_dir():
+            self.classes = datasets.folder.find_classes(self._train_dir)[0]
+            self.num_classes = len(self.classes)
+
+    @property
+    def _split_layout(self) -> bool:
+        return (self.root / "train").is_dir() and (self.root / "val").is_dir()
+
+    @property
+    def _train_dir(self) -> Path:
+        return self.root / "train" if self._split_layout else self.root
+
+    def _folder(self, path: Path, transform: Callable | None) -> datasets.ImageFolder:
+        folder = datasets.ImageFolder(path, transform=transform)
+        if self.classes is not None and folder.classes != self.classes:
+            raise ValueError(f"classes of {path} differ from those of {self._train_dir}")
+        return folder
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolder root {str(self.root)!r} does not exist")
+        full = datasets.ImageFolder(self._train_dir)
+        self.classes, self.num_classes = full.classes, len(full.classes)
+        if self._split_layout:
+            test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
+            self.val_set = self._folder(self.root / "val", self.eval_transform)
+            self.test_set = self._folder(test_dir, self.eval_transform)
+            self.train_set = _TransformedSubset(full, range(len(full)), self.train_transform)
+            return
+        train, val = _split_indices(len(full), round(self.val_fraction * len(full)), self.seed)
+        self.val_set = self.test_set = _TransformedSubset(full, val, self.eval_transform)
+        self.train_set = _TransformedSubset(full, train, self.train_transform)
+
+
+def example_batch(datamodule: LightningDataModule, stage: str = "test") -> tuple[Any, Any]:
+    """One ``(x, y)`` batch of a datamodule, running ``prepare_data`` and ``setup`` first.
+
+    Args:
+        datamodule: Any LightningDataModule with train/val/test loaders.
+        stage: ``"train"``, ``"val"`` or ``"test"``: the loader to draw from.
+    """
+    loaders = {
+        "train": ("fit", "train_dataloader"),
+        "val": ("fit", "val_dataloader"),
+        "test": ("test", "test_dataloader"),
+    }
+    if stage not in loaders:
+        raise ValueError(f"stage must be one of {list(loaders)}, got {stage!r}")
+    setup_stage, loader_name = loaders[stage]
+    datamodule.prepare_data()
+    datamodule.setup(setup_stage)
+    x, y = next(iter(getattr(datamodule, loader_name)()))
+    return x, y

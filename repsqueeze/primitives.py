@@ -1,0 +1,268 @@
+"""The single PyTorch layers a block accepts, each seen three ways.
+
+* :func:`geometry`: stride, padding, window and channels, from attributes alone;
+* :func:`linear_map`: the layer as a :class:`~repsqueeze.algebra.ConvMap`;
+* :func:`run`: the layer applied to an input that was already padded (border-consistent
+  padding: the block pads once, every layer runs unpadded).
+
+Accepted: ``nn.Conv1d/2d/3d``, ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm``,
+``nn.Identity``, ``nn.AvgPool1d/2d/3d``. Anything else is refused with a ``TypeError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from repsqueeze.algebra import ConvMap, Pad, dense_kernel
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_NDIM = {
+    nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3,
+    nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
+}  # fmt: skip
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_POOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+ACCEPTED = "Conv1d/2d/3d, BatchNorm1d/2d/3d, SyncBatchNorm, Identity, AvgPool1d/2d/3d"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a layer does to positions and channels, independent of its weights.
+
+    Attributes:
+        stride: per spatial dim.
+        pad: ``(left, right)`` border the layer needs on its input, per spatial dim.
+        extent: width of the window one output reads (dilation included), per spatial dim.
+        mode: padding mode of that border, ``None`` when the layer needs none.
+        c_in: input channels, ``None`` for layers that keep whatever they get.
+        c_out: output channels, ``None`` likewise.
+    """
+
+    stride: tuple[int, ...]
+    pad: Pad
+    extent: tuple[int, ...]
+    mode: str | None
+    c_in: int | None
+    c_out: int | None
+
+    @property
+    def slack(self) -> tuple[int, ...]:
+        return tuple(l + r - e for (l, r), e in zip(self.pad, self.extent, strict=True))
+
+
+def name_of(layer: nn.Module, path: str) -> str:
+    return f"{path} ({type(layer).__name__})"
+
+
+def is_primitive(layer: nn.Module) -> bool:
+    return isinstance(layer, (*CONVS, *POOLS, _BatchNorm, nn.Identity))
+
+
+def ndim_of(layer: nn.Module) -> int | None:
+    """Spatial dimensionality a layer fixes, ``None`` for dimension-agnostic ones."""
+    for cls, n in _NDIM.items():
+        if isinstance(layer, cls):
+            return n
+    return None
+
+
+def identity_geometry(ndim: int, channels: int | None = None) -> Geometry:
+    return Geometry((1,) * ndim, ((0, 0),) * ndim, (1,) * ndim, None, channels, channels)
+
+
+def geometry(layer: nn.Module, ndim: int, path: str) -> Geometry:
+    """Geometry of one accepted layer; ``TypeError`` for anything that is not linear."""
+    if isinstance(layer, CONVS):
+        pad = conv_padding(layer)
+        extent = tuple(
+            d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size, strict=True)
+        )
+        mode = layer.padding_mode if any(map(any, pad)) else None
+        return Geometry(layer.stride, pad, extent, mode, layer.in_channels, layer.out_channels)
+    if isinstance(layer, POOLS):
+        kernel, stride, padding = _pool_args(layer, ndim)
+        if layer.ceil_mode:
+            raise ValueError(f"{name_of(layer, path)}: ceil_mode=True has no exact convolution")
+        if any(padding) and not layer.count_include_pad:
+            raise ValueError(
+                f"{name_of(layer, path)}: count_include_pad=False with padding divides border "
+                "outputs by a position-dependent count, which no convolution reproduces"
+            )
+        pad = tuple((p, p) for p in padding)
+        return Geometry(stride, pad, kernel, "zeros" if any(padding) else None, None, None)
+    if isinstance(layer, _BatchNorm):
+        return identity_geometry(ndim, layer.num_features)
+    if isinstance(layer, nn.Identity):
+        return identity_geometry(ndim)
+    raise TypeError(
+        f"{name_of(layer, path)} is not a linear layer a squeezable block accepts "
+        f"({ACCEPTED}, Sequential, SqueezableBlock, Parallel); put non-linearities between blocks"
+    )
+
+
+def conv_padding(conv: nn.Module) -> Pad:
+    if conv.padding == "valid":
+        return ((0, 0),) * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in conv.padding)
+
+
+def _pool_args(pool: nn.Module, ndim: int) -> tuple[tuple[int, ...], ...]:
+    def tup(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * ndim
+
+    kernel = tup(pool.kernel_size)
+    stride = tup(pool.stride) if pool.stride not in (None, (), []) else kernel
+    return kernel, stride, tup(pool.padding)
+
+
+def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+    """The layer as a float64 :class:`ConvMap` (``structural``: indicator weights instead)."""
+    geo = geometry(layer, ndim, path)
+    kw = {"dtype": torch.float64, "device": "cpu" if structural else _device(layer)}
+    if isinstance(layer, CONVS):
+        if structural:
+            weight, bias = torch.ones(layer.weight.shape, **kw), torch.zeros(geo.c_out, **kw)
+        else:
+            weight = _finite(layer, path, "weight").to(**kw)
+            bias = _finite(layer, path, "bias").to(**kw) if layer.bias is not None else None
+            bias = torch.zeros(geo.c_out, **kw) if bias is None else bias
+        return ConvMap(
+            dense_kernel(weight, layer.groups, layer.dilation), bias, geo.stride, geo.pad
+        )
+    if isinstance(layer, POOLS):
+        kernel = geo.extent
+        divisor = getattr(layer, "divisor_override", None) or torch.Size(kernel).numel()
+        taps = torch.full(kernel, 1.0 if structural else 1.0 / divisor, **kw)
+        weight = torch.eye(c_in, **kw).reshape(c_in, c_in, *(1,) * ndim) * taps
+        return ConvMap(weight, torch.zeros(c_in, **kw), geo.stride, geo.pad)
+    if isinstance(layer, _BatchNorm) and not structural:
+        scale, shift = bn_affine(layer, path)
+        return _diagonal(scale.to(**kw), shift.to(**kw), ndim)
+    channels = geo.c_in if geo.c_in is not None else c_in
+    return _diagonal(torch.ones(channels, **kw), torch.zeros(channels, **kw), ndim)
+
+
+def bn_affine(bn: _BatchNorm, path: str) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` with ``bn(x) == scale * x + shift`` in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{name_of(bn, path)} has no running statistics (track_running_stats=False): it "
+            "normalises with batch statistics, which cannot be folded into a convolution"
+        )
+    mean = _finite(bn, path, "running_mean").double()
+    var = _finite(bn, path, "running_var").double()
+    if (var + bn.eps <= 0).any():
+        raise ValueError(f"{name_of(bn, path)}: running_var + eps must be positive to fold")
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
+    if bn.affine:
+        gamma, beta = _finite(bn, path, "weight").double(), _finite(bn, path, "bias").double()
+        scale, shift = scale * gamma, shift * gamma + beta
+    return scale, shift
+
+
+def _diagonal(scale: Tensor, shift: Tensor, ndim: int) -> ConvMap:
+    weight = torch.diag(scale).reshape(len(scale), len(scale), *(1,) * ndim)
+    return ConvMap(weight, shift, (1,) * ndim, ((0, 0),) * ndim)
+
+
+def _finite(layer: nn.Module, path: str, attr: str) -> Tensor:
+    value = getattr(layer, attr).detach()
+    if not torch.isfinite(value).all():
+        raise ValueError(
+            f"{name_of(layer, path)}: {attr} has non-finite values; refusing to deploy"
+        )
+    return value
+
+
+def _device(layer: nn.Module) -> torch.device:
+    tensor = next(iter(layer.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(layer.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def run(layer: nn.Module, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+    """Applies a layer to an already padded input.
+
+    Args:
+        layer: an accepted layer.
+        x: its input, extended by the layer's own padding plus ``stride * ext``.
+        ext: border that the *output* carries for the layers downstream, per spatial dim.
+        ndim: spatial dimensionality.
+    """
+    if isinstance(layer, CONVS):
+        return _CONV_FN[ndim](
+            x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups
+        )
+    if isinstance(layer, POOLS):
+        kernel, stride, _ = _pool_args(layer, ndim)
+        extra = {"divisor_override": layer.divisor_override} if ndim > 1 else {}
+        return _POOL_FN[ndim](x, kernel, stride, 0, **extra)
+    if isinstance(layer, _BatchNorm):
+        return batch_norm(layer, x, ext)
+    return x
+
+
+def batch_norm(bn: _BatchNorm, x: Tensor, ext: Pad) -> Tensor:
+    """BatchNorm on a tensor that carries a border of ``ext`` samples for later layers.
+
+    In eval mode the border is normalised like everything else. With batch statistics the
+    statistics come from the interior only, so they match those of the same layers with
+    per-layer padding and do not depend on how much border the chain carries (the idea of
+    DBB's BN-and-pad layer, generalised). ``SyncBatchNorm`` reduces across processes here
+    too, with any backend (gloo included).
+    """
+    batch_stats = bn.training or bn.running_mean is None
+    sync = (
+        isinstance(bn, nn.SyncBatchNorm)
+        and bn.training
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
+    if not batch_stats or not (sync or any(map(any, ext))):
+        return bn(x)
+    inner = x[
+        (slice(None), slice(None), *(slice(l, x.shape[i + 2] - r) for i, (l, r) in enumerate(ext)))
+    ]
+    dims = [0, *range(2, x.dim())]
+    count = inner.numel() // inner.shape[1]
+    if sync:
+        from torch.distributed.nn.functional import all_reduce
+
+        stats = torch.cat([inner.sum(dims), inner.square().sum(dims), inner.new_tensor([count])])
+        stats = all_reduce(stats, group=bn.process_group)
+        c = inner.shape[1]
+        count = int(stats[-1].item())
+        mean = stats[:c] / count
+        var = (stats[c : 2 * c] / count - mean.square()).clamp_min(0)
+    else:
+        var, mean = torch.var_mean(inner, dims, correction=0)
+    if bn.training and bn.track_running_stats:
+        _update_running_stats(bn, mean.detach(), var.detach(), count)
+    shape = (1, -1, *(1,) * (x.dim() - 2))
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+    return y
+
+
+@torch.no_grad()
+def _update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * count / max(count - 1, 1)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)

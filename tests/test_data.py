@@ -1,0 +1,360 @@
+"""Tests for repsqueeze.data: splits, shapes, determinism, and no augmentation in val.
+
+CIFAR and ImageFolder data are fabricated on disk in ``tmp_path``; nothing is downloaded.
+"""
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torchvision import transforms as T
+
+from repsqueeze.data import (
+    CIFAR_STATS,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    CIFARDataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    example_batch,
+)
+
+N_DIGITS = 1797
+
+
+def _labels(dataset) -> torch.Tensor:
+    return dataset.tensors[1]
+
+
+# --- digits ----------------------------------------------------------------------------------
+
+
+def test_digits_split_sizes_and_stratification():
+    dm = DigitsDataModule()
+    dm.setup()
+    splits = [dm.train_set, dm.val_set, dm.test_set]
+    assert sum(len(s) for s in splits) == N_DIGITS
+    assert len(dm.test_set) == round(0.2 * N_DIGITS)
+    assert len(dm.val_set) == round(0.15 * N_DIGITS)
+    overall = torch.bincount(torch.cat([_labels(s) for s in splits]), minlength=10)
+    for split in splits:
+        counts = torch.bincount(_labels(split), minlength=10)
+        assert (counts > 0).all()
+        # stratified: each class's share of the split matches its share of the whole data
+        expected = overall * len(split) / N_DIGITS
+        assert (counts - expected).abs().max() <= 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    val_fraction=st.floats(0.05, 0.3),
+    test_fraction=st.floats(0.05, 0.3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_digits_any_split_covers_every_class(val_fraction, test_fraction, seed):
+    dm = DigitsDataModule(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    dm.setup()
+    splits = [dm.train_set, dm.val_set, dm.test_set]
+    assert sum(len(s) for s in splits) == N_DIGITS
+    for split in splits:
+        assert set(_labels(split).tolist()) == set(range(10))
+
+
+def test_digits_deterministic_per_seed():
+    a, b, c = DigitsDataModule(seed=0), DigitsDataModule(seed=0), DigitsDataModule(seed=1)
+    for dm in (a, b, c):
+        dm.setup()
+    for name in ("train_set", "val_set", "test_set"):
+        for ta, tb in zip(getattr(a, name).tensors, getattr(b, name).tensors, strict=True):
+            assert torch.equal(ta, tb)
+    assert not torch.equal(a.test_set.tensors[0], c.test_set.tensors[0])
+    xa, ya = next(iter(a.train_dataloader()))
+    xb, yb = next(iter(b.train_dataloader()))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_digits_normalised_with_train_statistics():
+    raw, dm = DigitsDataModule(normalize=False), DigitsDataModule()
+    raw.setup()
+    dm.setup()
+    x_raw = raw.train_set.tensors[0]
+    assert x_raw.dtype == torch.float32
+    assert x_raw.min() >= 0 and x_raw.max() <= 1
+    x = dm.train_set.tensors[0]
+    assert abs(x.mean().item()) < 1e-4
+    assert abs(x.std().item() - 1) < 1e-4
+    assert dm.mean == pytest.approx(x_raw.mean().item())
+    assert dm.std == pytest.approx(x_raw.std().item())
+    expected = (raw.test_set.tensors[0] - dm.mean) / dm.std
+    torch.testing.assert_close(dm.test_set.tensors[0], expected)
+
+
+def test_digits_batches_and_setup_idempotent():
+    dm = DigitsDataModule(batch_size=16)
+    dm.setup("fit")
+    train_set = dm.train_set
+    dm.setup("test")
+    assert dm.train_set is train_set
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 1, 8)
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32
+        assert y.dtype == torch.int64
+        assert y.min() >= 0 and y.max() < 10
+    assert not dm.train_dataloader().pin_memory
+
+
+def test_digits_loader_options():
+    dm = DigitsDataModule()
+    dm.setup()
+    assert not dm.train_dataloader().persistent_workers
+    dm = DigitsDataModule(num_workers=2)
+    dm.setup()
+    assert dm.train_dataloader().persistent_workers
+    assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
+
+
+def test_digits_bad_fractions():
+    with pytest.raises(ValueError, match="val_fraction"):
+        DigitsDataModule(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_loader_before_setup_raises():
+    with pytest.raises(RuntimeError, match="setup"):
+        DigitsDataModule().train_dataloader()
+
+
+def test_example_batch():
+    dm = DigitsDataModule(batch_size=8)
+    for stage in ("train", "val", "test"):
+        x, y = example_batch(dm, stage)
+        assert x.shape == (8, 1, 8, 8) and y.shape == (8,)
+    _, y = example_batch(DigitsDataModule(batch_size=8))  # default stage: test
+    assert torch.equal(y, next(iter(dm.test_dataloader()))[1])
+    with pytest.raises(ValueError, match="stage"):
+        example_batch(dm, "predict")
+
+
+# --- CIFAR -----------------------------------------------------------------------------------
+
+CIFAR10_PER_BATCH = 8  # five train batches -> 40 train images
+CIFAR_TEST = 6
+
+
+def _images(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
+
+
+def _dump(obj: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def _fake_cifar10(root: Path) -> np.ndarray:
+    """torchvision's cifar-10-batches-py layout; returns the train images as (N, 32, 32, 3)."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    train = []
+    for i in range(1, 6):
+        data = _images(rng, CIFAR10_PER_BATCH)
+        labels = rng.integers(0, 10, CIFAR10_PER_BATCH).tolist()
+        _dump(
+            {"batch_label": f"batch {i}", "data": data, "labels": labels},
+            folder / f"data_batch_{i}",
+        )
+        train.append(data)
+    test = {
+        "batch_label": "test",
+        "data": _images(rng, CIFAR_TEST),
+        "labels": list(range(CIFAR_TEST)),
+    }
+    _dump(test, folder / "test_batch")
+    _dump({"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}, folder / "batches.meta")
+    return np.vstack(train).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _fake_cifar100(root: Path) -> None:
+    rng = np.random.default_rng(1)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, n in (("train", 40), ("test", CIFAR_TEST)):
+        split = {
+            "data": _images(rng, n),
+            "fine_labels": rng.integers(0, 100, n).tolist(),
+            "coarse_labels": rng.integers(0, 20, n).tolist(),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
+            "batch_label": name,
+        }
+        _dump(split, folder / name)
+    meta = {
+        "fine_label_names": [f"f{i}" for i in range(100)],
+        "coarse_label_names": [f"c{i}" for i in range(20)],
+    }
+    _dump(meta, folder / "meta")
+
+
+@pytest.fixture
+def skip_md5(monkeypatch):
+    """Accept any file that exists: the fabricated files cannot match torchvision's md5s.
+
+    Both ``_check_integrity`` and ``_load_meta`` go through this module-level function.
+    """
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
+
+
+def test_cifar10_shapes_split_and_val_without_augmentation(tmp_path, skip_md5):
+    train_images = _fake_cifar10(tmp_path)
+    dm = CIFARDataModule(tmp_path, batch_size=4, num_workers=0, val_size=10, seed=3)
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 3, 32)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (30, 10)
+    assert sorted(dm.train_set.indices + dm.val_set.indices) == list(range(40))
+    dm.setup("test")
+    assert len(dm.test_set) == CIFAR_TEST
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+        assert y.dtype == torch.int64
+
+    # val: deterministic, and exactly ToTensor + Normalize of the raw image at its index
+    first, second = dm.val_set[0][0], dm.val_set[0][0]
+    assert torch.equal(first, second)
+    raw = Image.fromarray(train_images[dm.val_set.indices[0]])
+    plain = T.Normalize(*CIFAR_STATS["cifar10"])(T.ToTensor()(raw))
+    torch.testing.assert_close(first, plain)
+    # train: augmented (random crop + flip), so repeated reads differ
+    draws = [dm.train_set[0][0] for _ in range(10)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+
+    same = CIFARDataModule(tmp_path, val_size=10, seed=3)
+    same.setup("fit")
+    assert same.val_set.indices == dm.val_set.indices
+    other = CIFARDataModule(tmp_path, val_size=10, seed=4)
+    other.setup("fit")
+    assert other.val_set.indices != dm.val_set.indices
+
+
+def test_cifar_without_augmentation(tmp_path, skip_md5):
+    _fake_cifar10(tmp_path)
+    dm = CIFAR10DataModule(data_dir=tmp_path, val_size=10, augment=False)
+    dm.setup("fit")
+    assert torch.equal(dm.train_set[0][0], dm.train_set[0][0])
+
+
+def test_cifar100(tmp_path, skip_md5):
+    _fake_cifar100(tmp_path)
+    dm = CIFAR100DataModule(data_dir=tmp_path, batch_size=5, num_workers=0, val_size=8)
+    assert dm.num_classes == 100
+    x, y = example_batch(dm, "test")
+    assert x.shape == (5, 3, 32, 32)
+    assert y.dtype == torch.int64 and y.max() < 100
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set)) == (32, 8)
+    assert next(iter(dm.val_dataloader()))[0].shape == (5, 3, 32, 32)
+
+
+def test_cifar_missing_files_raise_without_download(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
+    dm = CIFARDataModule(tmp_path / "empty", num_workers=0)
+    dm.prepare_data()  # download=False: must not fetch anything
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        dm.setup("fit")
+    with pytest.raises(FileNotFoundError, match="cifar10"):
+        dm.setup("test")
+
+
+def test_cifar_prepare_data_downloads_when_asked(tmp_path, monkeypatch, skip_md5):
+    urls = []
+
+    def fake_download(url, download_root, **kwargs):
+        urls.append(url)
+        _fake_cifar100(Path(download_root))
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
+    dm = CIFARDataModule(tmp_path, name="cifar100", download=True, val_size=8, num_workers=0)
+    dm.prepare_data()
+    dm.prepare_data()  # already there: nothing fetched again
+    assert urls == [torchvision.datasets.CIFAR100.url]
+    dm.setup()
+    assert len(dm.train_set) == 32
+
+
+def test_cifar_unknown_name():
+    with pytest.raises(ValueError, match="svhn"):
+        CIFARDataModule(name="svhn")
+
+
+# --- ImageFolder -----------------------------------------------------------------------------
+
+CLASSES = ("ant", "bee", "cat")
+
+
+def _write_images(folder: Path, per_class: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+
+
+def test_image_folder_single_root_split(tmp_path):
+    _write_images(tmp_path, per_class=4, seed=0)
+    dm = ImageFolderDataModule(
+        tmp_path, batch_size=3, num_workers=0, image_size=32, val_fraction=0.25
+    )
+    assert (dm.num_classes, dm.in_channels) == (3, 3)  # known before setup
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (9, 3)
+    assert sorted(dm.train_set.indices + dm.val_set.indices) == list(range(12))
+    assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (3, 3, 32, 32) and y.dtype == torch.int64
+        assert y.max() < 3
+    again = ImageFolderDataModule(tmp_path, image_size=32, val_fraction=0.25)
+    again.setup()
+    assert again.val_set.indices == dm.val_set.indices
+
+
+def test_image_folder_train_val_layout(tmp_path):
+    _write_images(tmp_path / "train", per_class=3, seed=0)
+    _write_images(tmp_path / "val", per_class=2, seed=1)
+    dm = ImageFolderDataModule(tmp_path, batch_size=2, num_workers=0, image_size=32)
+    assert dm.num_classes == 3
+    x, y = example_batch(dm, "val")
+    assert x.shape == (2, 3, 32, 32) and y.dtype == torch.int64
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (9, 6, 6)
+    assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
+    assert next(iter(dm.train_dataloader()))[0].shape == (2, 3, 32, 32)
+
+
+def test_image_folder_missing_root(tmp_path):
+    missing = tmp_path / "nowhere"
+    dm = ImageFolderDataModule(missing)
+    assert dm.num_classes is None
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        dm.setup()
+
+
+def test_image_folder_val_classes_must_match_train(tmp_path):
+    _write_images(tmp_path / "train", per_class=1, seed=0)
+    (tmp_path / "val" / "dog").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "dog" / "0.png")
+    with pytest.raises(ValueError, match="classes"):
+        ImageFolderDataModule(tmp_path, image_size=32).setup()
