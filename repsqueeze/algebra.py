@@ -122,24 +122,38 @@ def largest_groups(mask: Tensor) -> int:
     return 1
 
 
-def to_conv(
-    structure: ConvMap,
-    padding_mode: str,
-    dtype: torch.dtype,
-    device: torch.device | str | None = None,
-    values: ConvMap | None = None,
-) -> nn.Module:
-    """Builds the smallest ``nn.ConvNd`` that computes a map on an unpadded input.
+@dataclass(frozen=True)
+class Layout:
+    """Where a dense map's taps go in the smallest ``nn.ConvNd`` (decided by structure)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    widen: tuple[int, ...]  # F.pad amounts turning an asymmetric window symmetric
+
+    def pack(self, m: ConvMap) -> tuple[Tensor, Tensor]:
+        """The ``(weight, bias)`` of the convolution, from a map with this structure."""
+        every = (slice(None), slice(None), *(slice(None, None, d) for d in self.dilation))
+        weight = F.pad(m.weight, self.widen)[every]
+        g, go, gi = self.groups, self.out_channels // self.groups, self.in_channels // self.groups
+        if g > 1:
+            weight = torch.cat(
+                [weight[i * go : (i + 1) * go, i * gi : (i + 1) * gi] for i in range(g)]
+            )
+        return weight, m.bias
+
+
+def layout(structure: ConvMap) -> Layout:
+    """The smallest convolution for a map, from its structural map.
 
     Args:
         structure: the map built from non-negative indicator weights; its non-zero pattern
             (no cancellation possible) decides kernel, dilation and groups, so the
             architecture never depends on the values of the weights.
-        padding_mode: padding mode of the result.
-        dtype: dtype of the result.
-        device: device of the result.
-        values: the numerical map to copy in; ``None`` leaves the default initialisation
-            (for building a deployed architecture whose weights a state dict will fill).
     """
     ndim = structure.ndim
     # nn.ConvNd pads symmetrically: widen an asymmetric window with zero taps.
@@ -155,32 +169,56 @@ def to_conv(
         other = tuple(i for i in range(ndim + 2) if i != d + 2)
         used = taps.any(dim=other).nonzero().flatten().tolist()
         dilation.append(math.gcd(*used, taps.shape[d + 2] - 1) or 1)
-    every = (slice(None), slice(None), *(slice(None, None, d) for d in dilation))
-    taps = taps[every]
-    groups = largest_groups(taps.flatten(2).any(-1))
+    taps = taps[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))]
     c_out, c_in = taps.shape[:2]
-    conv = CONV_CLASSES[ndim](
-        c_in,
-        c_out,
-        tuple(taps.shape[2:]),
+    return Layout(
+        in_channels=c_in,
+        out_channels=c_out,
+        kernel_size=tuple(taps.shape[2:]),
         stride=structure.stride,
         padding=tuple(padding),
         dilation=tuple(dilation),
-        groups=groups,
+        groups=largest_groups(taps.flatten(2).any(-1)),
+        widen=tuple(widen),
+    )
+
+
+def to_conv(
+    structure: ConvMap,
+    padding_mode: str,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    values: ConvMap | None = None,
+) -> nn.Module:
+    """Builds the smallest ``nn.ConvNd`` that computes a map on an unpadded input.
+
+    Args:
+        structure: the structural map (see :func:`layout`).
+        padding_mode: padding mode of the result.
+        dtype: dtype of the result.
+        device: device of the result.
+        values: the numerical map to copy in; ``None`` leaves the default initialisation
+            (for building a deployed architecture whose weights a state dict will fill).
+    """
+    lay = layout(structure)
+    conv = CONV_CLASSES[structure.ndim](
+        lay.in_channels,
+        lay.out_channels,
+        lay.kernel_size,
+        stride=lay.stride,
+        padding=lay.padding,
+        dilation=lay.dilation,
+        groups=lay.groups,
         bias=True,
         padding_mode=padding_mode,
         device=device,
         dtype=dtype,
     )
     if values is not None:
-        weight = F.pad(values.weight, widen)[every]
-        go, gi = c_out // groups, c_in // groups
-        weight = torch.cat(
-            [weight[g * go : (g + 1) * go, g * gi : (g + 1) * gi] for g in range(groups)]
-        )
+        weight, bias = lay.pack(values)
         with torch.no_grad():
             conv.weight.copy_(weight)
-            conv.bias.copy_(values.bias)
+            conv.bias.copy_(bias)
     return conv
 
 

@@ -17,14 +17,19 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.algebra import ConvMap, Pad, chain, parallel, to_conv
-from repsqueeze.primitives import Geometry, identity_geometry, name_of
+from repsqueeze.algebra import ConvMap, Layout, Pad, chain, layout, parallel, to_conv
+from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of
 
+MODES = ("chain", "online", "auto")
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TORCH_MODE = {
     "zeros": "constant",
     "reflect": "reflect",
@@ -41,9 +46,10 @@ class Squeezable(nn.Module):
     """
 
     deployed: bool = False
+    mode: str = "chain"
     _children_attr: str = ""
 
-    def _finalize(self, deployed: bool = False) -> None:
+    def _finalize(self, deployed: bool = False, mode: str = "chain") -> None:
         """Validates the structure (errors name the layer) and builds the deployed form.
 
         Args:
@@ -51,6 +57,9 @@ class Squeezable(nn.Module):
                 default initialisation, for a state dict to fill) and drop the branches.
         """
         self._geometry_cache: dict[int, Geometry] = {}
+        self._online_cache: dict[int, tuple[list, list, Layout]] = {}
+        self._auto_cache: dict[tuple, str] = {}
+        self.set_mode(mode)
         self._ndim = node_ndim(self, "")
         if self._ndim is not None:
             self.geometry(self._ndim)
@@ -84,11 +93,15 @@ class Squeezable(nn.Module):
     def _combine_geometry(self, ndim: int, path: str) -> Geometry:
         raise NotImplementedError
 
-    def _combine_maps(self, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+    def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
         raise NotImplementedError
 
     def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
         raise NotImplementedError
+
+    def _dtype(self) -> torch.dtype:
+        ref = next(iter(self.parameters()), None)
+        return ref.dtype if ref is not None else torch.get_default_dtype()
 
     def _padding_mode(self) -> str:
         return self.geometry(self._require_ndim()).mode or "zeros"
@@ -111,16 +124,106 @@ class Squeezable(nn.Module):
         return c_in
 
     def _structure(self) -> ConvMap:
-        return node_map(self, self._in_channels(), self._require_ndim(), "", structural=True)
+        return node_map(self, self._in_channels(), self._require_ndim(), "", STRUCTURE)
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.conv(x)
         ndim = self._ndim or x.dim() - 2
+        if self._pick_mode(x, ndim) == "online":
+            return self._online(x, ndim)
         geo = self.geometry(ndim)
         x = pad(x, geo.pad, geo.mode)  # (N, C, *spatial + total padding)
         return self._run(x, ((0, 0),) * ndim, ndim)
+
+    # --- online mode: compose the kernel in the forward pass, run one convolution --------------
+    def set_mode(self, mode: str) -> Squeezable:
+        """Chooses how the training form runs.
+
+        Args:
+            mode: ``"chain"`` runs the layers; ``"online"`` composes the exact kernel and
+                bias from the parameters in the forward pass (autograd flows through the
+                composition) and runs one convolution; ``"auto"`` picks the one with fewer
+                multiply-accumulates for the input shape. BatchNorm with batch statistics
+                cannot be folded online, except trailing BatchNorms, which run after the
+                composed convolution.
+        """
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self._auto_cache = {}
+        return self
+
+    def _online_plan(self, ndim: int) -> tuple[list, list, Layout]:
+        """``(head, tail, layout)``: the head is composed, the tail (trailing BNs) runs after."""
+        if ndim not in self._online_cache:
+            parts = self.named_parts()
+            head = parts
+            if isinstance(self, SqueezableBlock):
+                while len(head) > 1 and isinstance(head[-1][1], _BatchNorm):
+                    head = head[:-1]
+            c_in = chain_geometry(head, ndim, "").c_in or self._in_channels()
+            structure = self._head_map(head, c_in, ndim, STRUCTURE)
+            self._online_cache[ndim] = (head, [m for _, m in parts[len(head) :]], layout(structure))
+        return self._online_cache[ndim]
+
+    def _head_map(self, head: list, c_in: int, ndim: int, how: Precision) -> ConvMap:
+        if len(head) == len(self.named_parts()):
+            return self._combine_maps(c_in, ndim, "", how)
+        return chain_map(head, c_in, ndim, "", how)
+
+    def _online(self, x: Tensor, ndim: int) -> Tensor:
+        head, tail, lay = self._online_plan(ndim)
+        c_in = lay.in_channels
+        live = Precision("live", x.dtype, x.device)
+        weight, bias = lay.pack(self._head_map(head, c_in, ndim, live))
+        x = pad(x, tuple((q, q) for q in lay.padding), self.geometry(ndim).mode)
+        y = _CONV_FN[ndim](x, weight, bias, lay.stride, 0, lay.dilation, lay.groups)
+        for bn in tail:
+            y = bn(y)
+        return y
+
+    def _pick_mode(self, x: Tensor, ndim: int) -> str:
+        if self.mode != "auto":
+            return self.mode
+        key = (tuple(x.shape), self.training)
+        if key not in self._auto_cache:
+            costs = self.macs(tuple(x.shape[1:]), batch=x.shape[0])
+            online_ok = self.training is False or not self._bn_blocks_online(ndim)
+            self._auto_cache[key] = (
+                "online" if online_ok and costs["online"] < costs["chain"] else "chain"
+            )
+        return self._auto_cache[key]
+
+    def _bn_blocks_online(self, ndim: int) -> bool:
+        head, _, _ = self._online_plan(ndim)
+        return any(isinstance(m, _BatchNorm) for _, h in head for m in h.modules())
+
+    def macs(self, input_shape: tuple[int, ...], batch: int = 1) -> dict[str, float]:
+        """Multiply-accumulates of one forward pass of a batch in each mode.
+
+        Args:
+            input_shape: ``(C, *spatial)`` of one sample.
+            batch: batch size.
+
+        Returns:
+            ``{"chain": ..., "online": ...}``; online counts the kernel composition (paid
+            once per forward, whatever the batch) plus one convolution per sample.
+        """
+        ndim = self._ndim or len(input_shape) - 1
+        spatial = tuple(float(v) for v in input_shape[1:])
+        chain_cost, _ = node_macs(self, spatial, ndim)
+        head, _, lay = self._online_plan(ndim)
+        out = [s / st for s, st in zip(spatial, lay.stride, strict=True)]
+        conv = (
+            math.prod(out)
+            * lay.out_channels
+            * lay.in_channels
+            / lay.groups
+            * math.prod(lay.kernel_size)
+        )
+        return {"chain": batch * chain_cost, "online": batch * conv + compose_macs(head, ndim)}
 
     # --- squeeze and deploy ----------------------------------------------------------------
     @torch.no_grad()
@@ -134,10 +237,11 @@ class Squeezable(nn.Module):
             conv.load_state_dict(self.conv.state_dict())
             return conv
         ndim = self._require_ndim()
-        values = node_map(self, self._in_channels(), ndim, "", structural=False)
-        ref = next(iter(self.parameters()), None)
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        return to_conv(self._structure(), self._padding_mode(), dtype, values.weight.device, values)
+        device = primitives.device_of(self)
+        values = node_map(
+            self, self._in_channels(), ndim, "", Precision("exact", torch.float64, device)
+        )
+        return to_conv(self._structure(), self._padding_mode(), self._dtype(), device, values)
 
     @torch.no_grad()
     def deploy(self) -> Squeezable:
@@ -147,6 +251,7 @@ class Squeezable(nn.Module):
         """
         if not self.deployed:
             conv = self.squeeze()
+            self._online_cache.clear()
             conv.train(self.training)
             self._become(conv)
         return self
@@ -170,6 +275,7 @@ class SqueezableBlock(Squeezable):
         *layers: ``ConvNd``, ``BatchNormNd``/``SyncBatchNorm`` (before or after a conv),
             ``Identity``, ``AvgPoolNd``, ``nn.Sequential`` of these, nested blocks.
         deployed: build the squeezed convolution directly instead of the layers.
+        mode: ``"chain"``, ``"online"`` or ``"auto"``; see :meth:`Squeezable.set_mode`.
 
     Example:
         >>> block = SqueezableBlock(nn.Conv2d(5, 3, 3, padding=1), nn.Conv2d(3, 1, 3, padding=1))
@@ -178,18 +284,18 @@ class SqueezableBlock(Squeezable):
 
     _children_attr = "layers"
 
-    def __init__(self, *layers: nn.Module, deployed: bool = False) -> None:
+    def __init__(self, *layers: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
         super().__init__()
         if not layers:
             raise ValueError("SqueezableBlock needs at least one layer")
         self.layers = nn.ModuleList(layers)
-        self._finalize(deployed)
+        self._finalize(deployed, mode)
 
     def _combine_geometry(self, ndim: int, path: str) -> Geometry:
         return chain_geometry(self.named_parts(), ndim, path)
 
-    def _combine_maps(self, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
-        return chain_map(self.named_parts(), c_in, ndim, path, structural)
+    def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
+        return chain_map(self.named_parts(), c_in, ndim, path, how)
 
     def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
         return chain_run([m for _, m in self.named_parts()], x, ext, ndim)
@@ -204,22 +310,23 @@ class Parallel(Squeezable):
     Args:
         *branches: layers, ``nn.Sequential`` chains or nested blocks.
         deployed: build the squeezed convolution directly instead of the branches.
+        mode: ``"chain"``, ``"online"`` or ``"auto"``; see :meth:`Squeezable.set_mode`.
     """
 
     _children_attr = "branches"
 
-    def __init__(self, *branches: nn.Module, deployed: bool = False) -> None:
+    def __init__(self, *branches: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
         super().__init__()
         if not branches:
             raise ValueError("Parallel needs at least one branch")
         self.branches = nn.ModuleList(branches)
-        self._finalize(deployed)
+        self._finalize(deployed, mode)
 
     def _combine_geometry(self, ndim: int, path: str) -> Geometry:
         return parallel_geometry(self.named_parts(), ndim, path)
 
-    def _combine_maps(self, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
-        maps = [node_map(m, c_in, ndim, f"{path}{n}", structural) for n, m in self.named_parts()]
+    def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
+        maps = [node_map(m, c_in, ndim, f"{path}{n}", how) for n, m in self.named_parts()]
         return parallel(maps)
 
     def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
@@ -267,14 +374,14 @@ def node_geometry(module: nn.Module, ndim: int, path: str) -> Geometry:
     return primitives.geometry(module, ndim, path)
 
 
-def node_map(module: nn.Module, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
+def node_map(module: nn.Module, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
     if isinstance(module, Squeezable):
         if module.deployed:
-            return _deployed_map(module, c_in, ndim, path, structural)
-        return module._combine_maps(c_in, ndim, path, structural)
+            return _deployed_map(module, c_in, ndim, path, how)
+        return module._combine_maps(c_in, ndim, path, how)
     if isinstance(module, nn.Sequential):
-        return chain_map(_seq_parts(module), c_in, ndim, path, structural)
-    return primitives.linear_map(module, c_in, ndim, path, structural)
+        return chain_map(_seq_parts(module), c_in, ndim, path, how)
+    return primitives.linear_map(module, c_in, ndim, path, how)
 
 
 def node_run(module: nn.Module, x: Tensor, ext: Pad, ndim: int) -> Tensor:
@@ -321,11 +428,11 @@ def chain_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> 
 
 
 def chain_map(
-    parts: list[tuple[str, nn.Module]], c_in: int, ndim: int, path: str, structural: bool
+    parts: list[tuple[str, nn.Module]], c_in: int, ndim: int, path: str, how: Precision
 ) -> ConvMap:
     total = None
     for name, child in parts:
-        m = node_map(child, c_in, ndim, path + name, structural)
+        m = node_map(child, c_in, ndim, path + name, how)
         total = m if total is None else chain(total, m)
         c_in = m.weight.shape[0]
     return total
@@ -400,8 +507,8 @@ def _check_mode(mode: str | None, mode_from: str | None, new: str, where: str) -
 
 
 # --- deployed nodes inside a block that is still in training form ---------------------------
-def _deployed_map(block: Squeezable, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
-    m = primitives.linear_map(block.conv, c_in, ndim, f"{path}.conv", structural)
+def _deployed_map(block: Squeezable, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
+    m = primitives.linear_map(block.conv, c_in, ndim, f"{path}.conv", how)
     geo = block._deployed_geometry
     # Drop the zero taps a symmetric-padding conv added around an asymmetric window.
     window = tuple(
@@ -433,6 +540,59 @@ def _conv_kwargs(conv: nn.Module) -> dict:
         "device": conv.weight.device,
         "dtype": conv.weight.dtype,
     }
+
+
+# --- cost model for mode="auto" --------------------------------------------------------------
+def node_macs(
+    module: nn.Module, spatial: tuple[float, ...], ndim: int
+) -> tuple[float, tuple[float, ...]]:
+    """``(multiply-accumulates, output spatial size)`` of running a node layer by layer."""
+    if isinstance(module, Squeezable) and module.deployed:
+        return node_macs(module.conv, spatial, ndim)
+    if isinstance(module, (Squeezable, nn.Sequential)):
+        parts = module.named_parts() if isinstance(module, Squeezable) else _seq_parts(module)
+        if isinstance(module, Parallel):
+            costs = [node_macs(m, spatial, ndim) for _, m in parts]
+            return sum(c for c, _ in costs), costs[0][1]
+        total = 0.0
+        for _, m in parts:
+            cost, spatial = node_macs(m, spatial, ndim)
+            total += cost
+        return total, spatial
+    g = primitives.geometry(module, ndim, "")
+    out = tuple(s / st for s, st in zip(spatial, g.stride, strict=True))
+    if isinstance(module, primitives.CONVS):
+        per = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return math.prod(out) * module.out_channels * per, out
+    if isinstance(module, primitives.POOLS):
+        return 0.0, out  # cheap next to the convolutions
+    return 0.0, out
+
+
+def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
+    """Multiply-accumulates of composing a chain's dense kernels (once per forward)."""
+    total = 0.0
+    acc = None
+    for _, m in parts:
+        g = node_geometry(m, ndim, "")
+        if isinstance(m, Parallel) and not m.deployed:
+            total += sum(compose_macs([p], ndim) for p in m.named_parts())
+        elif isinstance(m, (SqueezableBlock, nn.Sequential)) and not getattr(m, "deployed", False):
+            inner = m.named_parts() if isinstance(m, Squeezable) else _seq_parts(m)
+            total += compose_macs(inner, ndim)
+        if acc is not None and g.c_out is not None:
+            total += (
+                g.c_out * acc.c_out * (acc.c_in or 1) * math.prod(g.extent) * math.prod(acc.extent)
+            )
+        if acc is None:
+            acc = g
+        elif g.c_in is not None:
+            extent = tuple(
+                a + s * (e - 1) for a, s, e in zip(acc.extent, acc.stride, g.extent, strict=True)
+            )
+            stride = tuple(a * b for a, b in zip(acc.stride, g.stride, strict=True))
+            acc = Geometry(stride, acc.pad, extent, None, acc.c_in, g.c_out)
+    return total
 
 
 def pad(x: Tensor, amount: Pad, mode: str | None) -> Tensor:

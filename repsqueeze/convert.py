@@ -47,3 +47,21 @@ def _deploy_tree(module: nn.Module) -> None:
             break
     for child in list(module.children()):
         _deploy_tree(child)
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Sets ``mode`` (``"chain"``, ``"online"`` or ``"auto"``) on every top-level block.
+
+    Args:
+        model: any module.
+        mode: see :meth:`repsqueeze.blocks.Squeezable.set_mode`.
+
+    Returns:
+        ``model``, changed in place.
+    """
+    if isinstance(model, Squeezable):
+        model.set_mode(mode)
+        return model
+    for child in model.children():
+        set_mode(child, mode)
+    return model

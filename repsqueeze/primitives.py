@@ -126,48 +126,69 @@ def _pool_args(pool: nn.Module, ndim: int) -> tuple[tuple[int, ...], ...]:
     return kernel, stride, tup(pool.padding)
 
 
-def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, structural: bool) -> ConvMap:
-    """The layer as a float64 :class:`ConvMap` (``structural``: indicator weights instead)."""
+@dataclass(frozen=True)
+class Precision:
+    """How to build a map: ``structure`` (indicator weights, for the architecture), ``exact``
+    (detached, checked for non-finite values, float64: for deploy) or ``live`` (the
+    parameters themselves, autograd kept: for online training)."""
+
+    kind: str
+    dtype: torch.dtype = torch.float64
+    device: torch.device | str = "cpu"
+
+
+STRUCTURE = Precision("structure")
+
+
+def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
+    """The layer as a :class:`ConvMap` built as ``how`` says."""
     geo = geometry(layer, ndim, path)
-    kw = {"dtype": torch.float64, "device": "cpu" if structural else _device(layer)}
+    kw = {"dtype": how.dtype, "device": how.device}
     if isinstance(layer, CONVS):
-        if structural:
-            weight, bias = torch.ones(layer.weight.shape, **kw), torch.zeros(geo.c_out, **kw)
+        if how.kind == "structure":
+            weight, bias = torch.ones(layer.weight.shape, **kw), None
         else:
-            weight = _finite(layer, path, "weight").to(**kw)
-            bias = _finite(layer, path, "bias").to(**kw) if layer.bias is not None else None
-            bias = torch.zeros(geo.c_out, **kw) if bias is None else bias
+            weight = _value(layer, path, "weight", how).to(**kw)
+            bias = _value(layer, path, "bias", how).to(**kw) if layer.bias is not None else None
+        bias = torch.zeros(geo.c_out, **kw) if bias is None else bias
         return ConvMap(
             dense_kernel(weight, layer.groups, layer.dilation), bias, geo.stride, geo.pad
         )
     if isinstance(layer, POOLS):
         kernel = geo.extent
         divisor = getattr(layer, "divisor_override", None) or torch.Size(kernel).numel()
-        taps = torch.full(kernel, 1.0 if structural else 1.0 / divisor, **kw)
+        taps = torch.full(kernel, 1.0 if how.kind == "structure" else 1.0 / divisor, **kw)
         weight = torch.eye(c_in, **kw).reshape(c_in, c_in, *(1,) * ndim) * taps
         return ConvMap(weight, torch.zeros(c_in, **kw), geo.stride, geo.pad)
-    if isinstance(layer, _BatchNorm) and not structural:
-        scale, shift = bn_affine(layer, path)
+    if isinstance(layer, _BatchNorm) and how.kind != "structure":
+        scale, shift = bn_affine(layer, path, how)
         return _diagonal(scale.to(**kw), shift.to(**kw), ndim)
     channels = geo.c_in if geo.c_in is not None else c_in
     return _diagonal(torch.ones(channels, **kw), torch.zeros(channels, **kw), ndim)
 
 
-def bn_affine(bn: _BatchNorm, path: str) -> tuple[Tensor, Tensor]:
+def bn_affine(bn: _BatchNorm, path: str, how: Precision) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` with ``bn(x) == scale * x + shift`` in eval mode."""
+    if how.kind == "live" and uses_batch_stats(bn):
+        raise ValueError(
+            f"{name_of(bn, path)} normalises with batch statistics in training mode, which "
+            "mode='online' cannot fold: use mode='chain', or the OREPA-style variant "
+            "(online_norm=True: per-branch channel scales and one BatchNorm after the block)"
+        )
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             f"{name_of(bn, path)} has no running statistics (track_running_stats=False): it "
             "normalises with batch statistics, which cannot be folded into a convolution"
         )
-    mean = _finite(bn, path, "running_mean").double()
-    var = _finite(bn, path, "running_var").double()
-    if (var + bn.eps <= 0).any():
+    mean = _value(bn, path, "running_mean", how).to(how.dtype)
+    var = _value(bn, path, "running_var", how).to(how.dtype)
+    if how.kind == "exact" and (var + bn.eps <= 0).any():
         raise ValueError(f"{name_of(bn, path)}: running_var + eps must be positive to fold")
     scale = torch.rsqrt(var + bn.eps)
     shift = -mean * scale
     if bn.affine:
-        gamma, beta = _finite(bn, path, "weight").double(), _finite(bn, path, "bias").double()
+        gamma = _value(bn, path, "weight", how).to(how.dtype)
+        beta = _value(bn, path, "bias", how).to(how.dtype)
         scale, shift = scale * gamma, shift * gamma + beta
     return scale, shift
 
@@ -177,8 +198,11 @@ def _diagonal(scale: Tensor, shift: Tensor, ndim: int) -> ConvMap:
     return ConvMap(weight, shift, (1,) * ndim, ((0, 0),) * ndim)
 
 
-def _finite(layer: nn.Module, path: str, attr: str) -> Tensor:
-    value = getattr(layer, attr).detach()
+def _value(layer: nn.Module, path: str, attr: str, how: Precision) -> Tensor:
+    value = getattr(layer, attr)
+    if how.kind == "live":
+        return value
+    value = value.detach()
     if not torch.isfinite(value).all():
         raise ValueError(
             f"{name_of(layer, path)}: {attr} has non-finite values; refusing to deploy"
@@ -186,7 +210,11 @@ def _finite(layer: nn.Module, path: str, attr: str) -> Tensor:
     return value
 
 
-def _device(layer: nn.Module) -> torch.device:
+def uses_batch_stats(bn: _BatchNorm) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def device_of(layer: nn.Module) -> torch.device:
     tensor = next(iter(layer.parameters()), None)
     if tensor is None:
         tensor = next(iter(layer.buffers()), None)
@@ -224,7 +252,7 @@ def batch_norm(bn: _BatchNorm, x: Tensor, ext: Pad) -> Tensor:
     DBB's BN-and-pad layer, generalised). ``SyncBatchNorm`` reduces across processes here
     too, with any backend (gloo included).
     """
-    batch_stats = bn.training or bn.running_mean is None
+    batch_stats = uses_batch_stats(bn)
     sync = (
         isinstance(bn, nn.SyncBatchNorm)
         and bn.training
