@@ -4,8 +4,10 @@ The naive chain ``conv2(conv1(x))`` cannot be one convolution when ``conv2`` pad
 border is applied to ``conv1``'s output, which no kernel on ``x`` reproduces. A
 :class:`SqueezableBlock` instead pads its input *once*, by the total padding
 ``P = sum_i p_i * prod_{j<i} s_j``, with the layers' padding mode, and runs every layer
-unpadded (border-consistent padding). Its output has the naive chain's shape and interior,
-and it *is* one convolution, which :meth:`Squeezable.squeeze` builds.
+unpadded (border-consistent padding). Its output has the naive chain's shape and, away
+from the border, the naive chain's values (in training mode too, as long as no BatchNorm
+follows a padded layer's border); and it *is* one convolution, which
+:meth:`Squeezable.squeeze` builds.
 
 :class:`Parallel` sums branches; it pads once by the largest branch padding and hands each
 branch the window it would have padded itself. Chains nest in parallels and parallels in
@@ -100,8 +102,9 @@ class Squeezable(nn.Module):
         raise NotImplementedError
 
     def _dtype(self) -> torch.dtype:
-        ref = next(iter(self.parameters()), None)
-        return ref.dtype if ref is not None else torch.get_default_dtype()
+        tensors = [*self.parameters(), *self.buffers()]
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        return floats[0] if floats else torch.get_default_dtype()
 
     def _padding_mode(self) -> str:
         return self.geometry(self._require_ndim()).mode or "zeros"
@@ -326,7 +329,7 @@ class Parallel(Squeezable):
         return parallel_geometry(self.named_parts(), ndim, path)
 
     def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
-        maps = [node_map(m, c_in, ndim, f"{path}{n}", how) for n, m in self.named_parts()]
+        maps = [node_map(m, c_in, ndim, join(path, n), how) for n, m in self.named_parts()]
         return parallel(maps)
 
     def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
@@ -352,14 +355,14 @@ def node_ndim(module: nn.Module, path: str) -> int | None:
         parts = module.named_parts() if isinstance(module, Squeezable) else _seq_parts(module)
         found, where = None, ""
         for name, child in parts:
-            n = node_ndim(child, f"{path}{name}")
+            n = node_ndim(child, join(path, name))
             if n is not None and found is not None and n != found:
                 raise ValueError(
-                    f"{name_of(child, path + name)} is {n}-D but {where} is {found}-D; "
+                    f"{name_of(child, join(path, name))} is {n}-D but {where} is {found}-D; "
                     "one block has one spatial dimensionality"
                 )
             if n is not None and found is None:
-                found, where = n, name_of(child, path + name)
+                found, where = n, name_of(child, join(path, name))
         return found
     if not primitives.is_primitive(module):
         primitives.geometry(module, 2, path)  # raises the TypeError naming the layer
@@ -394,8 +397,13 @@ def node_run(module: nn.Module, x: Tensor, ext: Pad, ndim: int) -> Tensor:
     return primitives.run(module, x, ext, ndim)
 
 
+def join(path: str, name: str) -> str:
+    """``path.name`` as in state-dict keys (``name`` alone at the top)."""
+    return f"{path}.{name}" if path else name
+
+
 def _seq_parts(seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
-    return [(f".{name}", m) for name, m in seq.named_children()]
+    return list(seq.named_children())
 
 
 # --- chains --------------------------------------------------------------------------------
@@ -406,7 +414,7 @@ def chain_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> 
     c_in = channels = None
     last = None
     for name, child in parts:
-        where = path + name
+        where = join(path, name)
         g = node_geometry(child, ndim, where)
         if g.mode is not None:
             _check_mode(mode, mode_from, g.mode, name_of(child, where))
@@ -432,7 +440,7 @@ def chain_map(
 ) -> ConvMap:
     total = None
     for name, child in parts:
-        m = node_map(child, c_in, ndim, path + name, how)
+        m = node_map(child, c_in, ndim, join(path, name), how)
         total = m if total is None else chain(total, m)
         c_in = m.weight.shape[0]
     return total
@@ -456,7 +464,7 @@ def chain_run(layers: list[nn.Module], x: Tensor, ext: Pad, ndim: int) -> Tensor
 
 # --- parallel branches ---------------------------------------------------------------------
 def parallel_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> Geometry:
-    geos = [(name_of(m, path + n), node_geometry(m, ndim, path + n)) for n, m in parts]
+    geos = [(name_of(m, join(path, n)), node_geometry(m, ndim, join(path, n))) for n, m in parts]
     first_name, first = geos[0]
     mode = mode_from = None
     c_in = next((g.c_in for _, g in geos if g.c_in is not None), None)
@@ -508,7 +516,7 @@ def _check_mode(mode: str | None, mode_from: str | None, new: str, where: str) -
 
 # --- deployed nodes inside a block that is still in training form ---------------------------
 def _deployed_map(block: Squeezable, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
-    m = primitives.linear_map(block.conv, c_in, ndim, f"{path}.conv", how)
+    m = primitives.linear_map(block.conv, c_in, ndim, join(path, "conv"), how)
     geo = block._deployed_geometry
     # Drop the zero taps a symmetric-padding conv added around an asymmetric window.
     window = tuple(

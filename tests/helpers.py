@@ -1,0 +1,149 @@
+"""Shared test helpers: seeded initialisation, the naive chain, and independent oracles.
+
+The oracles here (:func:`naive`, :func:`expected_stride`, :func:`expected_pad`) re-derive
+from the layers' own attributes what the library is supposed to compute, so the tests do
+not check the library against itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import repsqueeze as rs
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+CONV_CLASS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+POOL_CLASS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _uniform(like: Tensor, low: float, high: float, generator: torch.Generator) -> Tensor:
+    u = torch.rand(like.shape, generator=generator, dtype=torch.float64)
+    return (low + (high - low) * u).to(like)
+
+
+@torch.no_grad()
+def randomize_bn(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Randomizes every BatchNorm's statistics and affine parameters (else folding is trivial).
+
+    ``running_mean ~ U(-1, 1)``, ``running_var ~ U(0.5, 2)``, ``weight ~ U(0.5, 2)``,
+    ``bias ~ U(-1, 1)``.
+    """
+    for m in module.modules():
+        if not isinstance(m, _BatchNorm):
+            continue
+        if m.running_mean is not None:
+            m.running_mean.copy_(_uniform(m.running_mean, -1, 1, generator))
+            m.running_var.copy_(_uniform(m.running_var, 0.5, 2, generator))
+        if m.affine:
+            m.weight.copy_(_uniform(m.weight, 0.5, 2, generator))
+            m.bias.copy_(_uniform(m.bias, -1, 1, generator))
+    return module
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Seeded re-initialisation of every conv (``N(0, 1/fan_in)``, bias ``N(0, 1/4)``) and BN."""
+    for m in module.modules():
+        if isinstance(m, CONVS) and m.weight.device.type != "meta":
+            fan_in = m.weight[0].numel()
+            w = torch.randn(m.weight.shape, generator=generator, dtype=torch.float64)
+            m.weight.copy_(w / fan_in**0.5)
+            if m.bias is not None:
+                b = torch.randn(m.bias.shape, generator=generator, dtype=torch.float64)
+                m.bias.copy_(b / 2)
+    return randomize_bn(module, generator)
+
+
+def naive(module: nn.Module, x: Tensor) -> Tensor:
+    """The same layers run the ordinary way: every layer with its own padding."""
+    if isinstance(module, rs.Parallel):
+        return sum(naive(b, x) for b in module.branches)
+    if isinstance(module, rs.SqueezableBlock):
+        layers = list(module.layers)
+    elif isinstance(module, nn.Sequential):
+        layers = list(module)
+    else:
+        return module(x)
+    for layer in layers:
+        x = naive(layer, x)
+    return x
+
+
+def _tup(v, ndim: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * ndim
+
+
+def _parts(module: nn.Module) -> list[nn.Module] | None:
+    if isinstance(module, rs.SqueezableBlock):
+        return list(module.layers)
+    if isinstance(module, nn.Sequential):
+        return list(module)
+    return None
+
+
+def expected_stride(module: nn.Module, ndim: int) -> tuple[int, ...]:
+    """Stride of the composite: product along chains, shared across branches."""
+    if isinstance(module, rs.Squeezable) and module.deployed:
+        return tuple(module.conv.stride)
+    if isinstance(module, rs.Parallel):
+        return expected_stride(module.branches[0], ndim)
+    parts = _parts(module)
+    if parts is not None:
+        total = (1,) * ndim
+        for p in parts:
+            total = tuple(a * b for a, b in zip(total, expected_stride(p, ndim), strict=True))
+        return total
+    if isinstance(module, CONVS):
+        return tuple(module.stride)
+    if isinstance(module, POOLS):
+        return _tup(module.stride or module.kernel_size, ndim)
+    return (1,) * ndim
+
+
+def layer_pad(module: nn.Module, ndim: int) -> tuple[tuple[int, int], ...]:
+    """``(left, right)`` padding of one conv or pool, as PyTorch applies it."""
+    if isinstance(module, CONVS):
+        if module.padding == "valid":
+            return ((0, 0),) * ndim
+        if module.padding == "same":
+            spans = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+            return tuple((t // 2, t - t // 2) for t in spans)
+        return tuple((p, p) for p in module.padding)
+    if isinstance(module, POOLS):
+        return tuple((p, p) for p in _tup(module.padding, ndim))
+    return ((0, 0),) * ndim
+
+
+def expected_pad(module: nn.Module, ndim: int) -> tuple[tuple[int, int], ...]:
+    """Total border ``P = sum_i p_i * prod_{j<i} s_j`` (max over parallel branches)."""
+    if isinstance(module, rs.Parallel):
+        pads = [expected_pad(b, ndim) for b in module.branches]
+        return tuple((max(p[d][0] for p in pads), max(p[d][1] for p in pads)) for d in range(ndim))
+    parts = _parts(module)
+    if parts is not None:
+        total = [[0, 0] for _ in range(ndim)]
+        stride = [1] * ndim
+        for p in parts:
+            own, s = expected_pad(p, ndim), expected_stride(p, ndim)
+            for d in range(ndim):
+                total[d][0] += stride[d] * own[d][0]
+                total[d][1] += stride[d] * own[d][1]
+                stride[d] *= s[d]
+        return tuple(map(tuple, total))
+    return layer_pad(module, ndim)
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_equivalent(out: Tensor, ref: Tensor, rtol: float) -> None:
+    """``max|out - ref| <= rtol * max(1, max|ref|)``."""
+    scale = max(1.0, ref.abs().max().item())
+    err = max_err(out, ref)
+    assert err <= rtol * scale, f"max error {err:.3e} > {rtol:.0e} * {scale:.3e}"
