@@ -1,0 +1,185 @@
+"""The Lightning module: train a classifier built from re-parameterizable blocks, and at test
+time check that its deployed form (:func:`repsqueeze.convert.deploy`) computes the same logits.
+
+The network is given either as a module or as its constructor config, a dict that
+``repsqueeze.models.create_model(**config)`` takes (``{"name": "digits_net", "block": "dbb",
+...}``; a ``_target_`` key is dropped). Only that config is saved as a hyperparameter
+(``net_config``), so a checkpoint rebuilds the model without Hydra::
+
+    model = Classifier.load_from_checkpoint("best.ckpt")            # training form
+    net = create_model(**ckpt["hyper_parameters"]["net_config"])     # or just the network
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from repsqueeze.convert import deploy
+from repsqueeze.models import create_model
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class Classifier(LightningModule):
+    """Image classifier with cross-entropy loss, top-1 (and top-5) accuracy per stage, and a
+    deployed-vs-training equivalence check on the test set.
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``,
+    ``test/loss``, ``test/acc`` (``*/acc_top5`` when there are more than 5 classes) and, from
+    the deployed copy built in :meth:`on_test_start`, ``test/acc_deployed`` and
+    ``test/max_logit_diff``: the largest absolute logit difference over the test set divided by
+    the largest absolute logit. A difference above ``deploy_tolerance`` raises ``RuntimeError``.
+
+    Args:
+        net: the network, or its ``create_model`` config (then saved as ``net_config``).
+        optimizer: ``optimizer(params=...)`` builds the optimizer, e.g. a
+            ``functools.partial(torch.optim.SGD, lr=0.1)``; only needed to train.
+        scheduler: ``scheduler(optimizer=...)`` builds an epoch-wise LR scheduler, or ``None``.
+        num_classes: number of classes; taken from ``net_config`` when omitted.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        deploy_tolerance: largest relative logit difference the deployed model may show.
+        net_config: the ``create_model`` config of ``net`` when ``net`` is a module (saved for
+            rebuilding), or instead of ``net`` (as when loading a checkpoint).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | Mapping[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int | None = None,
+        label_smoothing: float = 0.0,
+        deploy_tolerance: float = 1e-4,
+        net_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(net, Mapping):
+            net_config, net = net, None
+        if net_config is not None:
+            net_config = {k: v for k, v in net_config.items() if k != "_target_"}
+        if net is None:
+            if net_config is None:
+                raise ValueError("Classifier needs net (a module or a create_model config)")
+            net = create_model(**net_config)
+        config_classes = (net_config or {}).get("num_classes")
+        if num_classes is None:
+            num_classes = config_classes
+        if num_classes is None:
+            raise ValueError("Classifier needs num_classes (or a net_config that has it)")
+        if config_classes is not None and config_classes != num_classes:
+            raise ValueError(f"num_classes={num_classes} but net_config has {config_classes}")
+        self.save_hyperparameters(
+            {
+                "net_config": net_config,
+                "num_classes": num_classes,
+                "label_smoothing": label_smoothing,
+                "deploy_tolerance": deploy_tolerance,
+            }
+        )
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_metrics = _accuracies(num_classes, "train/")
+        self.val_metrics = _accuracies(num_classes, "val/")
+        self.test_metrics = _accuracies(num_classes, "test/")
+        self.test_acc_deployed = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+        # Built in on_test_start; a plain attribute, so it stays out of state_dict and checkpoints.
+        self.__dict__["deployed"] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)  # (N, num_classes)
+
+    def _step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        metrics(logits, y)
+        self._log_stage(metrics, loss)
+        return loss
+
+    def _log_stage(self, metrics: MetricCollection, loss: Tensor) -> None:
+        stage = metrics.prefix
+        self.log(f"{stage}loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        for name, metric in metrics.items():
+            self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == "val/acc")
+
+    def on_train_start(self) -> None:
+        # The sanity-check validation must not count towards the best accuracy.
+        self.val_metrics.reset()
+        self.val_acc_best.reset()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, self.train_metrics)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+
+    def on_test_start(self) -> None:
+        deployed = deploy(self.net).eval().requires_grad_(False)
+        self.__dict__["deployed"] = deployed
+        self._max_diff = torch.zeros((), device=self.device)
+        self._max_logit = torch.zeros((), device=self.device)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        # Both forms in the parameters' own precision: mixed-precision noise is not a deploy error.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self(x)
+            logits_deployed = self.deployed(x)
+        self.test_metrics(logits, y)
+        self._log_stage(self.test_metrics, self.criterion(logits, y))
+        self.test_acc_deployed(logits_deployed, y)
+        self.log("test/acc_deployed", self.test_acc_deployed, on_step=False, on_epoch=True)
+        diff = (logits.float() - logits_deployed.float()).abs().max()
+        self._max_diff = torch.maximum(self._max_diff, diff)
+        self._max_logit = torch.maximum(self._max_logit, logits.float().abs().max())
+
+    def on_test_epoch_end(self) -> None:
+        max_diff = self.trainer.strategy.reduce(self._max_diff, reduce_op="max")
+        scale = self.trainer.strategy.reduce(self._max_logit, reduce_op="max")
+        scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
+        relative = max_diff / scale
+        self.log("test/max_logit_diff", relative, sync_dist=True, reduce_fx="max")
+        if not relative <= self.hparams.deploy_tolerance:  # NaN fails too
+            raise RuntimeError(
+                f"deployed model differs from the training form: max |logit difference| = "
+                f"{max_diff.item():.3g}, {relative.item():.3g} of the largest |logit| "
+                f"{scale.item():.3g}, above deploy_tolerance={self.hparams.deploy_tolerance}"
+            )
+
+    def on_test_end(self) -> None:
+        self.__dict__["deployed"] = None
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise RuntimeError("Classifier was built without an optimizer; pass one to train")
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+        }
+
+
+def _accuracies(num_classes: int, prefix: str) -> MetricCollection:
+    """Top-1 accuracy, plus top-5 when there are more than 5 classes, logged as ``{prefix}acc``."""
+    metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
