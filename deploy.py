@@ -1,6 +1,6 @@
 """Checkpoint in, verified plain model out: PyTorch, TorchScript and ONNX.
 
-    python deploy.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [output_dir=DIR]
+    python deploy.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [output_dir=DIR] [data=digits]
 
 1. loads the Lightning checkpoint with ``torch.load(weights_only=True)`` (no pickled code
    runs) and rebuilds the network from the ``net_config`` stored in it;
@@ -47,23 +47,28 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
-        raise DeployError(f"{path}: refusing to unpickle non-tensor objects ({first})") from err
+        raise DeployError(
+            f"{path}: cannot be loaded safely (weights_only): not a PyTorch checkpoint, or it "
+            "holds pickled Python objects, which are never run here"
+        ) from err
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
         raise DeployError(
             f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})"
         ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
         raise DeployError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    net_config = (ckpt.get("hyper_parameters") or {}).get("net_config")
+    net_config = hparams.get("net_config") if isinstance(hparams, dict) else None
     if not isinstance(net_config, dict):
         raise DeployError(
             f"{path}: no net_config in its hyper-parameters; was it written by train.py?"
         )
-    net = create_model(**net_config)
-    state = {
-        k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
-    }
+    try:
+        net = create_model(**net_config)
+    except (TypeError, ValueError) as err:
+        raise DeployError(f"{path}: cannot rebuild the network from {net_config}: {err}") from err
+    state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -98,6 +103,8 @@ def verification_inputs(
         raise DeployError("cannot tell the input shape: give input_shape=[C,H,W]")
     gen = torch.Generator().manual_seed(cfg.seed)
     inputs = {"random": torch.randn(cfg.batch_size, *shape, generator=gen)}
+    if cfg.use_data and datamodule is None:
+        notes.append("no data module found (give data=NAME): verified on the random batch only")
     if cfg.use_data and datamodule is not None:
         from repsqueeze.data import example_batch
 
@@ -162,6 +169,8 @@ def measure(
 
 def run(cfg: DictConfig) -> dict:
     """The whole deploy step; returns the report. Raises :class:`DeployError`."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise DeployError("give the checkpoint: python deploy.py ckpt_path=PATH")
     torch.manual_seed(cfg.seed)
     ckpt_path = Path(cfg.ckpt_path)
     net, net_config = load_checkpoint(ckpt_path)
