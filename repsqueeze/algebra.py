@@ -79,10 +79,17 @@ def dense_kernel(weight: Tensor, groups: int, dilation: tuple[int, ...]) -> Tens
 
 def chain(a: ConvMap, b: ConvMap) -> ConvMap:
     """The map ``x -> b(a(x))``."""
-    conv_t = _CONV_TRANSPOSE[a.ndim]
-    # conv_transpose treats b's output channels as a batch and a's kernel as its weight:
     # out[o, i, u * s_a + t] += W_b[o, m, u] * W_a[m, i, t]
-    weight = conv_t(b.weight, a.weight, stride=a.stride)
+    if all(e == 1 for e in b.extent):
+        weight = torch.einsum("om,mi...->oi...", b.weight.flatten(1), a.weight)
+    elif all(e == 1 for e in a.extent):
+        taps = torch.einsum("om...,mi->oi...", b.weight, a.weight.flatten(1))
+        extent = [(e - 1) * s + 1 for e, s in zip(b.extent, a.stride, strict=True)]
+        weight = taps.new_zeros(*taps.shape[:2], *extent)
+        weight[(slice(None), slice(None), *(slice(None, None, s) for s in a.stride))] = taps
+    else:
+        # conv_transpose treats b's output channels as a batch and a's kernel as its weight
+        weight = _CONV_TRANSPOSE[a.ndim](b.weight, a.weight, stride=a.stride)
     bias = b.bias + b.weight.sum(dim=tuple(range(2, b.weight.dim()))) @ a.bias
     stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride, strict=True))
     pad = tuple(

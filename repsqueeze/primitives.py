@@ -137,7 +137,8 @@ class Precision:
     device: torch.device | str = "cpu"
 
 
-STRUCTURE = Precision("structure")
+# Indicator weights are non-negative path counts: float32 keeps every non-zero non-zero.
+STRUCTURE = Precision("structure", torch.float32)
 
 
 def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:

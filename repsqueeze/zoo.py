@@ -1,27 +1,59 @@
 """Re-parameterizable blocks from the literature, each built from the core primitives.
 
-Every block here is linear (a ``Parallel`` or ``SqueezableBlock``) and squeezes into one
-convolution; models put the non-linearity between blocks.
+Every block here is linear (a ``Parallel`` or ``SqueezableBlock``, no activation inside) and
+squeezes into one convolution; models put the non-linearity between blocks. Through
+:func:`make_block`, every kind with the same ``(in, out, k, stride, groups)`` deploys to the
+same ``ConvNd(in, out, k, stride, padding=k // 2, groups=groups, bias=True)``.
+
+References:
+    Ding et al., "ACNet: Strengthening the Kernel Skeletons for Powerful CNN via Asymmetric
+    Convolution Blocks", ICCV 2019.
+    Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
+    Ding et al., "Diverse Branch Block: Building a Convolution as an Inception-like Unit",
+    CVPR 2021.
+    Guo et al., "ExpandNets: Linear Over-parameterization to Train Compact Convolutional
+    Networks", NeurIPS 2020.
+    Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
 from repsqueeze.algebra import CONV_CLASSES
-from repsqueeze.blocks import Parallel
+from repsqueeze.blocks import Parallel, Squeezable, SqueezableBlock
 
 NormLayer = Callable[[int], nn.Module]
 _NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 def _building(deployed: bool):
     """Branches of a block built in deployed form live on the meta device: never allocated."""
     return torch.device("meta") if deployed else contextlib.nullcontext()
+
+
+def conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, ...],
+    dims: int = 2,
+    stride: int = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> nn.Module:
+    """A bias-free ``ConvNd`` (a norm or a later conv supplies the bias)."""
+    return CONV_CLASSES[dims](
+        in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, bias=False, padding_mode=padding_mode,
+    )  # fmt: skip
 
 
 def conv_norm(
@@ -38,11 +70,11 @@ def conv_norm(
 ) -> nn.Sequential:
     """``ConvNd`` (no bias) followed by a norm layer, as a nested chain."""
     norm_layer = norm_layer or _NORMS[dims]
-    conv = CONV_CLASSES[dims](
-        in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, bias=False, padding_mode=padding_mode,
+    layer = conv(
+        in_channels, out_channels, kernel_size, dims, stride, padding, dilation, groups,
+        padding_mode,
     )  # fmt: skip
-    return nn.Sequential(conv, norm_layer(out_channels))
+    return nn.Sequential(layer, norm_layer(out_channels))
 
 
 def centered_padding(kernel_size: int, dilation: int, stride: int) -> int | str:
@@ -58,8 +90,242 @@ def centered_padding(kernel_size: int, dilation: int, stride: int) -> int | str:
     )
 
 
-class RepVGGBlock(Parallel):
+def _along(axis: int, value: int, other: int, dims: int) -> tuple[int, ...]:
+    """``value`` on spatial ``axis``, ``other`` on the remaining ones."""
+    return tuple(value if d == axis else other for d in range(dims))
+
+
+class ConvBN(SqueezableBlock):
+    """k x k conv (no bias) followed by BN: the plain, un-re-parameterized baseline.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel size along every spatial dim.
+        stride: stride.
+        dilation: dilation.
+        groups: groups.
+        padding_mode: padding mode.
+        dims: 1, 2 or 3 spatial dims.
+        norm_layer: norm constructor (default ``BatchNorm{dims}d``).
+        deployed: build the single convolution directly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        dims: int = 2,
+        norm_layer: NormLayer | None = None,
+        deployed: bool = False,
+    ) -> None:
+        with _building(deployed):
+            layers = conv_norm(
+                in_channels, out_channels, kernel_size, dims, stride,
+                centered_padding(kernel_size, dilation, stride), dilation, groups, padding_mode,
+                norm_layer,
+            )  # fmt: skip
+        super().__init__(*layers, deployed=deployed)
+
+
+class ACBlock(Parallel):
+    """k x k conv-BN plus one asymmetric conv-BN per spatial axis, summed (ACNet).
+
+    The asymmetric branch of axis ``d`` has kernel ``k`` along ``d`` and 1 elsewhere (1 x k
+    and k x 1 in 2-D), centred on the square kernel. In 1-D it coincides with the square one.
+
+    Ding et al., "ACNet: Strengthening the Kernel Skeletons for Powerful CNN via Asymmetric
+    Convolution Blocks", ICCV 2019.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel size of the square branch.
+        stride: stride of every branch.
+        dilation: dilation of every branch.
+        groups: groups of every branch.
+        padding_mode: padding mode of every branch.
+        dims: 1, 2 or 3 spatial dims.
+        norm_layer: norm constructor (default ``BatchNorm{dims}d``).
+        deployed: build the single convolution directly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        dims: int = 2,
+        norm_layer: NormLayer | None = None,
+        deployed: bool = False,
+    ) -> None:
+        padding = centered_padding(kernel_size, dilation, stride)
+        common = {
+            "dims": dims, "stride": stride, "dilation": dilation, "groups": groups,
+            "padding_mode": padding_mode, "norm_layer": norm_layer,
+        }  # fmt: skip
+        with _building(deployed):
+            branches = [
+                conv_norm(in_channels, out_channels, kernel_size, padding=padding, **common)
+            ]
+            for axis in range(dims):
+                axis_padding = (
+                    padding if isinstance(padding, str) else _along(axis, padding, 0, dims)
+                )
+                kernel = _along(axis, kernel_size, 1, dims)
+                branches.append(
+                    conv_norm(in_channels, out_channels, kernel, padding=axis_padding, **common)
+                )
+        super().__init__(*branches, deployed=deployed)
+
+
+class DiverseBranchBlock(Parallel):
+    """k x k, 1x1, 1x1 -> k x k and 1x1 -> average-pool branches, each with BN, summed (DBB).
+
+    As in DBB, the 1x1 branch and the 1x1 conv of the pooling branch are left out for a
+    depthwise block (``groups == out_channels``), where they would only rescale channels;
+    the pooling branch keeps its 1x1 whenever it must change the channel count. The
+    1x1 -> k x k chain needs no BN-and-pad layer: the block pads its input once, so the
+    1x1 conv and its BN see the border too (border-consistent padding).
+
+    Ding et al., "Diverse Branch Block: Building a Convolution as an Inception-like Unit",
+    CVPR 2021.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: odd kernel size of the k x k convs and of the average pool.
+        stride: stride of the k x k convs, the 1x1 branch and the average pool.
+        groups: groups of every convolution.
+        padding_mode: only ``'zeros'``: average pooling pads with zeros.
+        dims: 1, 2 or 3 spatial dims.
+        norm_layer: norm constructor (default ``BatchNorm{dims}d``).
+        internal_channels: width of the 1x1 -> k x k chain; ``None``: ``in_channels``, or
+            ``2 * in_channels`` for a depthwise block (as in DBB).
+        deployed: build the single convolution directly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        dims: int = 2,
+        norm_layer: NormLayer | None = None,
+        internal_channels: int | None = None,
+        deployed: bool = False,
+    ) -> None:
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"DiverseBranchBlock needs an odd kernel_size, got {kernel_size}: its average "
+                "pool can only be centred on the k x k kernel with symmetric padding"
+            )
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"DiverseBranchBlock pads with zeros only (got padding_mode={padding_mode!r}): "
+                "its average pool pads with zeros, and a block pads once with one mode"
+            )
+        norm_layer = norm_layer or _NORMS[dims]
+        depthwise = groups == out_channels
+        if internal_channels is None:
+            internal_channels = 2 * in_channels if depthwise else in_channels
+        padding = kernel_size // 2
+        common = {"dims": dims, "groups": groups, "norm_layer": norm_layer}
+        kxk = {"stride": stride, "padding": padding, **common}
+        with _building(deployed):
+            branches = [conv_norm(in_channels, out_channels, kernel_size, **kxk)]
+            if not depthwise:
+                branches.append(conv_norm(in_channels, out_channels, 1, stride=stride, **common))
+            branches.append(
+                nn.Sequential(
+                    *conv_norm(in_channels, internal_channels, 1, **common),
+                    *conv_norm(internal_channels, out_channels, kernel_size, **kxk),
+                )
+            )
+            keeps_channels = depthwise and in_channels == out_channels
+            squeeze = (
+                [] if keeps_channels else list(conv_norm(in_channels, out_channels, 1, **common))
+            )
+            pool = _POOLS[dims](kernel_size, stride, padding)
+            branches.append(nn.Sequential(*squeeze, pool, norm_layer(out_channels)))
+        super().__init__(*branches, deployed=deployed)
+
+
+class MobileOneBlock(Parallel):
+    """``n`` k x k conv-BN + 1x1 conv-BN (scale) + identity BN (when shapes allow), summed.
+
+    Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: size of the k x k branches.
+        stride: stride of every branch.
+        dilation: dilation of the k x k branches.
+        groups: groups of every convolution.
+        padding_mode: padding mode of the k x k branches.
+        dims: 1, 2 or 3 spatial dims.
+        norm_layer: norm constructor (default ``BatchNorm{dims}d``).
+        num_conv_branches: number ``n >= 1`` of parallel k x k conv-BN branches.
+        use_scale: add the 1x1 conv-BN branch.
+        use_identity: add the BN-only branch; ``None`` adds it when in/out channels match
+            and stride is 1.
+        deployed: build the single convolution directly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        dims: int = 2,
+        norm_layer: NormLayer | None = None,
+        num_conv_branches: int = 1,
+        use_scale: bool = True,
+        use_identity: bool | None = None,
+        deployed: bool = False,
+    ) -> None:
+        if num_conv_branches < 1:
+            raise ValueError(f"num_conv_branches must be at least 1, got {num_conv_branches}")
+        if use_identity is None:
+            use_identity = in_channels == out_channels and stride == 1
+        common = {"dims": dims, "stride": stride, "groups": groups, "norm_layer": norm_layer}
+        kxk = {
+            "padding": centered_padding(kernel_size, dilation, stride), "dilation": dilation,
+            "padding_mode": padding_mode, **common,
+        }  # fmt: skip
+        with _building(deployed):
+            branches = [
+                conv_norm(in_channels, out_channels, kernel_size, **kxk)
+                for _ in range(num_conv_branches)
+            ]
+            if use_scale:
+                branches.append(conv_norm(in_channels, out_channels, 1, **common))
+            if use_identity:
+                branches.append((norm_layer or _NORMS[dims])(out_channels))
+        super().__init__(*branches, deployed=deployed)
+
+
+class RepVGGBlock(MobileOneBlock):
     """k x k conv-BN + 1x1 conv-BN + identity BN (when shapes allow), summed.
+
+    A :class:`MobileOneBlock` with one k x k branch.
 
     Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
 
@@ -94,23 +360,133 @@ class RepVGGBlock(Parallel):
         norm_layer: NormLayer | None = None,
         deployed: bool = False,
     ) -> None:
-        if use_identity is None:
-            use_identity = in_channels == out_channels and stride == 1
-        common = {"dims": dims, "stride": stride, "groups": groups, "norm_layer": norm_layer}
-        with _building(deployed):
-            branches = [
-                conv_norm(
-                    in_channels,
-                    out_channels,
-                    kernel_size,
-                    dilation=dilation,
-                    padding=centered_padding(kernel_size, dilation, stride),
-                    padding_mode=padding_mode,
-                    **common,
-                )  # fmt: skip
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, dilation, groups, padding_mode,
+            dims, norm_layer, num_conv_branches=1, use_scale=use_1x1, use_identity=use_identity,
+            deployed=deployed,
+        )  # fmt: skip
+
+
+class ExpandedConv(SqueezableBlock):
+    """A k x k conv expanded into a linear chain of convs, then BN (ExpandNets).
+
+    * ``'cl'``: 1x1 (in -> e*in) -> k x k (-> e*out) -> 1x1 (-> out);
+    * ``'ck'``: ``(k - 1) // 2`` 3x3 convs with ``e*out`` hidden channels, the stride on the
+      last 3x3 (so the window stays k x k); a single 3x3 (k = 3) or none (k = 1) is followed
+      by a 1x1 to ``out``, so the chain always has a hidden layer.
+
+    No BN or activation between the convs; every conv has ``groups``, so the squeezed conv
+    keeps them.
+
+    Guo et al., "ExpandNets: Linear Over-parameterization to Train Compact Convolutional
+    Networks", NeurIPS 2020.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel size of the squeezed conv (odd for ``'ck'``).
+        stride: stride of the squeezed conv.
+        groups: groups of every conv.
+        padding_mode: padding mode of the padded convs.
+        dims: 1, 2 or 3 spatial dims.
+        norm_layer: norm constructor (default ``BatchNorm{dims}d``).
+        expand_mode: ``'ck'`` (expand the kernel) or ``'cl'`` (expand the channels).
+        expansion: channel expansion rate ``e``.
+        deployed: build the single convolution directly.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        dims: int = 2,
+        norm_layer: NormLayer | None = None,
+        expand_mode: str = "ck",
+        expansion: int = 4,
+        deployed: bool = False,
+    ) -> None:
+        if expand_mode == "cl":
+            padding = centered_padding(kernel_size, 1, stride)
+            kernels = [1, kernel_size, 1]
+            channels = [
+                in_channels,
+                expansion * in_channels,
+                expansion * out_channels,
+                out_channels,
             ]
-            if use_1x1:
-                branches.append(conv_norm(in_channels, out_channels, 1, **common))
-            if use_identity:
-                branches.append((norm_layer or _NORMS[dims])(out_channels))
-        super().__init__(*branches, deployed=deployed)
+            paddings, strides = [0, padding, 0], [1, stride, 1]
+        elif expand_mode == "ck":
+            if kernel_size % 2 == 0:
+                raise ValueError(
+                    f"expand_mode='ck' builds a k x k kernel from 3x3 convs and needs an odd "
+                    f"kernel_size, got {kernel_size}"
+                )
+            n = kernel_size // 2
+            kernels = [3] * n + [1] * max(0, 2 - n)
+            hidden = expansion * out_channels
+            channels = [in_channels] + [hidden] * (len(kernels) - 1) + [out_channels]
+            paddings = [k // 2 for k in kernels]
+            strides = [stride if i == max(n - 1, 0) else 1 for i in range(len(kernels))]
+        else:
+            raise ValueError(f"expand_mode must be 'ck' or 'cl', got {expand_mode!r}")
+        with _building(deployed):
+            layers = [
+                conv(c_in, c_out, k, dims, s, p, groups=groups, padding_mode=padding_mode)
+                for c_in, c_out, k, s, p in zip(
+                    channels, channels[1:], kernels, strides, paddings, strict=False
+                )
+            ]
+            layers.append((norm_layer or _NORMS[dims])(out_channels))
+        super().__init__(*layers, deployed=deployed)
+
+
+BLOCKS: dict[str, Callable[..., Squeezable]] = {
+    "plain": ConvBN,
+    "repvgg": RepVGGBlock,
+    "acb": ACBlock,
+    "dbb": DiverseBranchBlock,
+    "mobileone": MobileOneBlock,
+    "expand_ck": partial(ExpandedConv, expand_mode="ck"),
+    "expand_cl": partial(ExpandedConv, expand_mode="cl"),
+}
+
+
+def make_block(
+    kind: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    groups: int = 1,
+    dims: int = 2,
+    deployed: bool = False,
+    **kwargs,
+) -> Squeezable:
+    """Builds a block of any kind; all kinds deploy to the same convolution.
+
+    For odd ``kernel_size`` the deployed form is always
+    ``ConvNd(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2,
+    groups=groups, bias=True)``.
+
+    Args:
+        kind: one of :data:`BLOCKS` (``plain``, ``repvgg``, ``acb``, ``dbb``, ``mobileone``,
+            ``expand_ck``, ``expand_cl``).
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel size of the deployed conv.
+        stride: stride of the deployed conv.
+        groups: groups of the deployed conv.
+        dims: 1, 2 or 3 spatial dims.
+        deployed: build the single convolution directly.
+        **kwargs: further arguments of the block's constructor (``norm_layer``, ...).
+    """
+    if kind not in BLOCKS:
+        raise ValueError(f"unknown block kind {kind!r}; valid kinds: {', '.join(BLOCKS)}")
+    return BLOCKS[kind](
+        in_channels, out_channels, kernel_size=kernel_size, stride=stride, groups=groups,
+        dims=dims, deployed=deployed, **kwargs,
+    )  # fmt: skip

@@ -1,0 +1,39 @@
+"""A small plain network for the 8x8 digits set (scikit-learn's ``load_digits``).
+
+Four 3x3 blocks, 1 -> 32 -> 32 -> 64 -> 64 channels, the third with stride 2 (8x8 -> 4x4),
+ReLU between blocks, global average pool and a linear head: about 66k parameters deployed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages
+from repsqueeze.models.registry import register_model
+
+
+@register_model
+def digits_net(
+    block: str = "repvgg",
+    num_classes: int = 10,
+    in_channels: int = 1,
+    deployed: bool = False,
+    act_layer: ActLayer = nn.ReLU,
+    **block_kwargs,
+) -> Classifier:
+    """The digits network.
+
+    Args:
+        block: block kind (see :data:`repsqueeze.zoo.BLOCKS`).
+        num_classes: outputs of the linear head.
+        in_channels: input channels.
+        deployed: build every block's single convolution directly.
+        act_layer: activation constructor, applied after every block.
+        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
+    """
+    unit = partial(block_act, block, deployed=deployed, act_layer=act_layer, **block_kwargs)
+    stem = unit(in_channels, 32, 1)
+    stages = make_stages(unit, 32, (32, 64), (1, 2), (1, 2))
+    return Classifier(stem, stages, 64, num_classes)
