@@ -2,7 +2,15 @@
 
 from repsqueeze.algebra import ConvMap
 from repsqueeze.blocks import Parallel, Squeezable, SqueezableBlock
-from repsqueeze.convert import BorderReport, deploy, make_border_consistent, set_mode
+from repsqueeze.convert import (
+    BorderReport,
+    ExpandReport,
+    deploy,
+    expand,
+    make_border_consistent,
+    set_mode,
+)
+from repsqueeze.export import load_deployed, save_deployed
 from repsqueeze.models import create_model, list_models, register_model
 from repsqueeze.zoo import (
     BLOCKS,
@@ -22,6 +30,7 @@ __all__ = [
     "ConvBN",
     "ConvMap",
     "DiverseBranchBlock",
+    "ExpandReport",
     "ExpandedConv",
     "MobileOneBlock",
     "Parallel",
@@ -30,10 +39,13 @@ __all__ = [
     "SqueezableBlock",
     "create_model",
     "deploy",
+    "expand",
     "list_models",
+    "load_deployed",
     "make_block",
     "make_border_consistent",
     "register_model",
+    "save_deployed",
     "set_mode",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from repsqueeze.convert import deploy
+from repsqueeze.convert import deploy, set_mode
 from repsqueeze.models import create_model
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -48,6 +48,9 @@ class Classifier(LightningModule):
         deploy_tolerance: largest relative logit difference the deployed model may show.
         net_config: the ``create_model`` config of ``net`` when ``net`` is a module (saved for
             rebuilding), or instead of ``net`` (as when loading a checkpoint).
+        mode: how every block runs while training: ``"chain"``, ``"online"`` (compose the
+            kernel in the forward pass, one convolution per block) or ``"auto"``; ``None``
+            keeps the blocks' own setting. See :meth:`repsqueeze.Squeezable.set_mode`.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class Classifier(LightningModule):
         label_smoothing: float = 0.0,
         deploy_tolerance: float = 1e-4,
         net_config: Mapping[str, Any] | None = None,
+        mode: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net, Mapping):
@@ -82,9 +86,10 @@ class Classifier(LightningModule):
                 "num_classes": num_classes,
                 "label_smoothing": label_smoothing,
                 "deploy_tolerance": deploy_tolerance,
+                "mode": mode,
             }
         )
-        self.net = net
+        self.net = set_mode(net, mode) if mode is not None else net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -109,6 +109,7 @@ class ConvBN(SqueezableBlock):
         dims: 1, 2 or 3 spatial dims.
         norm_layer: norm constructor (default ``BatchNorm{dims}d``).
         deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class ConvBN(SqueezableBlock):
         dims: int = 2,
         norm_layer: NormLayer | None = None,
         deployed: bool = False,
+        mode: str = "chain",
     ) -> None:
         with _building(deployed):
             layers = conv_norm(
@@ -130,7 +132,7 @@ class ConvBN(SqueezableBlock):
                 centered_padding(kernel_size, dilation, stride), dilation, groups, padding_mode,
                 norm_layer,
             )  # fmt: skip
-        super().__init__(*layers, deployed=deployed)
+        super().__init__(*layers, deployed=deployed, mode=mode)
 
 
 class ACBlock(Parallel):
@@ -153,6 +155,7 @@ class ACBlock(Parallel):
         dims: 1, 2 or 3 spatial dims.
         norm_layer: norm constructor (default ``BatchNorm{dims}d``).
         deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class ACBlock(Parallel):
         dims: int = 2,
         norm_layer: NormLayer | None = None,
         deployed: bool = False,
+        mode: str = "chain",
     ) -> None:
         padding = centered_padding(kernel_size, dilation, stride)
         common = {
@@ -185,7 +189,7 @@ class ACBlock(Parallel):
                 branches.append(
                     conv_norm(in_channels, out_channels, kernel, padding=axis_padding, **common)
                 )
-        super().__init__(*branches, deployed=deployed)
+        super().__init__(*branches, deployed=deployed, mode=mode)
 
 
 class DiverseBranchBlock(Parallel):
@@ -212,6 +216,7 @@ class DiverseBranchBlock(Parallel):
         internal_channels: width of the 1x1 -> k x k chain; ``None``: ``in_channels``, or
             ``2 * in_channels`` for a depthwise block (as in DBB).
         deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
 
     def __init__(
@@ -226,6 +231,7 @@ class DiverseBranchBlock(Parallel):
         norm_layer: NormLayer | None = None,
         internal_channels: int | None = None,
         deployed: bool = False,
+        mode: str = "chain",
     ) -> None:
         if kernel_size % 2 == 0:
             raise ValueError(
@@ -260,7 +266,7 @@ class DiverseBranchBlock(Parallel):
             )
             pool = _POOLS[dims](kernel_size, stride, padding)
             branches.append(nn.Sequential(*squeeze, pool, norm_layer(out_channels)))
-        super().__init__(*branches, deployed=deployed)
+        super().__init__(*branches, deployed=deployed, mode=mode)
 
 
 class MobileOneBlock(Parallel):
@@ -283,6 +289,7 @@ class MobileOneBlock(Parallel):
         use_identity: add the BN-only branch; ``None`` adds it when in/out channels match
             and stride is 1.
         deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
 
     def __init__(
@@ -300,6 +307,7 @@ class MobileOneBlock(Parallel):
         use_scale: bool = True,
         use_identity: bool | None = None,
         deployed: bool = False,
+        mode: str = "chain",
     ) -> None:
         if num_conv_branches < 1:
             raise ValueError(f"num_conv_branches must be at least 1, got {num_conv_branches}")
@@ -319,7 +327,7 @@ class MobileOneBlock(Parallel):
                 branches.append(conv_norm(in_channels, out_channels, 1, **common))
             if use_identity:
                 branches.append((norm_layer or _NORMS[dims])(out_channels))
-        super().__init__(*branches, deployed=deployed)
+        super().__init__(*branches, deployed=deployed, mode=mode)
 
 
 class RepVGGBlock(MobileOneBlock):
@@ -343,6 +351,7 @@ class RepVGGBlock(MobileOneBlock):
         dims: 1, 2 or 3 spatial dims.
         norm_layer: norm constructor (default ``BatchNorm{dims}d``).
         deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
 
     def __init__(
@@ -359,11 +368,12 @@ class RepVGGBlock(MobileOneBlock):
         dims: int = 2,
         norm_layer: NormLayer | None = None,
         deployed: bool = False,
+        mode: str = "chain",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, dilation, groups, padding_mode,
             dims, norm_layer, num_conv_branches=1, use_scale=use_1x1, use_identity=use_identity,
-            deployed=deployed,
+            deployed=deployed, mode=mode,
         )  # fmt: skip
 
 
@@ -393,6 +403,7 @@ class ExpandedConv(SqueezableBlock):
         expand_mode: ``'ck'`` (expand the kernel) or ``'cl'`` (expand the channels).
         expansion: channel expansion rate ``e``.
         deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
 
     def __init__(
@@ -408,6 +419,7 @@ class ExpandedConv(SqueezableBlock):
         expand_mode: str = "ck",
         expansion: int = 4,
         deployed: bool = False,
+        mode: str = "chain",
     ) -> None:
         if expand_mode == "cl":
             padding = centered_padding(kernel_size, 1, stride)
@@ -441,7 +453,7 @@ class ExpandedConv(SqueezableBlock):
                 )
             ]
             layers.append((norm_layer or _NORMS[dims])(out_channels))
-        super().__init__(*layers, deployed=deployed)
+        super().__init__(*layers, deployed=deployed, mode=mode)
 
 
 BLOCKS: dict[str, Callable[..., Squeezable]] = {
@@ -455,6 +467,18 @@ BLOCKS: dict[str, Callable[..., Squeezable]] = {
 }
 
 
+def channel_scale(num_features: int, dims: int = 2) -> nn.Module:
+    """A learnable per-channel scale (a depthwise 1x1 conv, initialised to 1).
+
+    The linear stand-in for BatchNorm in the OREPA-style variant (Hu et al., "Online
+    Convolutional Re-parameterization", CVPR 2022): unlike batch statistics it folds into
+    the composed kernel inside the forward pass.
+    """
+    scale = CONV_CLASSES[dims](num_features, num_features, 1, groups=num_features, bias=False)
+    nn.init.ones_(scale.weight)
+    return scale
+
+
 def make_block(
     kind: str,
     in_channels: int,
@@ -464,6 +488,8 @@ def make_block(
     groups: int = 1,
     dims: int = 2,
     deployed: bool = False,
+    mode: str = "chain",
+    online_norm: bool = False,
     **kwargs,
 ) -> Squeezable:
     """Builds a block of any kind; all kinds deploy to the same convolution.
@@ -482,11 +508,23 @@ def make_block(
         groups: groups of the deployed conv.
         dims: 1, 2 or 3 spatial dims.
         deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
+        online_norm: the OREPA-style variant: every BatchNorm inside the block becomes a
+            learnable channel scale (:func:`channel_scale`) and one BatchNorm follows the
+            block, so ``mode="online"`` can compose every branch while training.
         **kwargs: further arguments of the block's constructor (``norm_layer``, ...).
     """
     if kind not in BLOCKS:
         raise ValueError(f"unknown block kind {kind!r}; valid kinds: {', '.join(BLOCKS)}")
+    if online_norm:
+        norm = kwargs.pop("norm_layer", None) or _NORMS[dims]
+        inner = make_block(
+            kind, in_channels, out_channels, kernel_size, stride, groups, dims, deployed,
+            norm_layer=partial(channel_scale, dims=dims), **kwargs,
+        )  # fmt: skip
+        with _building(deployed):
+            return SqueezableBlock(inner, norm(out_channels), deployed=deployed, mode=mode)
     return BLOCKS[kind](
         in_channels, out_channels, kernel_size=kernel_size, stride=stride, groups=groups,
-        dims=dims, deployed=deployed, **kwargs,
+        dims=dims, deployed=deployed, mode=mode, **kwargs,
     )  # fmt: skip
