@@ -165,12 +165,15 @@ def _has_timm() -> bool:
 
 # --- 2. training step --------------------------------------------------------------------------
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one training step."""
+    """Bytes of the distinct storages autograd saves for backward in one training step,
+    parameters excluded (they are held anyway): the activation memory of training."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -224,7 +227,7 @@ def bench_training(args: argparse.Namespace) -> list[dict]:
             "variant": k,
             "step ms": ms[k],
             "time vs plain": ms[k] / ms[base],
-            "saved MiB": memory[k] / 2**20,
+            "activations MiB": memory[k] / 2**20,
             "memory vs plain": memory[k] / memory[base],
             "params": params[k],
         }
@@ -398,14 +401,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{key}] {time.perf_counter() - start:.1f} s", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=_json_default))
+    out.with_suffix(".json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False))
     out.with_suffix(".md").write_text("".join(md))
     print("".join(md))
     return results
 
 
-def _json_default(v: object) -> object:
-    return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+def _finite(v: object) -> object:
+    """Strict JSON: non-finite figures become strings ("nan", "inf")."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
 
 if __name__ == "__main__":

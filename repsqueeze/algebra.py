@@ -64,6 +64,8 @@ class ConvMap:
 
 def dense_kernel(weight: Tensor, groups: int, dilation: tuple[int, ...]) -> Tensor:
     """Expands a grouped, dilated kernel ``(C_out, C_in/g, *k)`` to ``(C_out, C_in, *extent)``."""
+    if groups == 1 and all(d == 1 for d in dilation):
+        return weight
     c_out, c_in_g = weight.shape[:2]
     k = weight.shape[2:]
     extent = [d * (n - 1) + 1 for d, n in zip(dilation, k, strict=True)]

@@ -166,8 +166,7 @@ class Squeezable(nn.Module):
             if isinstance(self, SqueezableBlock):
                 while len(head) > 1 and isinstance(head[-1][1], _BatchNorm):
                     head = head[:-1]
-            c_in = chain_geometry(head, ndim, "").c_in or self._in_channels()
-            structure = self._head_map(head, c_in, ndim, STRUCTURE)
+            structure = self._head_map(head, self._in_channels(), ndim, STRUCTURE)
             self._online_cache[ndim] = (head, [m for _, m in parts[len(head) :]], layout(structure))
         return self._online_cache[ndim]
 
@@ -190,18 +189,22 @@ class Squeezable(nn.Module):
     def _pick_mode(self, x: Tensor, ndim: int) -> str:
         if self.mode != "auto":
             return self.mode
-        key = (tuple(x.shape), self.training)
+        blocked = self._bn_blocks_online(ndim)
+        key = (tuple(x.shape), blocked)
         if key not in self._auto_cache:
             costs = self.macs(tuple(x.shape[1:]), batch=x.shape[0])
-            online_ok = self.training is False or not self._bn_blocks_online(ndim)
-            self._auto_cache[key] = (
-                "online" if online_ok and costs["online"] < costs["chain"] else "chain"
-            )
+            cheaper = costs["online"] < costs["chain"]
+            self._auto_cache[key] = "online" if cheaper and not blocked else "chain"
         return self._auto_cache[key]
 
     def _bn_blocks_online(self, ndim: int) -> bool:
+        """Whether a BatchNorm that would be folded uses batch statistics right now."""
         head, _, _ = self._online_plan(ndim)
-        return any(isinstance(m, _BatchNorm) for _, h in head for m in h.modules())
+        return any(
+            isinstance(m, _BatchNorm) and primitives.uses_batch_stats(m)
+            for _, h in head
+            for m in h.modules()
+        )
 
     def macs(self, input_shape: tuple[int, ...], batch: int = 1) -> dict[str, float]:
         """Multiply-accumulates of one forward pass of a batch in each mode.
@@ -226,7 +229,8 @@ class Squeezable(nn.Module):
             / lay.groups
             * math.prod(lay.kernel_size)
         )
-        return {"chain": batch * chain_cost, "online": batch * conv + compose_macs(head, ndim)}
+        composed = head if isinstance(self, SqueezableBlock) else [("", self)]
+        return {"chain": batch * chain_cost, "online": batch * conv + compose_macs(composed, ndim)}
 
     # --- squeeze and deploy ----------------------------------------------------------------
     @torch.no_grad()

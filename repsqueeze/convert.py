@@ -63,6 +63,10 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     Returns:
         ``model``, changed in place.
     """
+    from repsqueeze.blocks import MODES
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(model, Squeezable):
         model.set_mode(mode)
         return model

@@ -172,7 +172,8 @@ def bn_affine(bn: _BatchNorm, path: str, how: Precision) -> tuple[Tensor, Tensor
     """``(scale, shift)`` with ``bn(x) == scale * x + shift`` in eval mode."""
     if how.kind == "live" and uses_batch_stats(bn):
         raise ValueError(
-            f"{name_of(bn, path)} normalises with batch statistics in training mode, which "
+            f"{name_of(bn, path)} normalises with batch statistics (training mode or no running "
+            "statistics), which "
             "mode='online' cannot fold: use mode='chain', or the OREPA-style variant "
             "(online_norm=True: per-branch channel scales and one BatchNorm after the block)"
         )

@@ -51,7 +51,13 @@ class BasicBlock(nn.Module):
         else:
             norm_layer = block_kwargs.get("norm_layer")
             self.shortcut = ConvBN(
-                in_channels, out_channels, 1, stride, norm_layer=norm_layer, deployed=deployed
+                in_channels,
+                out_channels,
+                1,
+                stride,
+                norm_layer=norm_layer,
+                deployed=deployed,
+                mode=block_kwargs.get("mode", "chain"),
             )
         self.act = act_layer()
 
