@@ -70,7 +70,9 @@ def test_default_config(compose_train):
         "block": "repvgg",
         "num_classes": 10,
         "in_channels": 1,
+        "online_norm": False,
     }
+    assert cfg.model.mode == "chain"
     assert cfg.ckpt_path is None and cfg.test and cfg.deploy
     assert cfg.trainer.accelerator == "cpu"
 
