@@ -6,17 +6,14 @@
     python train.py trainer=ddp trainer.accelerator=cpu trainer.devices=2
     python train.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
 
-The run directory gets ``checkpoints/{best,last}.ckpt``, ``deployed_state_dict.pt`` (the
-deployed network's state dict; it loads with ``strict=True`` into
-``create_model(**net_config, deployed=True)``) and ``net_config.json``.
+The run directory gets ``checkpoints/{best,last}.ckpt`` and ``deployed.pt`` (the deployed
+network's weights plus its ``net_config``: ``repsqueeze.load_deployed`` rebuilds it without
+the training branches). ``deploy.py`` turns a checkpoint into verified TorchScript and ONNX.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from repsqueeze.convert import deploy
+from repsqueeze.export import count_params, latency_ms, save_deployed
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -105,16 +103,15 @@ def _deploy_and_compare(
     deployed = deploy(net).eval()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(deployed.state_dict(), out / "deployed_state_dict.pt")
-    (out / "net_config.json").write_text(json.dumps(model.hparams.net_config, indent=2) + "\n")
+    save_deployed(deployed, out / "deployed.pt", model.hparams.net_config)
 
     size = getattr(datamodule, "image_size", None) or 32
     x = torch.randn(1, datamodule.in_channels, size, size)
     summary = {
-        "params": _num_params(net),
-        "params_deployed": _num_params(deployed),
-        "latency_ms": _latency_ms(net, x),
-        "latency_ms_deployed": _latency_ms(deployed, x),
+        "params": count_params(net),
+        "params_deployed": count_params(deployed),
+        "latency_ms": latency_ms(lambda: net(x), repeats=30, warmup=5),
+        "latency_ms_deployed": latency_ms(lambda: deployed(x), repeats=30, warmup=5),
     }
     rows = [
         ("parameters", f"{summary['params']:,}", f"{summary['params_deployed']:,}"),
@@ -124,25 +121,8 @@ def _deploy_and_compare(
     ]  # fmt: skip
     lines = [f"{'':<24}{'training form':>16}{'deployed':>16}", "-" * 56]
     lines += [f"{name:<24}{a:>16}{b:>16}" for name, a, b in rows]
-    print("\n".join(["", *lines, f"saved {out / 'deployed_state_dict.pt'}", ""]))
+    print("\n".join(["", *lines, f"saved {out / 'deployed.pt'}", ""]))
     return deployed, summary
-
-
-def _num_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-@torch.inference_mode()
-def _latency_ms(net: nn.Module, x: torch.Tensor, warmup: int = 5, runs: int = 30) -> float:
-    """Median wall time of ``net(x)`` in milliseconds."""
-    for _ in range(warmup):
-        net(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        net(x)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

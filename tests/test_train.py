@@ -5,7 +5,6 @@ by ``python train.py`` in a subprocess) are marked ``slow``.
 """
 
 import importlib.util
-import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 
 import repsqueeze.lit
 from repsqueeze.convert import deploy
+from repsqueeze.export import count_params, load_deployed
 from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
 
@@ -46,12 +46,12 @@ def compose_train(tmp_path: Path) -> Iterator[Compose]:
 
 
 def _check_deployed_artifacts(output_dir: Path, objects: dict) -> None:
-    """``deployed_state_dict.pt`` loads strictly into a model built deployed, and matches."""
-    net_config = json.loads((output_dir / "net_config.json").read_text())
-    assert net_config == objects["model"].hparams.net_config
-    rebuilt = create_model(**net_config, deployed=True).eval()
-    state = torch.load(output_dir / "deployed_state_dict.pt", weights_only=True)
-    rebuilt.load_state_dict(state, strict=True)
+    """``deployed.pt`` loads strictly into a model built deployed, and matches."""
+    payload = torch.load(output_dir / "deployed.pt", weights_only=True)
+    assert payload["arch"] == objects["model"].hparams.net_config
+    rebuilt = create_model(**payload["arch"], deployed=True).eval()
+    rebuilt.load_state_dict(payload["state_dict"], strict=True)
+    assert count_params(load_deployed(output_dir / "deployed.pt")) == count_params(rebuilt)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         expected = objects["model"].net.cpu().eval()(x)
@@ -151,7 +151,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in result.stderr
     assert result.stdout.count("max logit diff") == 1  # the summary comes from rank 0 only
-    assert (tmp_path / "run" / "deployed_state_dict.pt").is_file()
+    assert (tmp_path / "run" / "deployed.pt").is_file()
 
 
 @pytest.mark.slow
