@@ -64,18 +64,16 @@ class ConvMap:
 
 def dense_kernel(weight: Tensor, groups: int, dilation: tuple[int, ...]) -> Tensor:
     """Expands a grouped, dilated kernel ``(C_out, C_in/g, *k)`` to ``(C_out, C_in, *extent)``."""
-    if groups == 1 and all(d == 1 for d in dilation):
+    if groups > 1:  # block-diagonal in one vectorised op: out[g, a, h, b] = W[g, a, b] * (g == h)
+        c_out, c_in_g, *k = weight.shape
+        blocks = weight.reshape(groups, c_out // groups, c_in_g, *k)
+        eye = torch.eye(groups, dtype=weight.dtype, device=weight.device)
+        weight = torch.einsum("gab...,gh->gahb...", blocks, eye).reshape(c_out, groups * c_in_g, *k)
+    if all(d == 1 for d in dilation):
         return weight
-    c_out, c_in_g = weight.shape[:2]
-    k = weight.shape[2:]
-    extent = [d * (n - 1) + 1 for d, n in zip(dilation, k, strict=True)]
-    dense = weight.new_zeros(c_out, c_in_g * groups, *extent)
-    taps = tuple(slice(None, None, d) for d in dilation)
-    c_out_g = c_out // groups
-    for g in range(groups):
-        rows = slice(g * c_out_g, (g + 1) * c_out_g)
-        cols = slice(g * c_in_g, (g + 1) * c_in_g)
-        dense[(rows, cols, *taps)] = weight[rows]
+    extent = [d * (n - 1) + 1 for d, n in zip(dilation, weight.shape[2:], strict=True)]
+    dense = weight.new_zeros(*weight.shape[:2], *extent)
+    dense[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))] = weight
     return dense
 
 

@@ -17,13 +17,18 @@ ActLayer = Callable[[], nn.Module]
 Unit = Callable[[int, int, int], nn.Module]
 
 
+def relu() -> nn.Module:
+    """The default activation: an in-place ReLU (no copy of each block's output)."""
+    return nn.ReLU(inplace=True)
+
+
 def block_act(
     block: str,
     in_channels: int,
     out_channels: int,
     stride: int = 1,
     deployed: bool = False,
-    act_layer: ActLayer = nn.ReLU,
+    act_layer: ActLayer = relu,
     **block_kwargs,
 ) -> nn.Sequential:
     """A 3x3 block of kind ``block`` followed by an activation.

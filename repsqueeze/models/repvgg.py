@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
-from torch import nn
-
-from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages
+from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
 
 DEPTHS_A = (1, 2, 4, 14, 1)
@@ -49,7 +47,7 @@ class RepVGG(Classifier):
         in_channels: int = 3,
         cifar_stem: bool = False,
         deployed: bool = False,
-        act_layer: ActLayer = nn.ReLU,
+        act_layer: ActLayer = relu,
         **block_kwargs,
     ) -> None:
         unit = partial(block_act, block, deployed=deployed, act_layer=act_layer, **block_kwargs)

@@ -11,7 +11,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages
+from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
 from repsqueeze.zoo import ConvBN, make_block
 
@@ -36,7 +36,7 @@ class BasicBlock(nn.Module):
         stride: int = 1,
         block: str = "repvgg",
         deployed: bool = False,
-        act_layer: ActLayer = nn.ReLU,
+        act_layer: ActLayer = relu,
         **block_kwargs,
     ) -> None:
         super().__init__()
@@ -85,7 +85,7 @@ class CifarResNet(Classifier):
         num_classes: int = 10,
         in_channels: int = 3,
         deployed: bool = False,
-        act_layer: ActLayer = nn.ReLU,
+        act_layer: ActLayer = relu,
         **block_kwargs,
     ) -> None:
         if depth < 8 or (depth - 2) % 6:

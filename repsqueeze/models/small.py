@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from torch import nn
-
-from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages
+from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
 
 
@@ -20,7 +18,7 @@ def digits_net(
     num_classes: int = 10,
     in_channels: int = 1,
     deployed: bool = False,
-    act_layer: ActLayer = nn.ReLU,
+    act_layer: ActLayer = relu,
     **block_kwargs,
 ) -> Classifier:
     """The digits network.
