@@ -75,7 +75,7 @@ def make_stages(
     return stages
 
 
-class Classifier(nn.Module):
+class ConvClassifier(nn.Module):
     """``stem -> stages -> global average pool -> linear``.
 
     Args:

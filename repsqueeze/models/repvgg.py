@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
-from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages, relu
+from repsqueeze.models.layers import ActLayer, ConvClassifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
 
 DEPTHS_A = (1, 2, 4, 14, 1)
@@ -23,7 +23,7 @@ def repvgg_widths(a: float, b: float) -> tuple[int, ...]:
     return (min(64, int(64 * a)), int(64 * a), int(128 * a), int(256 * a), int(512 * b))
 
 
-class RepVGG(Classifier):
+class RepVGG(ConvClassifier):
     """A RepVGG network.
 
     Args:

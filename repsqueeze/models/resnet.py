@@ -11,7 +11,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages, relu
+from repsqueeze.models.layers import ActLayer, ConvClassifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
 from repsqueeze.zoo import ConvBN, make_block
 
@@ -65,7 +65,7 @@ class BasicBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))  # (N, C_out, H/s, W/s)
 
 
-class CifarResNet(Classifier):
+class CifarResNet(ConvClassifier):
     """A ResNet for 32x32 inputs with ``depth = 6n + 2`` layers.
 
     Args:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from repsqueeze.models.layers import ActLayer, Classifier, block_act, make_stages, relu
+from repsqueeze.models.layers import ActLayer, ConvClassifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
 
 
@@ -20,7 +20,7 @@ def digits_net(
     deployed: bool = False,
     act_layer: ActLayer = relu,
     **block_kwargs,
-) -> Classifier:
+) -> ConvClassifier:
     """The digits network.
 
     Args:
@@ -34,4 +34,4 @@ def digits_net(
     unit = partial(block_act, block, deployed=deployed, act_layer=act_layer, **block_kwargs)
     stem = unit(in_channels, 32, 1)
     stages = make_stages(unit, 32, (32, 64), (1, 2), (1, 2))
-    return Classifier(stem, stages, 64, num_classes)
+    return ConvClassifier(stem, stages, 64, num_classes)
