@@ -59,7 +59,7 @@ class Squeezable(nn.Module):
                 default initialisation, for a state dict to fill) and drop the branches.
         """
         self._geometry_cache: dict[int, Geometry] = {}
-        self._online_cache: dict[int, tuple[list, list, Layout]] = {}
+        self._online_cache: dict[int, tuple[int, Layout]] = {}
         self._auto_cache: dict[tuple, str] = {}
         self.set_mode(mode)
         self._ndim = node_ndim(self, "")
@@ -159,16 +159,21 @@ class Squeezable(nn.Module):
         return self
 
     def _online_plan(self, ndim: int) -> tuple[list, list, Layout]:
-        """``(head, tail, layout)``: the head is composed, the tail (trailing BNs) runs after."""
+        """``(head, tail, layout)``: the head is composed, the tail (trailing BNs) runs after.
+
+        Only the head's length and the layout are cached, never the modules themselves, so
+        replacing a child (e.g. ``convert_sync_batchnorm``) is seen at once.
+        """
+        parts = self.named_parts()
         if ndim not in self._online_cache:
-            parts = self.named_parts()
-            head = parts
+            n = len(parts)
             if isinstance(self, SqueezableBlock):
-                while len(head) > 1 and isinstance(head[-1][1], _BatchNorm):
-                    head = head[:-1]
-            structure = self._head_map(head, self._in_channels(), ndim, STRUCTURE)
-            self._online_cache[ndim] = (head, [m for _, m in parts[len(head) :]], layout(structure))
-        return self._online_cache[ndim]
+                while n > 1 and isinstance(parts[n - 1][1], _BatchNorm):
+                    n -= 1
+            structure = self._head_map(parts[:n], self._in_channels(), ndim, STRUCTURE)
+            self._online_cache[ndim] = (n, layout(structure))
+        n, lay = self._online_cache[ndim]
+        return parts[:n], [m for _, m in parts[n:]], lay
 
     def _head_map(self, head: list, c_in: int, ndim: int, how: Precision) -> ConvMap:
         if len(head) == len(self.named_parts()):

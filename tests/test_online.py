@@ -573,3 +573,18 @@ def test_training_online_follows_the_same_trajectory_as_chain():
     for p, q in zip(online.parameters(), chain.parameters(), strict=True):
         assert_equivalent(p.detach(), q.detach(), 1e-8)
     _assert_same_buffers(online, chain, 1e-8)
+
+
+def test_online_sees_children_replaced_after_first_forward():
+    """The online plan caches no modules: convert_sync_batchnorm after a forward is honoured."""
+    torch.manual_seed(0)
+    block = rs.SqueezableBlock(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), mode="online"
+    ).eval()
+    x = torch.randn(2, 3, 6, 6)
+    block(x)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(block).eval()
+    assert isinstance(converted.layers[1], nn.SyncBatchNorm)
+    converted.layers[1].running_mean.fill_(5.0)
+    expected = converted.layers[1](converted.layers[0](x))
+    torch.testing.assert_close(converted(x), expected)
