@@ -169,3 +169,18 @@ def test_border_consistent_inplace():
     chain = _origin_chain()
     same, _ = rs.make_border_consistent(chain, inplace=True)
     assert same is chain and isinstance(chain[0], rs.SqueezableBlock)
+
+
+def test_deploy_walker_reparameterizes_timm_blocks(single_thread):
+    """timm's RepVGG blocks follow the reparameterize() convention: the same walker deploys them."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("repvgg_a0", pretrained=False, num_classes=10)
+    randomize_bn(model, torch.Generator().manual_seed(0))
+    model.eval()
+    deployed = rs.deploy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.stages.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.stages.modules())  # original kept
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _relative(deployed(x), model(x)) <= 1e-5
