@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
 from repsqueeze.algebra import ConvMap, Layout, Pad, chain, layout, parallel, to_conv
-from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of
+from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = ("chain", "online", "auto")
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -98,7 +98,9 @@ class Squeezable(nn.Module):
     def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
         raise NotImplementedError
 
-    def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+    def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
+        """Runs the training form on ``x`` padded by this block's border (``lazy`` of it in
+        zeros not applied yet: a convolution takes those as its own padding, no copy)."""
         raise NotImplementedError
 
     def _dtype(self) -> torch.dtype:
@@ -137,8 +139,11 @@ class Squeezable(nn.Module):
         if self._pick_mode(x, ndim) == "online":
             return self._online(x, ndim)
         geo = self.geometry(ndim)
+        none = ((0, 0),) * ndim
+        if geo.mode in (None, "zeros"):  # zeros: the first convolutions pad, no copy
+            return self._run(x, none, ndim, geo.pad)
         x = pad(x, geo.pad, geo.mode)  # (N, C, *spatial + total padding)
-        return self._run(x, ((0, 0),) * ndim, ndim)
+        return self._run(x, none, ndim, None)
 
     # --- online mode: compose the kernel in the forward pass, run one convolution --------------
     def set_mode(self, mode: str) -> Squeezable:
@@ -185,8 +190,12 @@ class Squeezable(nn.Module):
         c_in = lay.in_channels
         live = Precision("live", x.dtype, x.device)
         weight, bias = lay.pack(self._head_map(head, c_in, ndim, live))
-        x = pad(x, tuple((q, q) for q in lay.padding), self.geometry(ndim).mode)
-        y = _CONV_FN[ndim](x, weight, bias, lay.stride, 0, lay.dilation, lay.groups)
+        mode = self.geometry(ndim).mode
+        if mode in (None, "zeros"):
+            y = _CONV_FN[ndim](x, weight, bias, lay.stride, lay.padding, lay.dilation, lay.groups)
+        else:
+            x = pad(x, tuple((q, q) for q in lay.padding), mode)
+            y = _CONV_FN[ndim](x, weight, bias, lay.stride, 0, lay.dilation, lay.groups)
         for bn in tail:
             y = bn(y)
         return y
@@ -309,8 +318,8 @@ class SqueezableBlock(Squeezable):
     def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
         return chain_map(self.named_parts(), c_in, ndim, path, how)
 
-    def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
-        return chain_run([m for _, m in self.named_parts()], x, ext, ndim)
+    def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
+        return chain_run([m for _, m in self.named_parts()], x, ext, ndim, lazy)
 
 
 class Parallel(Squeezable):
@@ -341,16 +350,24 @@ class Parallel(Squeezable):
         maps = [node_map(m, c_in, ndim, join(path, n), how) for n, m in self.named_parts()]
         return parallel(maps)
 
-    def _run(self, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+    def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
         geo = self.geometry(ndim)
+        lazy = lazy or ((0, 0),) * ndim
         out = None
         for _, branch in self.named_parts():
             own = node_geometry(branch, ndim, "").pad
-            window = tuple(
-                slice(pl - bl, x.shape[d + 2] - (pr - br))
-                for d, ((pl, pr), (bl, br)) in enumerate(zip(geo.pad, own, strict=True))
+            # the branch needs `own` border, not the block's: crop the difference, first
+            # from the zeros not yet applied, then from x itself
+            window, branch_lazy = [], []
+            for d, ((pl, pr), (bl, br), (zl, zr)) in enumerate(
+                zip(geo.pad, own, lazy, strict=True)
+            ):
+                cl, cr = pl - bl, pr - br
+                window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
+                branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
+            y = node_run(
+                branch, x[(slice(None), slice(None), *window)], ext, ndim, tuple(branch_lazy)
             )
-            y = node_run(branch, x[(slice(None), slice(None), *window)], ext, ndim)
             out = y if out is None else out + y
         return out
 
@@ -396,14 +413,14 @@ def node_map(module: nn.Module, c_in: int, ndim: int, path: str, how: Precision)
     return primitives.linear_map(module, c_in, ndim, path, how)
 
 
-def node_run(module: nn.Module, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+def node_run(module: nn.Module, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None = None) -> Tensor:
     if isinstance(module, Squeezable):
         if module.deployed:
-            return _deployed_run(module, x, ndim)
-        return module._run(x, ext, ndim)
+            return _deployed_run(module, pad(x, lazy, "zeros"), ndim)
+        return module._run(x, ext, ndim, lazy)
     if isinstance(module, nn.Sequential):
-        return chain_run(list(module), x, ext, ndim)
-    return primitives.run(module, x, ext, ndim)
+        return chain_run(list(module), x, ext, ndim, lazy)
+    return primitives.run(module, x, ext, ndim, lazy)
 
 
 def join(path: str, name: str) -> str:
@@ -455,7 +472,9 @@ def chain_map(
     return total
 
 
-def chain_run(layers: list[nn.Module], x: Tensor, ext: Pad, ndim: int) -> Tensor:
+def chain_run(
+    layers: list[nn.Module], x: Tensor, ext: Pad, ndim: int, lazy: Pad | None = None
+) -> Tensor:
     # Border each layer's output carries for the layers after it, computed back to front.
     exts = [ext]
     for layer in reversed(layers[1:]):
@@ -466,8 +485,8 @@ def chain_run(layers: list[nn.Module], x: Tensor, ext: Pad, ndim: int) -> Tensor
                 for p, s, e in zip(g.pad, g.stride, exts[-1], strict=True)
             )
         )
-    for layer, e in zip(layers, reversed(exts), strict=True):
-        x = node_run(layer, x, e, ndim)
+    for i, (layer, e) in enumerate(zip(layers, reversed(exts), strict=True)):
+        x = node_run(layer, x, e, ndim, lazy if i == 0 else None)
     return x
 
 
@@ -610,11 +629,3 @@ def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
             stride = tuple(a * b for a, b in zip(acc.stride, g.stride, strict=True))
             acc = Geometry(stride, acc.pad, extent, None, acc.c_in, g.c_out)
     return total
-
-
-def pad(x: Tensor, amount: Pad, mode: str | None) -> Tensor:
-    """Pads the spatial dims of ``x`` by ``(left, right)`` each, with a conv padding mode."""
-    if not any(map(any, amount)):
-        return x
-    flat = [v for pair in reversed(amount) for v in pair]
-    return F.pad(x, flat, mode=_TORCH_MODE[mode or "zeros"])

@@ -223,7 +223,7 @@ def device_of(layer: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def run(layer: nn.Module, x: Tensor, ext: Pad, ndim: int) -> Tensor:
+def run(layer: nn.Module, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None = None) -> Tensor:
     """Applies a layer to an already padded input.
 
     Args:
@@ -231,7 +231,15 @@ def run(layer: nn.Module, x: Tensor, ext: Pad, ndim: int) -> Tensor:
         x: its input, extended by the layer's own padding plus ``stride * ext``.
         ext: border that the *output* carries for the layers downstream, per spatial dim.
         ndim: spatial dimensionality.
+        lazy: zeros of that extension not applied to ``x`` yet; a convolution applies
+            symmetric ones as its own padding (no padded copy), other layers pad first.
     """
+    if isinstance(layer, CONVS) and lazy is not None and all(l == r for l, r in lazy):
+        padding = tuple(l for l, _ in lazy)
+        return _CONV_FN[ndim](
+            x, layer.weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups
+        )
+    x = pad(x, lazy, "zeros")
     if isinstance(layer, CONVS):
         return _CONV_FN[ndim](
             x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups
@@ -296,3 +304,19 @@ def _update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, count: int)
     unbiased = var * count / max(count - 1, 1)
     bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
     bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+_TORCH_MODE = {
+    "zeros": "constant",
+    "reflect": "reflect",
+    "replicate": "replicate",
+    "circular": "circular",
+}
+
+
+def pad(x: Tensor, amount: Pad | None, mode: str | None) -> Tensor:
+    """Pads the spatial dims of ``x`` by ``(left, right)`` each, with a conv padding mode."""
+    if amount is None or not any(map(any, amount)):
+        return x
+    flat = [v for pair in reversed(amount) for v in pair]
+    return F.pad(x, flat, mode=_TORCH_MODE[mode or "zeros"])
