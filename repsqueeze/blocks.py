@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -31,13 +30,6 @@ from repsqueeze.algebra import ConvMap, Layout, Pad, chain, layout, parallel, to
 from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = ("chain", "online", "auto")
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_TORCH_MODE = {
-    "zeros": "constant",
-    "reflect": "reflect",
-    "replicate": "replicate",
-    "circular": "circular",
-}
 
 
 class Squeezable(nn.Module):
@@ -190,12 +182,10 @@ class Squeezable(nn.Module):
         c_in = lay.in_channels
         live = Precision("live", x.dtype, x.device)
         weight, bias = lay.pack(self._head_map(head, c_in, ndim, live))
-        mode = self.geometry(ndim).mode
-        if mode in (None, "zeros"):
-            y = _CONV_FN[ndim](x, weight, bias, lay.stride, lay.padding, lay.dilation, lay.groups)
-        else:
-            x = pad(x, tuple((q, q) for q in lay.padding), mode)
-            y = _CONV_FN[ndim](x, weight, bias, lay.stride, 0, lay.dilation, lay.groups)
+        mode, padding = self.geometry(ndim).mode, lay.padding
+        if mode not in (None, "zeros"):  # zeros are the conv's own padding: no padded copy
+            x, padding = pad(x, tuple((q, q) for q in padding), mode), 0
+        y = primitives.CONV_FN[ndim](x, weight, bias, lay.stride, padding, lay.dilation, lay.groups)
         for bn in tail:
             y = bn(y)
         return y
@@ -378,7 +368,7 @@ def node_ndim(module: nn.Module, path: str) -> int | None:
     if isinstance(module, Squeezable) and module.deployed:
         return module.conv.weight.dim() - 2
     if isinstance(module, (Squeezable, nn.Sequential)):
-        parts = module.named_parts() if isinstance(module, Squeezable) else _seq_parts(module)
+        parts = _parts(module)
         found, where = None, ""
         for name, child in parts:
             n = node_ndim(child, join(path, name))
@@ -430,6 +420,11 @@ def join(path: str, name: str) -> str:
 
 def _seq_parts(seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
     return list(seq.named_children())
+
+
+def _parts(node: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The named children of a block or an ``nn.Sequential``, in order."""
+    return node.named_parts() if isinstance(node, Squeezable) else _seq_parts(node)
 
 
 # --- chains --------------------------------------------------------------------------------
@@ -586,7 +581,7 @@ def node_macs(
     if isinstance(module, Squeezable) and module.deployed:
         return node_macs(module.conv, spatial, ndim)
     if isinstance(module, (Squeezable, nn.Sequential)):
-        parts = module.named_parts() if isinstance(module, Squeezable) else _seq_parts(module)
+        parts = _parts(module)
         if isinstance(module, Parallel):
             costs = [node_macs(m, spatial, ndim) for _, m in parts]
             return sum(c for c, _ in costs), costs[0][1]
@@ -600,9 +595,7 @@ def node_macs(
     if isinstance(module, primitives.CONVS):
         per = module.in_channels // module.groups * math.prod(module.kernel_size)
         return math.prod(out) * module.out_channels * per, out
-    if isinstance(module, primitives.POOLS):
-        return 0.0, out  # cheap next to the convolutions
-    return 0.0, out
+    return 0.0, out  # pools, BatchNorm, identity: cheap next to the convolutions
 
 
 def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
@@ -614,8 +607,7 @@ def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
         if isinstance(m, Parallel) and not m.deployed:
             total += sum(compose_macs([p], ndim) for p in m.named_parts())
         elif isinstance(m, (SqueezableBlock, nn.Sequential)) and not getattr(m, "deployed", False):
-            inner = m.named_parts() if isinstance(m, Squeezable) else _seq_parts(m)
-            total += compose_macs(inner, ndim)
+            total += compose_macs(_parts(m), ndim)
         if acc is not None and g.c_out is not None:
             total += (
                 g.c_out * acc.c_out * (acc.c_in or 1) * math.prod(g.extent) * math.prod(acc.extent)

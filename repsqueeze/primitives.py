@@ -28,7 +28,7 @@ _NDIM = {
     nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
     nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
 }  # fmt: skip
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _POOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 ACCEPTED = "Conv1d/2d/3d, BatchNorm1d/2d/3d, SyncBatchNorm, Identity, AvgPool1d/2d/3d"
 
@@ -234,16 +234,15 @@ def run(layer: nn.Module, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None = Non
         lazy: zeros of that extension not applied to ``x`` yet; a convolution applies
             symmetric ones as its own padding (no padded copy), other layers pad first.
     """
-    if isinstance(layer, CONVS) and lazy is not None and all(l == r for l, r in lazy):
-        padding = tuple(l for l, _ in lazy)
-        return _CONV_FN[ndim](
+    if isinstance(layer, CONVS):
+        padding = 0
+        if lazy is not None and all(l == r for l, r in lazy):
+            padding, lazy = tuple(l for l, _ in lazy), None
+        x = pad(x, lazy, "zeros")
+        return CONV_FN[ndim](
             x, layer.weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups
         )
     x = pad(x, lazy, "zeros")
-    if isinstance(layer, CONVS):
-        return _CONV_FN[ndim](
-            x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups
-        )
     if isinstance(layer, POOLS):
         kernel, stride, _ = _pool_args(layer, ndim)
         extra = {"divisor_override": layer.divisor_override} if ndim > 1 else {}
