@@ -172,32 +172,38 @@ def _measure_border_change(old: nn.Module, new: nn.Module, x: Tensor, report: Bo
         m.register_forward_pre_hook(lambda _m, inp, p=p: captured.__setitem__(p, inp[0]))
         for p, m in _blocks_at(new, report.rewritten)
     ]
-    was_training = new.training
-    new.eval()
-    old_was = old.training
+    modes = [(m, m.training) for m in (*old.modules(), *new.modules())]
     old.eval()
+    new.eval()
     try:
         y_new, y_old = new(x), old(x)
-    finally:
-        new.train(was_training)
-        old.train(old_was)
+        report.output_change = float(
+            (y_new - y_old).abs().max() / y_old.abs().max().clamp_min(1e-30)
+        )
+        for p, block in _blocks_at(new, report.rewritten):
+            _block_border_change(p, block, captured[p], report)
+    finally:  # every module back in its own mode; no BatchNorm statistics were updated
+        for m, training in modes:
+            m.training = training
         for h in hooks:
             h.remove()
-    report.output_change = float((y_new - y_old).abs().max() / y_old.abs().max().clamp_min(1e-30))
-    for p, block in _blocks_at(new, report.rewritten):
-        naive = nn.Sequential(*block.layers).eval()
-        xi = captured[p]
-        a, b = naive(xi), block(xi)
-        scale = float(a.abs().max().clamp_min(1e-30))
-        geo = block.geometry(xi.dim() - 2)
-        margin = tuple(
-            slice(-(-pl // s), a.shape[d + 2] - (-(-pr // s)))
-            for d, ((pl, pr), s) in enumerate(zip(geo.pad, geo.stride, strict=True))
-        )
-        inner = (slice(None), slice(None), *margin)
-        diff = (a - b).abs()
-        report.interior_change[p] = float(diff[inner].max()) / scale if diff[inner].numel() else 0.0
-        report.border_change[p] = float(diff.max()) / scale
+
+
+def _block_border_change(
+    path: str, block: SqueezableBlock, x: Tensor, report: BorderReport
+) -> None:
+    """How far the block's output moved from the naive chain's, at and off the border."""
+    a, b = nn.Sequential(*block.layers)(x), block(x)
+    scale = float(a.abs().max().clamp_min(1e-30))
+    geo = block.geometry(x.dim() - 2)
+    margin = tuple(
+        slice(-(-pl // s), a.shape[d + 2] - (-(-pr // s)))
+        for d, ((pl, pr), s) in enumerate(zip(geo.pad, geo.stride, strict=True))
+    )
+    inner = (slice(None), slice(None), *margin)
+    diff = (a - b).abs()
+    report.interior_change[path] = float(diff[inner].max()) / scale if diff[inner].numel() else 0.0
+    report.border_change[path] = float(diff.max()) / scale
 
 
 def _blocks_at(model: nn.Module, paths: dict[str, list[str]]) -> list[tuple[str, SqueezableBlock]]:

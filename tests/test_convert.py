@@ -184,3 +184,14 @@ def test_deploy_walker_reparameterizes_timm_blocks(single_thread):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _relative(deployed(x), model(x)) <= 1e-5
+
+
+def test_border_consistent_measurement_leaves_modes_and_statistics_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3, padding=1)
+    )
+    model.train()
+    new, _ = rs.make_border_consistent(model, sample=torch.randn(2, 3, 7, 7))
+    assert all(m.training for m in new.modules()) and all(m.training for m in model.modules())
+    assert int(new[0].layers[1].num_batches_tracked) == 0
+    assert int(model[1].num_batches_tracked) == 0
