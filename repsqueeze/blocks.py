@@ -267,6 +267,11 @@ class Squeezable(nn.Module):
             self._become(conv)
         return self
 
+    def reparameterize(self) -> None:
+        """timm's name for :meth:`deploy` (``timm.utils.reparameterize_model`` calls it): in
+        place, returns ``None`` as timm's blocks do."""
+        self.deploy()
+
     def _become(self, conv: nn.Module) -> None:
         ndim = self._require_ndim()
         geo = self.geometry(ndim)

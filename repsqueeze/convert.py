@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
-import itertools
+import inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +26,9 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Our blocks are deployed with :meth:`Squeezable.deploy`; blocks of other libraries that
     follow the common conventions (a ``reparameterize()``, ``switch_to_deploy()`` or
-    ``fuse()`` method) are deployed by calling that method. Idempotent.
+    ``fuse()`` method taking no required argument) are deployed by calling that method, and
+    a module the method returns takes the block's place in its parent (timm's ``fuse()``
+    convention; ``reparameterize()`` works in place). Idempotent.
 
     Args:
         model: any module.
@@ -32,25 +36,41 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
             left untouched.
 
     Returns:
-        The deployed model (``model`` itself when ``inplace``).
+        The deployed model (``model`` itself when ``inplace``, unless a hook of ``model``
+        itself returned a replacement).
     """
     if not inplace:
         model = copy.deepcopy(model)
-    _deploy_tree(model)
-    return model
+    return _deploy_tree(model)
 
 
-def _deploy_tree(module: nn.Module) -> None:
+def _deploy_tree(module: nn.Module) -> nn.Module:
+    """Deploys ``module`` and everything below it; returns what takes its place."""
     if isinstance(module, Squeezable):
         module.deploy()
-        return
+        return module
     for hook in FOREIGN_HOOKS:
         method = getattr(module, hook, None)
-        if callable(method):
-            method()
+        if callable(method) and _takes_no_argument(method):
+            out = method()
+            if isinstance(out, nn.Module):
+                module = out
             break
-    for child in list(module.children()):
-        _deploy_tree(child)
+    for name, child in list(module.named_children()):
+        new = _deploy_tree(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _takes_no_argument(method) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature (a builtin): do not guess
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:
@@ -213,10 +233,24 @@ def _blocks_at(model: nn.Module, paths: dict[str, list[str]]) -> list[tuple[str,
 @dataclass
 class ExpandReport:
     """What :func:`expand` did: ``expanded`` maps each conv's path to its block kind (the
-    BatchNorm after it became ``Identity``); ``skipped`` lists ``(path, reason)``."""
+    BatchNorm after it became ``Identity``, or its activation for a norm + act module);
+    ``skipped`` lists ``(path, reason)``."""
 
     expanded: dict[str, str] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Origin:
+    """What :func:`expand` replaced, for :func:`contract`: the conv and the norm as modules
+    on the ``meta`` device (types and attributes, no weights). The block and the module
+    left in the norm's place hold the same ``Origin`` (attribute ``ORIGIN``)."""
+
+    conv: nn.Module
+    norm: nn.Module
+
+
+ORIGIN = "repsqueeze_origin"
 
 
 @torch.no_grad()
@@ -230,15 +264,18 @@ def expand(
     """Turns an existing model into its over-parameterized training form.
 
     Each eligible convolution and the BatchNorm that consumes it become one block of kind
-    ``block``, initialised so that the function is unchanged (in eval and in training
-    mode): the block's main path carries the old weights and statistics, every extra branch
-    ends in a BatchNorm with zero scale and shift (ExpandNets chains start as an exact
-    embedding of the old kernel). ``deploy(expand(model))`` has the layer shapes of
-    ``model``.
+    ``block`` (its ``from_conv_bn``), initialised so that the function is unchanged (in
+    eval and in training mode): the block's main path carries the old weights and
+    statistics, every extra branch ends in a BatchNorm with zero scale and shift (ExpandNets
+    chains start as an exact embedding of the old kernel). ``deploy(expand(model))`` has the
+    layer shapes of ``model``; :func:`contract` gives back the original layer types.
 
     Eligible: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding whose
     output feeds only a ``BatchNorm`` (found by tracing with ``torch.fx``; inside an
-    ``nn.Sequential`` when the model cannot be traced). Everything else stays as it is and
+    ``nn.Sequential`` when the model cannot be traced). A norm + activation module (timm's
+    ``BatchNormAct2d``) counts as a BatchNorm: its BatchNorm part goes into the block, its
+    ``drop`` and ``act`` stay in its place. torchvision's ``Conv2dNormActivation`` is a
+    conv -> BatchNorm -> activation ``nn.Sequential``. Everything else stays as it is and
     is listed in the report, with the reason.
 
     Args:
@@ -249,7 +286,7 @@ def expand(
         return_report: also return an :class:`ExpandReport`.
         **block_kwargs: further arguments of the blocks (``expansion``, ...).
     """
-    from repsqueeze.zoo import BLOCKS, make_block
+    from repsqueeze.zoo import BLOCKS
 
     if block not in BLOCKS:
         raise ValueError(f"unknown block kind {block!r}; valid kinds: {', '.join(BLOCKS)}")
@@ -262,29 +299,54 @@ def expand(
     report = ExpandReport()
     for conv_path, bn_path in _conv_bn_pairs(model, report):
         conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
-        reason = _ineligible(conv, bn, block)
-        if reason:
-            report.skipped.append((conv_path, reason))
+        try:
+            new = block_from_conv_bn(block, conv, bn, **block_kwargs)
+        except ValueError as err:
+            report.skipped.append((conv_path, str(err)))
             continue
-        dims = conv.weight.dim() - 2
-        new = make_block(
-            block, conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
-            conv.groups, dims, padding_mode=conv.padding_mode, **block_kwargs,
-        )  # fmt: skip
-        new.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        _init_like(new, conv, bn)
-        new.train(conv.training)
+        origin = Origin(copy.deepcopy(conv).to("meta"), copy.deepcopy(bn).to("meta"))
+        rest = (
+            nn.Sequential(OrderedDict(bn.named_children())) if len(bn._modules) else nn.Identity()
+        )
+        setattr(new, ORIGIN, origin)
+        setattr(rest, ORIGIN, origin)
         model.set_submodule(conv_path, new)
-        model.set_submodule(bn_path, nn.Identity())
+        model.set_submodule(bn_path, rest)
         report.expanded[conv_path] = block
     return (model, report) if return_report else model
+
+
+def block_from_conv_bn(kind: str, conv: nn.Module, bn: _BatchNorm, **kwargs) -> Squeezable:
+    """A block of ``kind`` computing ``bn(conv(x))``: ``from_conv_bn`` of its class.
+
+    Args:
+        kind: a kind of :func:`repsqueeze.zoo.make_block`.
+        conv: a ``ConvNd`` (square, odd kernel, dilation 1, centred padding).
+        bn: the BatchNorm after it.
+        **kwargs: further arguments of the block.
+    """
+    from repsqueeze.zoo import BLOCKS
+
+    if kind not in BLOCKS:
+        raise ValueError(f"unknown block kind {kind!r}; valid kinds: {', '.join(BLOCKS)}")
+    make = BLOCKS[kind]
+    if isinstance(make, partial):  # expand_ck / expand_cl: ExpandedConv with a fixed mode
+        return make.func.from_conv_bn(conv, bn, **{**make.keywords, **kwargs})
+    return make.from_conv_bn(conv, bn, **kwargs)
+
+
+class _NormLeafTracer(torch.fx.Tracer):
+    """Keeps every BatchNorm (timm's ``BatchNormAct2d`` too) a single ``call_module``."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
 
 
 def _conv_bn_pairs(model: nn.Module, report: ExpandReport) -> list[tuple[str, str]]:
     """``(conv path, bn path)`` where the conv's output goes only into that BatchNorm."""
     modules = dict(model.named_modules())
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _NormLeafTracer().trace(model)
     except Exception as err:  # not traceable: fall back to nn.Sequential neighbours
         report.skipped.append(("<model>", f"not traceable with torch.fx ({type(err).__name__}); "
                                           "only conv -> BatchNorm neighbours in nn.Sequential were considered"))  # fmt: skip
@@ -323,102 +385,86 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _ineligible(conv: nn.Module, bn: nn.Module, block: str) -> str | None:
-    k, dims = conv.kernel_size, len(conv.kernel_size)
-    if len(set(k)) != 1 or k[0] % 2 == 0:
-        return f"kernel {tuple(k)} is not square and odd"
-    if set(conv.dilation) != {1}:
-        return f"dilation {conv.dilation} (blocks are built with dilation 1)"
-    if len(set(conv.stride)) != 1:
-        return f"stride {conv.stride} differs between axes"
-    if primitives.conv_padding(conv) != ((k[0] // 2, k[0] // 2),) * dims:
-        return f"padding {conv.padding} is not centred (k // 2)"
-    if bn.num_features != conv.out_channels or bn.running_mean is None:
-        return "the BatchNorm after it has other channels or no running statistics"
-    if block.startswith("expand") and conv.groups != 1:
-        return "ExpandNets blocks start from an exact embedding only for groups=1"
-    if block == "expand_ck":
-        hidden, need = 4 * conv.out_channels, conv.in_channels * (k[0] - 2) ** dims
-        if k[0] >= 5 and hidden < need:
-            return f"expand_ck needs >= {need} hidden channels for an exact start, has {hidden}"
-    if block == "dbb" and conv.padding_mode != "zeros":
-        return "DiverseBranchBlock pads with zeros only"
-    return None
+@torch.no_grad()
+def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Gives an :func:`expand` -ed model back its original layer types, same function in eval.
 
+    Every block :func:`expand` made becomes the conv and the norm it replaced (same classes
+    and attributes, e.g. ``Conv2d(bias=False)`` + ``BatchNorm2d``), holding the block's
+    squeezed kernel: the conv gets ``W * s / g`` and the norm keeps the running variance,
+    eps, scale ``g`` and shift ``b`` of the block's main BatchNorm (``s = sqrt(var + eps)``),
+    with the running mean set so that ``norm(conv(x))`` equals the block in eval mode (a
+    channel with ``g == 0`` gets ``g = 1``). The result loads with ``strict=True`` into the
+    original architecture and needs no repsqueeze. Blocks ``expand`` did not make are left
+    as they are.
 
-def _init_like(block: Squeezable, conv: nn.Module, bn: _BatchNorm) -> None:
-    """Sets ``block`` so that it computes ``bn(conv(x))``."""
-    from repsqueeze.zoo import ExpandedConv
+    Args:
+        model: a model returned by :func:`expand` (then trained).
+        inplace: mutate ``model`` instead of a deep copy.
 
-    if isinstance(block, ExpandedConv):
-        *convs, norm = block.layers
-        _embed_chain(list(convs), conv.weight)
-    else:
-        main, *others = block.branches if hasattr(block, "branches") else [block.layers]
-        main_conv, norm = [
-            m for m in main.modules() if isinstance(m, (*primitives.CONVS, _BatchNorm))
-        ]
-        main_conv.weight.copy_(conv.weight)
-        for branch in others:
-            last = [m for m in branch.modules() if isinstance(m, _BatchNorm)][-1]
-            last.weight.zero_()
-            last.bias.zero_()
-    norm.load_state_dict(bn.state_dict())
-    if conv.bias is not None:  # bn(conv(x) + b) == bn'(conv(x)) with the mean shifted by b
-        norm.running_mean.sub_(conv.bias)
+    Returns:
+        The contracted model.
 
-
-def _embed_chain(convs: list[nn.Module], weight: Tensor) -> None:
-    """Weights for a chain of bias-free convs that composes exactly to ``weight``.
-
-    1x1 layers pass channels through (identity on the first channels); 3x3 layers before
-    the last spatial one build shifted copies of the input, the last spatial one mixes
-    them with ``weight``'s taps.
+    Raises:
+        ValueError: when the module ``expand`` left in place of a norm is gone.
     """
-    c_out, c_in, *k = weight.shape
-    spatial = [i for i, c in enumerate(convs) if c.kernel_size[0] > 1]
-    # the mixing layer: the last spatial one, else the middle of a 1x1 chain, so that the
-    # identity layers around it are at least as wide as what they pass through
-    mix = spatial[-1] if spatial else (len(convs) - 1) // 2
-    shifts = [(0,) * len(k)]  # offsets carried by the channel groups after each layer
-    for i, c in enumerate(convs):
-        c.weight.zero_()
-        if c.bias is not None:
-            c.bias.zero_()
-        if i == mix:
-            _mix(c.weight, weight, shifts)
-            shifts = None
-        elif c.kernel_size[0] == 1:
-            n = c_in * len(shifts) if shifts is not None else c_out
-            idx = torch.arange(n)
-            c.weight[(idx, idx, *([0] * len(k)))] = 1
-        else:
-            shifts = _shift(c.weight, c_in, shifts)
+    if not inplace:
+        model = copy.deepcopy(model)
+    blocks, rests = {}, {}
+    for path, m in model.named_modules():
+        origin = getattr(m, ORIGIN, None)
+        if isinstance(origin, Origin):
+            (blocks if isinstance(m, Squeezable) else rests)[id(origin)] = (path, m)
+    for key, (path, block) in blocks.items():
+        if key not in rests:
+            raise ValueError(
+                f"contract: {path} ({type(block).__name__}) was made by expand(), but the module "
+                "expand() left in place of its BatchNorm is no longer in the model"
+            )
+        rest_path, rest = rests[key]
+        conv, norm = _contracted(block, getattr(block, ORIGIN), rest)
+        model.set_submodule(path, conv)
+        model.set_submodule(rest_path, norm)
+    return model
 
 
-def _shift(w: Tensor, c_in: int, shifts: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """A 3x3 layer turning channel groups at ``shifts`` into groups at every offset + tap."""
-    extent = max(s[0] for s in shifts) + 2
-    new = list(itertools.product(range(extent + 1), repeat=len(shifts[0])))
-    for j, q in enumerate(new):
-        u = tuple(min(v, 2) for v in q)
-        p = tuple(v - t for v, t in zip(q, u, strict=True))
-        src = shifts.index(p)
-        for c in range(c_in):
-            w[(j * c_in + c, src * c_in + c, *u)] = 1
-    return new
+def _contracted(block: Squeezable, origin: Origin, rest: nn.Module) -> tuple[nn.Module, nn.Module]:
+    device, dtype = primitives.device_of(block), block._dtype()
+    ref = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)  # main path's
+    if ref is None:  # deployed already: unit statistics
+        ref = nn.BatchNorm1d(origin.norm.num_features, eps=origin.norm.eps).eval()
+    squeezed = copy.deepcopy(block).double().squeeze()  # float64 values, cast once below
+    conv = copy.deepcopy(origin.conv).to_empty(device=device).to(dtype)
+    norm = copy.deepcopy(origin.norm).to_empty(device=device).to(dtype)
+    split_into(squeezed.weight, squeezed.bias, ref, conv, norm)
+    for name, child in rest.named_children():  # timm's drop / act: the trained modules
+        setattr(norm, name, child)
+    return conv.train(block.training), norm.train(block.training)
 
 
-def _mix(w: Tensor, weight: Tensor, shifts: list[tuple[int, ...]]) -> None:
-    """The layer that sums ``weight``'s taps from channel groups at ``shifts``."""
-    c_out, c_in, *k = weight.shape
-    kw = w.shape[2]
-    if shifts == [(0,) * len(k)] and kw == k[0]:
-        w[:c_out, :c_in] = weight
-        return
-    for q in itertools.product(range(k[0]), repeat=len(k)):
-        u = tuple(min(v, kw - 1) for v in q)
-        src = shifts.index(tuple(v - t for v, t in zip(q, u, strict=True)))
-        w[(slice(0, c_out), slice(src * c_in, (src + 1) * c_in), *u)] = weight[
-            (slice(None), slice(None), *q)
-        ]
+@torch.no_grad()
+def split_into(
+    weight: Tensor, bias: Tensor, like: _BatchNorm, conv: nn.Module, norm: _BatchNorm
+) -> None:
+    """Fills ``conv`` (its bias zeroed) and ``norm`` so that ``norm(conv(x))`` equals the
+    convolution ``(weight, bias)`` in eval mode, with ``like``'s running variance, eps,
+    scale and shift (see :func:`contract`). Computed in float64, cast once."""
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    var = like.running_var.double()
+    eps = like.eps
+    scale = like.weight.double() if like.affine else torch.ones_like(var)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    shift = like.bias.double() if like.affine else torch.zeros_like(var)
+    if not norm.affine:
+        scale, shift = torch.ones_like(var), torch.zeros_like(var)
+    std = (var + eps).sqrt()
+    conv.weight.copy_(weight.double() * (std / scale).reshape(shape))
+    if conv.bias is not None:
+        conv.bias.zero_()
+    norm.eps = eps
+    norm.running_var.copy_(var)
+    norm.running_mean.copy_((shift - bias.double()) * std / scale)
+    norm.num_batches_tracked.copy_(like.num_batches_tracked)
+    if norm.affine:
+        norm.weight.copy_(scale)
+        norm.bias.copy_(shift)

@@ -19,12 +19,15 @@ References:
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from repsqueeze import primitives
 from repsqueeze.algebra import CONV_CLASSES
 from repsqueeze.blocks import Parallel, Squeezable, SqueezableBlock
 
@@ -95,6 +98,137 @@ def _along(axis: int, value: int, other: int, dims: int) -> tuple[int, ...]:
     return tuple(value if d == axis else other for d in range(dims))
 
 
+# --- a block from an existing conv + BatchNorm: ``from_conv_bn`` of every kind ----------------
+def check_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
+    """Refuses a conv + BatchNorm pair a block cannot take over exactly.
+
+    Raises:
+        ValueError: naming the rule broken (the reason :func:`repsqueeze.expand` reports).
+    """
+    if not isinstance(conv, tuple(CONV_CLASSES.values())):
+        raise ValueError(f"{type(conv).__name__} is not a Conv1d/2d/3d")
+    k, dims = conv.kernel_size, len(conv.kernel_size)
+    if len(set(k)) != 1 or k[0] % 2 == 0:
+        raise ValueError(f"kernel {tuple(k)} is not square and odd")
+    if set(conv.dilation) != {1}:
+        raise ValueError(f"dilation {conv.dilation} (blocks are built with dilation 1)")
+    if len(set(conv.stride)) != 1:
+        raise ValueError(f"stride {conv.stride} differs between axes")
+    if primitives.conv_padding(conv) != ((k[0] // 2, k[0] // 2),) * dims:
+        raise ValueError(f"padding {conv.padding} is not centred (k // 2)")
+    if not isinstance(bn, _BatchNorm) or bn.num_features != conv.out_channels:
+        raise ValueError(f"{type(bn).__name__} after it is not a BatchNorm of its channels")
+    if bn.running_mean is None:
+        raise ValueError("the BatchNorm after it has no running statistics")
+
+
+def _built_like(cls: type, conv: nn.Module, bn: _BatchNorm, kwargs: dict) -> Squeezable:
+    """A block of ``cls`` with the geometry of ``conv`` and norms with ``bn``'s eps/momentum."""
+    check_conv_bn(conv, bn)
+    dims = conv.weight.dim() - 2
+    norm = nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else _NORMS[dims]
+    kwargs = {"norm_layer": partial(norm, eps=bn.eps, momentum=bn.momentum), **kwargs}
+    block = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size[0], stride=conv.stride[0],
+        groups=conv.groups, padding_mode=conv.padding_mode, dims=dims, **kwargs,
+    )  # fmt: skip
+    block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    return block.train(conv.training)
+
+
+@torch.no_grad()
+def load_norm(dst: _BatchNorm, bn: _BatchNorm, shift: torch.Tensor | None = None) -> None:
+    """``dst`` takes ``bn``'s statistics, affine parameters, eps and momentum (only the
+    BatchNorm part of a norm + activation module); ``shift`` (a conv bias before ``bn``) is
+    folded into the running mean: ``bn(y + shift) == dst(y)``."""
+    dst.eps, dst.momentum = bn.eps, bn.momentum
+    dst.running_mean.copy_(bn.running_mean)
+    dst.running_var.copy_(bn.running_var)
+    dst.num_batches_tracked.copy_(bn.num_batches_tracked)
+    if shift is not None:
+        dst.running_mean.sub_(shift)
+    if dst.affine:
+        dst.weight.copy_(bn.weight if bn.affine else torch.ones_like(dst.weight))
+        dst.bias.copy_(bn.bias if bn.affine else torch.zeros_like(dst.bias))
+
+
+@torch.no_grad()
+def _take_over(main: nn.Module, conv: nn.Module, bn: _BatchNorm) -> None:
+    """The ``(conv, norm)`` pair ``main`` computes ``bn(conv(x))``."""
+    main[0].weight.copy_(conv.weight)
+    load_norm(main[1], bn, conv.bias)
+
+
+@torch.no_grad()
+def _parallel_from(cls: type, conv: nn.Module, bn: _BatchNorm, kwargs: dict) -> Parallel:
+    """Branch 0 takes over ``bn(conv(x))``; every other branch ends in a BatchNorm with zero
+    scale and shift, so it adds zero in eval and in training mode alike."""
+    block = _built_like(cls, conv, bn, kwargs)
+    main, *others = block.branches
+    _take_over(main, conv, bn)
+    for branch in others:
+        last = [m for m in branch.modules() if isinstance(m, _BatchNorm)][-1]
+        last.weight.zero_()
+        last.bias.zero_()
+    return block
+
+
+def _embed_chain(convs: list[nn.Module], weight: torch.Tensor) -> None:
+    """Weights for a chain of bias-free convs that composes exactly to ``weight``.
+
+    1x1 layers pass channels through (identity on the first channels); 3x3 layers before
+    the last spatial one build shifted copies of the input, the last spatial one mixes
+    them with ``weight``'s taps.
+    """
+    c_out, c_in, *k = weight.shape
+    spatial = [i for i, c in enumerate(convs) if c.kernel_size[0] > 1]
+    # the mixing layer: the last spatial one, else the middle of a 1x1 chain, so that the
+    # identity layers around it are at least as wide as what they pass through
+    mix = spatial[-1] if spatial else (len(convs) - 1) // 2
+    shifts = [(0,) * len(k)]  # offsets carried by the channel groups after each layer
+    for i, c in enumerate(convs):
+        c.weight.zero_()
+        if c.bias is not None:
+            c.bias.zero_()
+        if i == mix:
+            _mix(c.weight, weight, shifts)
+            shifts = None
+        elif c.kernel_size[0] == 1:
+            n = c_in * len(shifts) if shifts is not None else c_out
+            idx = torch.arange(n)
+            c.weight[(idx, idx, *([0] * len(k)))] = 1
+        else:
+            shifts = _shift(c.weight, c_in, shifts)
+
+
+def _shift(w: torch.Tensor, c_in: int, shifts: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """A 3x3 layer turning channel groups at ``shifts`` into groups at every offset + tap."""
+    extent = max(s[0] for s in shifts) + 2
+    new = list(itertools.product(range(extent + 1), repeat=len(shifts[0])))
+    for j, q in enumerate(new):
+        u = tuple(min(v, 2) for v in q)
+        p = tuple(v - t for v, t in zip(q, u, strict=True))
+        src = shifts.index(p)
+        for c in range(c_in):
+            w[(j * c_in + c, src * c_in + c, *u)] = 1
+    return new
+
+
+def _mix(w: torch.Tensor, weight: torch.Tensor, shifts: list[tuple[int, ...]]) -> None:
+    """The layer that sums ``weight``'s taps from channel groups at ``shifts``."""
+    c_out, c_in, *k = weight.shape
+    kw = w.shape[2]
+    if shifts == [(0,) * len(k)] and kw == k[0]:
+        w[:c_out, :c_in] = weight
+        return
+    for q in itertools.product(range(k[0]), repeat=len(k)):
+        u = tuple(min(v, kw - 1) for v in q)
+        src = shifts.index(tuple(v - t for v, t in zip(q, u, strict=True)))
+        w[(slice(0, c_out), slice(src * c_in, (src + 1) * c_in), *u)] = weight[
+            (slice(None), slice(None), *q)
+        ]
+
+
 class ConvBN(SqueezableBlock):
     """k x k conv (no bias) followed by BN: the plain, un-re-parameterized baseline.
 
@@ -133,6 +267,24 @@ class ConvBN(SqueezableBlock):
                 norm_layer,
             )  # fmt: skip
         super().__init__(*layers, deployed=deployed, mode=mode)
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> ConvBN:
+        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
+        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
+        momentum on the main path.
+
+        Args:
+            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
+            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
+            **kwargs: further constructor arguments (``mode``, ...).
+
+        Raises:
+            ValueError: a pair the block cannot take over, with the reason.
+        """
+        block = _built_like(cls, conv, bn, kwargs)
+        _take_over(block.layers, conv, bn)
+        return block
 
 
 class ACBlock(Parallel):
@@ -191,6 +343,22 @@ class ACBlock(Parallel):
                 )
         super().__init__(*branches, deployed=deployed, mode=mode)
 
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> ACBlock:
+        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
+        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
+        momentum on the main path; the other branches end in a BatchNorm with zero scale and shift.
+
+        Args:
+            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
+            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
+            **kwargs: further constructor arguments (``mode``, ...).
+
+        Raises:
+            ValueError: a pair the block cannot take over, with the reason.
+        """
+        return _parallel_from(cls, conv, bn, kwargs)
+
 
 class DiverseBranchBlock(Parallel):
     """k x k, 1x1, 1x1 -> k x k and 1x1 -> average-pool branches, each with BN, summed (DBB).
@@ -214,7 +382,8 @@ class DiverseBranchBlock(Parallel):
         dims: 1, 2 or 3 spatial dims.
         norm_layer: norm constructor (default ``BatchNorm{dims}d``).
         internal_channels: width of the 1x1 -> k x k chain; ``None``: ``in_channels``, or
-            ``2 * in_channels`` for a depthwise block (as in DBB).
+            ``2 * in_channels`` for a depthwise block (as in DBB). With ``in_channels``, the
+            chain's 1x1 starts as the identity (DBB's ``IdentityBasedConv1x1``).
         deployed: build the single convolution directly.
         mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
@@ -254,19 +423,39 @@ class DiverseBranchBlock(Parallel):
             branches = [conv_norm(in_channels, out_channels, kernel_size, **kxk)]
             if not depthwise:
                 branches.append(conv_norm(in_channels, out_channels, 1, stride=stride, **common))
-            branches.append(
-                nn.Sequential(
-                    *conv_norm(in_channels, internal_channels, 1, **common),
-                    *conv_norm(internal_channels, out_channels, kernel_size, **kxk),
-                )
+            chain = nn.Sequential(
+                *conv_norm(in_channels, internal_channels, 1, **common),
+                *conv_norm(internal_channels, out_channels, kernel_size, **kxk),
             )
+            branches.append(chain)
             keeps_channels = depthwise and in_channels == out_channels
             squeeze = (
                 [] if keeps_channels else list(conv_norm(in_channels, out_channels, 1, **common))
             )
             pool = _POOLS[dims](kernel_size, stride, padding)
             branches.append(nn.Sequential(*squeeze, pool, norm_layer(out_channels)))
+        if internal_channels == in_channels and not deployed:
+            with torch.no_grad():  # DBB's IdentityBasedConv1x1: the chain's 1x1 starts as identity
+                weight = chain[0].weight.zero_()  # (in, in // groups, 1, ...)
+                idx = torch.arange(in_channels)
+                weight[(idx, idx % weight.shape[1], *([0] * dims))] = 1
         super().__init__(*branches, deployed=deployed, mode=mode)
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> DiverseBranchBlock:
+        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
+        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
+        momentum on the main path; the other branches end in a BatchNorm with zero scale and shift.
+
+        Args:
+            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
+            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
+            **kwargs: further constructor arguments (``internal_channels``, ...).
+
+        Raises:
+            ValueError: a pair the block cannot take over, with the reason.
+        """
+        return _parallel_from(cls, conv, bn, kwargs)
 
 
 class MobileOneBlock(Parallel):
@@ -285,7 +474,8 @@ class MobileOneBlock(Parallel):
         dims: 1, 2 or 3 spatial dims.
         norm_layer: norm constructor (default ``BatchNorm{dims}d``).
         num_conv_branches: number ``n >= 1`` of parallel k x k conv-BN branches.
-        use_scale: add the 1x1 conv-BN branch.
+        use_scale: add the 1x1 conv-BN branch; ``None`` adds it for ``kernel_size > 1``
+            (a 1x1 block's conv branches are already 1x1, as in MobileOne).
         use_identity: add the BN-only branch; ``None`` adds it when in/out channels match
             and stride is 1.
         deployed: build the single convolution directly.
@@ -304,7 +494,7 @@ class MobileOneBlock(Parallel):
         dims: int = 2,
         norm_layer: NormLayer | None = None,
         num_conv_branches: int = 1,
-        use_scale: bool = True,
+        use_scale: bool | None = None,
         use_identity: bool | None = None,
         deployed: bool = False,
         mode: str = "chain",
@@ -313,6 +503,8 @@ class MobileOneBlock(Parallel):
             raise ValueError(f"num_conv_branches must be at least 1, got {num_conv_branches}")
         if use_identity is None:
             use_identity = in_channels == out_channels and stride == 1
+        if use_scale is None:
+            use_scale = kernel_size > 1
         common = {"dims": dims, "stride": stride, "groups": groups, "norm_layer": norm_layer}
         kxk = {
             "padding": centered_padding(kernel_size, dilation, stride), "dilation": dilation,
@@ -328,6 +520,22 @@ class MobileOneBlock(Parallel):
             if use_identity:
                 branches.append((norm_layer or _NORMS[dims])(out_channels))
         super().__init__(*branches, deployed=deployed, mode=mode)
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> MobileOneBlock:
+        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
+        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
+        momentum on the main path; the other branches end in a BatchNorm with zero scale and shift.
+
+        Args:
+            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
+            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
+            **kwargs: further constructor arguments (``num_conv_branches``, ...).
+
+        Raises:
+            ValueError: a pair the block cannot take over, with the reason.
+        """
+        return _parallel_from(cls, conv, bn, kwargs)
 
 
 class RepVGGBlock(MobileOneBlock):
@@ -454,6 +662,40 @@ class ExpandedConv(SqueezableBlock):
             ]
             layers.append((norm_layer or _NORMS[dims])(out_channels))
         super().__init__(*layers, deployed=deployed, mode=mode)
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> ExpandedConv:
+        """A chain computing ``bn(conv(x))`` exactly: the convs embed ``conv``'s kernel
+        (1x1 layers pass channels through, the 3x3 layers of ``'ck'`` build shifted copies
+        of the input, one layer mixes them with ``conv``'s taps), the BatchNorm is ``bn``.
+
+        Args:
+            conv: a ``ConvNd`` with a square, odd kernel, dilation 1, centred padding and
+                ``groups=1``.
+            bn: the ``BatchNormNd`` after it.
+            **kwargs: further constructor arguments (``expand_mode``, ``expansion``, ...).
+
+        Raises:
+            ValueError: for ``groups > 1``, or when the hidden layers of ``'ck'`` are too
+                narrow to hold the shifted copies a kernel above 3 needs.
+        """
+        check_conv_bn(conv, bn)
+        if conv.groups != 1:
+            raise ValueError("ExpandNets blocks start from an exact embedding only for groups=1")
+        k, dims = conv.kernel_size[0], conv.weight.dim() - 2
+        hidden = kwargs.get("expansion", 4) * conv.out_channels
+        need = conv.in_channels * (k - 2) ** dims
+        if kwargs.get("expand_mode", "ck") == "ck" and k >= 5 and hidden < need:
+            raise ValueError(
+                f"expand_ck needs >= {need} hidden channels for an exact start, has {hidden} "
+                f"(expansion * out_channels); raise expansion"
+            )
+        block = _built_like(cls, conv, bn, kwargs)
+        *convs, norm = block.layers
+        _embed_chain(list(convs), conv.weight)
+        load_norm(norm, bn, conv.bias)
+        return block
 
 
 BLOCKS: dict[str, Callable[..., Squeezable]] = {
