@@ -5,12 +5,15 @@ from repsqueeze.blocks import Parallel, Squeezable, SqueezableBlock
 from repsqueeze.convert import (
     BorderReport,
     ExpandReport,
+    block_from_conv_bn,
+    contract,
     deploy,
     expand,
     make_border_consistent,
     set_mode,
 )
 from repsqueeze.export import load_deployed, save_deployed
+from repsqueeze.interop import convert_official_state_dict, from_timm, load_official_state_dict
 from repsqueeze.models import create_model, list_models, register_model
 from repsqueeze.zoo import (
     BLOCKS,
@@ -37,11 +40,16 @@ __all__ = [
     "RepVGGBlock",
     "Squeezable",
     "SqueezableBlock",
+    "block_from_conv_bn",
+    "contract",
+    "convert_official_state_dict",
     "create_model",
     "deploy",
     "expand",
+    "from_timm",
     "list_models",
     "load_deployed",
+    "load_official_state_dict",
     "make_block",
     "make_border_consistent",
     "register_model",
