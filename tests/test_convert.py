@@ -93,6 +93,50 @@ def test_expand_ck_embeds_large_kernels_exactly(single_thread):
     assert _relative(expanded(x), model(x)) <= 1e-12
 
 
+@pytest.mark.parametrize("expansion", [1, 2, 3, 4])
+def test_expand_ck_any_expansion_is_exact_or_skipped(expansion, single_thread):
+    """A 5x5 kernel needs 9 * in_channels hidden channels (expansion * out_channels): 2 * 9
+    = 18 > 8 * expansion for expansion 1 and 2, which are skipped with the reason; a 3x3
+    kernel embeds at any expansion."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 5, padding=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8),
+    )  # fmt: skip
+    randomize_bn(model, torch.Generator().manual_seed(4))
+    model = model.double().eval()
+    x = torch.randn(2, 2, 11, 11, dtype=torch.float64)
+    expanded, report = rs.expand(model, block="expand_ck", expansion=expansion, return_report=True)
+    assert "3" in report.expanded
+    if expansion * 8 < 18:
+        assert report.skipped == [("0", f"expand_ck needs >= 18 hidden channels for an exact "
+                                        f"start, has {8 * expansion} (expansion * out_channels); "
+                                        "raise expansion")]  # fmt: skip
+    else:
+        assert list(report.expanded) == ["0", "3"]
+        assert expanded[0].layers[0].out_channels == 8 * expansion
+    assert _relative(expanded(x), model(x)) <= 1e-12
+    with pytest.raises(ValueError, match="hidden channels"):
+        rs.ExpandedConv.from_conv_bn(model[0], model[1], expansion=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_conv_bn_is_exact_in_eval_and_training(kind, single_thread):
+    """Every kind's from_conv_bn computes bn(conv(x)), conv bias and BN eps included."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=True).double()
+    bn = nn.BatchNorm2d(6, eps=1e-3, momentum=0.3).double()
+    randomize_bn(bn, torch.Generator().manual_seed(5))
+    make = BLOCKS[kind]
+    cls, kw = (make.func, make.keywords) if hasattr(make, "func") else (make, {})
+    block = cls.from_conv_bn(conv.eval(), bn, **kw)
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    bn.eval()
+    assert _relative(block.eval()(x), bn(conv(x))) <= 1e-12
+    assert all(m.eps == 1e-3 for m in block.modules() if isinstance(m, nn.BatchNorm2d))
+    assert _relative(block.train()(x), bn.train()(conv(x))) <= 1e-12  # batch statistics
+
+
 def test_expand_lists_ineligible_layers(single_thread):
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),  # no BatchNorm after it

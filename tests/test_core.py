@@ -283,13 +283,17 @@ def test_deploy_calls_foreign_hooks(hook):
         def forward(self, x):
             return self.inner(x)
 
-    setattr(Foreign, hook, lambda self: setattr(self, "calls", self.calls + 1))
+    def switch(self):  # in place, and returns a replacement (timm's fuse() convention)
+        self.calls += 1
+        return nn.Sequential(self.inner)
+
+    setattr(Foreign, hook, switch)
     model = nn.Sequential(nn.Conv2d(2, 2, 1), Foreign())
     out = rs.deploy(model)
-    assert out[1].calls == 1 and model[1].calls == 0
-    assert out[1].inner.deployed and not model[1].inner.deployed  # children are walked too
+    assert type(out[1]) is nn.Sequential and model[1].calls == 0  # the child is replaced
+    assert out[1][0].deployed and not model[1].inner.deployed  # the replacement is walked too
     rs.deploy(model, inplace=True)
-    assert model[1].calls == 1
+    assert type(model[1]) is nn.Sequential and model[1][0].deployed
 
 
 # --- (g) SyncBatchNorm -----------------------------------------------------------------------
