@@ -44,26 +44,34 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     return _deploy_tree(model)
 
 
-def _deploy_tree(module: nn.Module) -> nn.Module:
-    """Deploys ``module`` and everything below it; returns what takes its place."""
+def _deploy_tree(module: nn.Module, hooked: set[int] | None = None) -> nn.Module:
+    """Deploys ``module`` and everything below it; returns what takes its place.
+
+    ``hooked``: ids of the modules whose hook ran, so that a replacement that wraps the
+    old module does not run it again."""
+    hooked = set() if hooked is None else hooked
     if isinstance(module, Squeezable):
         module.deploy()
         return module
     for hook in FOREIGN_HOOKS:
         method = getattr(module, hook, None)
-        if callable(method) and _takes_no_argument(method):
+        if id(module) not in hooked and _is_hook(method):
+            hooked.add(id(module))
             out = method()
             if isinstance(out, nn.Module):
                 module = out
             break
     for name, child in list(module.named_children()):
-        new = _deploy_tree(child)
+        new = _deploy_tree(child, hooked)
         if new is not child:
             setattr(module, name, new)
     return module
 
 
-def _takes_no_argument(method) -> bool:
+def _is_hook(method) -> bool:
+    """A method (not a child module named like one) that takes no required argument."""
+    if not callable(method) or isinstance(method, nn.Module):
+        return False
     try:
         params = inspect.signature(method).parameters.values()
     except (TypeError, ValueError):  # no signature (a builtin): do not guess

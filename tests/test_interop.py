@@ -77,9 +77,29 @@ def test_deploy_skips_hooks_that_need_arguments():
         def forward(self, x):
             return 3 * x
 
-    out = rs.deploy(nn.Sequential(Needs(), Optional()))
+    class Wraps(nn.Module):  # a replacement that holds the old module: its hook runs once
+        calls = 0
+
+        def switch_to_deploy(self):
+            Wraps.calls += 1
+            return nn.Sequential(self, nn.ReLU())
+
+        def forward(self, x):
+            return x
+
+    class ChildNamedFuse(nn.Module):  # a layer called "fuse" is no hook
+        def __init__(self):
+            super().__init__()
+            self.fuse = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.fuse(x)
+
+    out = rs.deploy(nn.Sequential(Needs(), Optional(), Wraps(), ChildNamedFuse()))
     assert not Needs.called and isinstance(out[0], Needs)
     assert isinstance(out[1], nn.Identity)
+    assert Wraps.calls == 1 and isinstance(out[2][0], Wraps)
+    assert isinstance(out[3].fuse, nn.Conv2d)
 
 
 def test_timm_reparameterize_model_deploys_our_blocks():
