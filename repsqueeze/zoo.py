@@ -99,7 +99,7 @@ def _along(axis: int, value: int, other: int, dims: int) -> tuple[int, ...]:
 
 
 # --- a block from an existing conv + BatchNorm: ``from_conv_bn`` of every kind ----------------
-def check_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
+def _check_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
     """Refuses a conv + BatchNorm pair a block cannot take over exactly.
 
     Raises:
@@ -124,7 +124,7 @@ def check_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
 
 def _built_like(cls: type, conv: nn.Module, bn: _BatchNorm, kwargs: dict) -> Squeezable:
     """A block of ``cls`` with the geometry of ``conv`` and norms with ``bn``'s eps/momentum."""
-    check_conv_bn(conv, bn)
+    _check_conv_bn(conv, bn)
     dims = conv.weight.dim() - 2
     norm = nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else _NORMS[dims]
     kwargs = {"norm_layer": partial(norm, eps=bn.eps, momentum=bn.momentum), **kwargs}
@@ -680,7 +680,7 @@ class ExpandedConv(SqueezableBlock):
             ValueError: for ``groups > 1``, or when the hidden layers of ``'ck'`` are too
                 narrow to hold the shifted copies a kernel above 3 needs.
         """
-        check_conv_bn(conv, bn)
+        _check_conv_bn(conv, bn)
         if conv.groups != 1:
             raise ValueError("ExpandNets blocks start from an exact embedding only for groups=1")
         k, dims = conv.kernel_size[0], conv.weight.dim() - 2
