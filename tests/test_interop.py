@@ -5,6 +5,8 @@ timm's original models, and, for the official state dicts, reference forwards wr
 from the papers' definitions with ``F.conv2d`` / ``F.batch_norm`` on the official keys.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,11 +135,15 @@ def _train_steps(model: nn.Module, x: torch.Tensor, steps: int = 2) -> None:
     model.eval()
 
 
-def test_expand_and_contract_timm_mobilenetv3():
-    """timm's BatchNormAct2d: its BatchNorm goes into the block, its activation stays."""
+def _mobilenetv3() -> nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10)
-    randomize_bn(model, _gen()).eval()
+    return randomize_bn(model, _gen()).eval()
+
+
+def test_expand_timm_mobilenetv3():
+    """timm's BatchNormAct2d: its BatchNorm goes into the block, its activation stays."""
+    model = _mobilenetv3()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     assert len(convs) == 53 and len(norms) == 34
@@ -148,9 +154,14 @@ def test_expand_and_contract_timm_mobilenetv3():
     assert _bns(expanded) == [n for n in _bns(expanded) if ".branches." in n]
     assert isinstance(expanded.bn1.act, nn.Hardswish)  # the activation stayed in place
     with torch.no_grad():
-        ref = model(x)
-        assert _relative(expanded.eval()(x), ref) <= 1e-5
+        assert _relative(expanded.eval()(x), model(x)) <= 1e-5
 
+
+@pytest.mark.slow
+def test_contract_timm_mobilenetv3():
+    model = _mobilenetv3()
+    x = torch.randn(2, 3, 32, 32, generator=_gen(1))
+    expanded = rs.expand(model, block="mobileone")
     _train_steps(expanded, x)
     with torch.no_grad():
         trained = expanded(x)
@@ -158,6 +169,29 @@ def test_expand_and_contract_timm_mobilenetv3():
         assert _relative(contracted(x), trained) <= 1e-5
     assert [type(m) for m in contracted.modules()] == [type(m) for m in model.modules()]
     fresh = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10)
+    fresh.load_state_dict(contracted.state_dict(), strict=True)
+    with torch.no_grad():
+        assert _relative(fresh.eval()(x), trained) <= 1e-5
+
+
+def test_contract_restores_timm_norm_act_modules():
+    from timm.layers import ConvNormAct
+
+    model = nn.Sequential(
+        ConvNormAct(3, 8, 3, act_layer=nn.PReLU), ConvNormAct(8, 8, 3, stride=2, groups=2)
+    )
+    randomize_bn(model, _gen()).eval()
+    x = torch.randn(4, 3, 9, 9, generator=_gen(1))
+    expanded = rs.expand(model, block="dbb")
+    assert isinstance(expanded[0].conv, rs.DiverseBranchBlock)
+    assert isinstance(expanded[0].bn.act, nn.PReLU)  # trainable activation kept in place
+    _train_steps(expanded, x)
+    with torch.no_grad():
+        trained = expanded(x)
+        contracted = rs.contract(expanded)
+    assert [type(m) for m in contracted.modules()] == [type(m) for m in model.modules()]
+    assert torch.equal(contracted[0].bn.act.weight, expanded[0].bn.act.weight)  # trained
+    fresh = copy.deepcopy(model)
     fresh.load_state_dict(contracted.state_dict(), strict=True)
     with torch.no_grad():
         assert _relative(fresh.eval()(x), trained) <= 1e-5
