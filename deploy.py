@@ -34,7 +34,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -340,7 +339,9 @@ def build_artifacts(
         "verification": errors,
         "numerics": f"float64 and {numerics}, on {device}",
         "checks": checks,
-        "measurements": measure(net, deployed, x.shape[1:], cfg.latency_min_run_time),
+        "measurements": (
+            measure(net, deployed, x.shape[1:], cfg.latency_min_run_time) if cfg.measure else None
+        ),
     }
 
 
@@ -392,28 +393,29 @@ def run(cfg: DictConfig) -> dict:
 
 
 def print_report(report: dict) -> None:
-    m = report["measurements"]
-    forms = ("training", "deployed")
+    lines = []
+    if report["measurements"]:
+        m = report["measurements"]
+        forms = ("training", "deployed")
 
-    def ms(key: str, form: str) -> str:
-        t = m[form][key]
-        iqr = "n/a" if t["iqr_ms"] is None else f"{t['iqr_ms']:.3f}"
-        return f"{t['median_ms']:.3f} ms (IQR {iqr})"
+        def ms(key: str, form: str) -> str:
+            t = m[form][key]
+            iqr = "n/a" if t["iqr_ms"] is None else f"{t['iqr_ms']:.3f}"
+            return f"{t['median_ms']:.3f} ms (IQR {iqr})"
 
-    rows = [
-        ("parameters", *(m[k]["params"] for k in forms)),
-        ("MACs / sample", *(m[k]["macs_per_sample"] for k in forms)),
-        ("CPU latency, batch 1", *(ms("latency_b1", k) for k in forms)),
-        ("CPU latency, batch 32", *(ms("latency_b32", k) for k in forms)),
-    ]
+        rows = [
+            ("parameters", *(m[k]["params"] for k in forms)),
+            ("MACs / sample", *(m[k]["macs_per_sample"] for k in forms)),
+            ("CPU latency, batch 1", *(ms("latency_b1", k) for k in forms)),
+            ("CPU latency, batch 32", *(ms("latency_b32", k) for k in forms)),
+        ]
+        lines += [table(rows, ["", "training form", "deployed"], markdown=False), ""]
     errors = [(name, e["float64"], e["float32"]) for name, e in report["verification"].items()]
     files = [
         (n, f"{size / 1024:.1f} KiB", report["checks"].get(n, {}).get("relative_diff"))
         for n, size in report["files"].items()
     ]
-    lines = [
-        table(rows, ["", "training form", "deployed"], markdown=False),
-        "",
+    lines += [
         f"max relative error, deployed vs training form ({report['numerics']}):",
         table(errors, ["input", "float64", "float32"], markdown=False),
         "",
@@ -432,15 +434,24 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text} (HYDRA_FULL_ERROR=1 shows the traceback)"
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="deploy")
-def main(cfg: DictConfig) -> None:
+def entry(cfg: DictConfig) -> int:
+    """:func:`run` as the command line sees it: the exit status; a failure is one line on
+    stderr (the traceback propagates when ``HYDRA_FULL_ERROR=1``)."""
     try:
         run(cfg)
     except Exception as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"deploy.py: error: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="deploy")
+def main(cfg: DictConfig) -> None:
+    status = entry(cfg)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
