@@ -175,7 +175,7 @@ def test_run_with_an_explicit_data_config(compose_deploy, dbb_checkpoint, tmp_pa
     printed = capsys.readouterr().out
     assert "training form" in printed and f"written to {out}" in printed
 
-    net, _ = deploy_script.load_dbb_checkpoint(dbb_checkpoint)
+    net, _ = deploy_script.load_checkpoint(dbb_checkpoint)
     x = torch.randn(7, 1, 8, 8)  # a batch size the exports never saw
     with torch.no_grad():
         expected = net(x)
