@@ -365,6 +365,8 @@ def run(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise DeployError("give the checkpoint: python deploy.py ckpt_path=PATH")
     ckpt_path = Path(cfg.ckpt_path)
+    if not ckpt_path.is_file():  # before the default output folder beside it is made
+        raise DeployError(f"checkpoint not found: {ckpt_path}")
     out_dir = output_folder(cfg, ckpt_path)
     staging = prepare_output(out_dir)
     try:

@@ -231,6 +231,14 @@ def test_torchscript_only_when_asked(compose_deploy, checkpoint, tmp_path):
         )
 
 
+def test_a_missing_checkpoint_makes_no_folder(compose_deploy, tmp_path):
+    """The default output folder is beside the checkpoint's run: a typo creates nothing."""
+    cfg = compose_deploy(f"ckpt_path={tmp_path / 'typo' / 'checkpoints' / 'best.ckpt'}")
+    with pytest.raises(DeployError, match="checkpoint not found"):
+        deploy_script.run(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_needs_an_input_shape(compose_deploy, checkpoint, tmp_path):
     cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}", *FAST)
     with pytest.raises(DeployError, match="input_shape"):
@@ -370,8 +378,9 @@ def test_an_export_killed_between_its_renames_is_put_back(compose_deploy, tmp_pa
     trash = tmp_path / f".deploy-{_dead_pid()}-old-0123abcd-out"
     trash.mkdir()
     (trash / "deployed.pt").write_bytes(b"old export")
-    cfg = compose_deploy(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output_dir={tmp_path / 'out'}")
-    with pytest.raises(DeployError, match="checkpoint not found"):
+    not_a_checkpoint = _bad_file("random_bytes", tmp_path)
+    cfg = compose_deploy(f"ckpt_path={not_a_checkpoint}", f"output_dir={tmp_path / 'out'}")
+    with pytest.raises(DeployError, match="cannot be loaded safely"):
         deploy_script.run(cfg)
     assert (tmp_path / "out" / "deployed.pt").read_bytes() == b"old export"
     assert not list(tmp_path.glob(".deploy-*"))
@@ -706,13 +715,15 @@ def test_script_without_ckpt_path_is_a_one_line_error(tmp_path):
     _assert_one_line_error(result, "ckpt_path")
 
 
-def test_entry_errors_are_one_line_unless_asked(compose_deploy, tmp_path, capsys, monkeypatch):
+def test_entry_errors_are_one_line_unless_asked(
+    compose_deploy, checkpoint, tmp_path, capsys, monkeypatch
+):
     """What ``main`` runs: an output_dir that is a file is one line on stderr and status 1;
     an unexpected exception too, with its type; with HYDRA_FULL_ERROR=1 the traceback."""
     taken = tmp_path / "taken"
     taken.write_text("")
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    cfg = compose_deploy(f"ckpt_path={tmp_path / 'x.ckpt'}", f"output_dir={taken}")
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={taken}")
     assert deploy_script.entry(cfg) == 1
     assert capsys.readouterr().err == (
         f"deploy.py: error: output_dir {taken} is a file, not a folder\n"
