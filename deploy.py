@@ -292,6 +292,9 @@ def write_torchscript(job: Job, path: Path) -> torch.Tensor:
     return torch.jit.load(str(path))(job.x)
 
 
+# Every file deploy.py can write, in order. Another format is one writer ``(job, path) ->
+# its reloaded output on job.x`` and one entry here, with its on/off and tolerance keys in
+# configs/deploy.yaml; writing, checking, the report and the folder swap come with it.
 ARTIFACTS = [
     Artifact("deployed.pt", None, write_deployed_pt, "tol_export"),
     Artifact("model.pt2", "pt2", write_pt2, "tol_export"),
