@@ -405,8 +405,7 @@ def print_report(report: dict) -> None:
 
         def ms(key: str, form: str) -> str:
             t = m[form][key]
-            iqr = "n/a" if t["iqr_ms"] is None else f"{t['iqr_ms']:.3f}"
-            return f"{t['median_ms']:.3f} ms (IQR {iqr})"
+            return f"{t['median_ms']:.3f} ms (IQR {t['iqr_ms']:.3f})"
 
         rows = [
             ("parameters", *(m[k]["params"] for k in forms)),

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import importlib
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -443,34 +444,45 @@ def count_macs(model: nn.Module, x: Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def latency(fn: Callable[[], object], min_run_time: float = 0.2) -> dict[str, float]:
-    """Wall time of ``fn()`` by ``torch.utils.benchmark.Timer.blocked_autorange`` (its block
-    size estimate is the warm-up; the thread count is the current one).
+def latency(fn: Callable[[], object], min_run_time: float = 0.3, blocks: int = 5) -> dict:
+    """Wall time of ``fn()`` with ``torch.utils.benchmark.Timer``, median and spread.
+
+    Blocks of calls lasting at least a millisecond each (timer overhead is microseconds),
+    at least ``blocks`` of them and at least ``min_run_time`` seconds in all, each a
+    ``Timer.timeit`` (which warms up first), merged into one ``Measurement``.
+    (``blocked_autorange`` sizes its blocks to keep timer overhead under 1e-4, which on a
+    busy machine can leave one block and no spread.) The thread count is the current one.
 
     Args:
         fn: the call to time.
-        min_run_time: seconds of measurement at least.
+        min_run_time: seconds of timed calls at least.
+        blocks: timed blocks at least.
 
     Returns:
         ``{"median_ms", "iqr_ms", "blocks", "calls"}``: median and interquartile range per
-        call over the measured blocks (``iqr_ms`` is ``None`` below 4 blocks: no spread can
-        be told), the number of blocks and of timed calls.
+        call over the blocks, the number of blocks and of timed calls.
     """
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     with torch.no_grad():
-        m = timer.blocked_autorange(min_run_time=min_run_time)
+        per_call = timer.timeit(1).mean
+        number = max(1, math.ceil(1e-3 / max(per_call, 1e-9)))
+        runs, elapsed = [], 0.0
+        while len(runs) < blocks or elapsed < min_run_time:
+            runs.append(timer.timeit(number))
+            elapsed += runs[-1].raw_times[0]
+        (m,) = benchmark.Measurement.merge(runs)
+    count = len(runs)
     return {
         "median_ms": m.median * 1e3,
-        "iqr_ms": m.iqr * 1e3 if len(m.raw_times) >= 4 else None,
-        "blocks": len(m.raw_times),
-        "calls": len(m.raw_times) * m.number_per_run,
+        "iqr_ms": m.iqr * 1e3,
+        "blocks": count,
+        "calls": count * number,
     }
 
 
 def latency_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds (:func:`latency`, about ``repeats``
-    calls' worth of measurement after ``warmup`` calls)."""
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    with torch.no_grad():
-        per_call = timer.timeit(max(warmup, 1)).mean
-    return latency(fn, min_run_time=per_call * repeats)["median_ms"]
+    """Median wall time of ``fn()`` in milliseconds: :func:`latency` over at least
+    ``repeats`` blocks, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    return latency(fn, min_run_time=0.0, blocks=repeats)["median_ms"]
