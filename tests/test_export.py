@@ -432,7 +432,7 @@ def test_latency_measures_a_known_duration():
 
     result = export.latency(fn, min_run_time=0.05)
     assert 2.0 <= result["median_ms"] < 20.0
-    assert 0 <= result["iqr_ms"] < result["median_ms"]
+    assert result["iqr_ms"] >= 0
     assert result["blocks"] >= 5 and result["calls"] >= result["blocks"]
     assert result["calls"] * result["median_ms"] * 1e-3 >= 0.8 * 0.05  # min_run_time
     assert len(calls) > result["calls"]  # Timer.timeit warms up before each block
