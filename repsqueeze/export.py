@@ -481,8 +481,9 @@ def latency(fn: Callable[[], object], min_run_time: float = 0.3, blocks: int = 5
 
 
 def latency_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds: :func:`latency` over at least
-    ``repeats`` blocks, after ``warmup`` calls."""
+    """Median wall time of ``fn()`` in milliseconds: :func:`latency` after ``warmup`` calls,
+    about ``repeats`` calls in all (a block of one call costs three: ``Timer.timeit`` warms
+    up twice), in at least 5 blocks."""
     for _ in range(warmup):
         fn()
-    return latency(fn, min_run_time=0.0, blocks=repeats)["median_ms"]
+    return latency(fn, min_run_time=0.0, blocks=max(5, repeats // 3))["median_ms"]
