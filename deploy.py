@@ -1,29 +1,39 @@
-"""Checkpoint in, verified plain model out: PyTorch, TorchScript and ONNX.
+"""Checkpoint in, verified plain model out: deployed.pt, torch.export (.pt2) and ONNX.
 
     python deploy.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [output_dir=DIR] [data=digits]
 
-1. loads the Lightning checkpoint with ``torch.load(weights_only=True)`` (no pickled code
-   runs) and rebuilds the network from the ``net_config`` stored in it;
-2. deploys every block (:func:`repsqueeze.deploy`), in eval mode;
-3. verifies the largest relative difference between both forms in float64 and float32, on a
-   random batch and on a real batch of the run's data when available; refuses to write
-   anything if a tolerance is exceeded;
-4. writes ``deployed.pt``, ``model.ts``, ``model.onnx`` (checked in onnxruntime) and
-   ``report.json`` into the output folder, all or nothing;
-5. prints parameters, multiply-accumulates, CPU latency (batch 1 and 32), the errors and
-   the file sizes.
+1. checks the output folder first (a file, or not writable: one line, before any work) and
+   removes the staging folders of killed runs beside it;
+2. loads the Lightning checkpoint with ``torch.load(weights_only=True, map_location="cpu")``
+   (no pickled code runs; a GPU checkpoint loads on a CPU-only machine), refuses NaN/Inf
+   weights and negative running variances, and rebuilds the network from its ``net_config``;
+3. deploys every block (:func:`repsqueeze.deploy`), in eval mode;
+4. verifies the largest relative difference between both forms in float64 and float32 with
+   TF32 off, on a random batch and on a real batch of the run's data when available;
+5. writes every artifact (:data:`ARTIFACTS`: ``deployed.pt``, ``model.pt2``, ``model.onnx``,
+   optionally ``model.ts``), each reloaded and checked against PyTorch, plus ``report.json``
+   into a staging folder beside the output folder, then swaps the folders: a reader sees
+   the previous export or the new one, never a mix, and no file of an older export survives;
+6. prints parameters, multiply-accumulates, CPU latency (batch 1 and 32), errors and sizes.
+
+Every failure is one line ``deploy.py: error: ...`` and exit status 1; ``HYDRA_FULL_ERROR=1``
+shows the traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -33,12 +43,92 @@ from omegaconf import DictConfig, OmegaConf
 from repsqueeze import export
 from repsqueeze.convert import deploy
 from repsqueeze.models import create_model
+from repsqueeze.numerics import describe_fp32, strict_fp32
+from repsqueeze.tables import table
+
+STAGING = ".deploy-"  # staging and trash folders beside the output folder: .deploy-<pid>-...
+_STAGING_NAME = re.compile(r"^\.deploy-(\d+)-(old-[0-9a-f]{8}-(.*)|.*)$")
 
 
 class DeployError(Exception):
     """A problem the user can fix; reported as one line, exit status 1."""
 
 
+# --- the output folder -----------------------------------------------------------------------
+def output_folder(cfg: DictConfig, ckpt_path: Path) -> Path:
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir).absolute()
+    return ckpt_path.resolve().parent.parent / "deployed"
+
+
+def prepare_output(out_dir: Path) -> Path:
+    """Checks ``out_dir`` can be replaced, cleans up after killed runs, and returns a new
+    empty staging folder beside it. Runs before any other work.
+
+    Raises:
+        DeployError: ``out_dir`` (or an ancestor) is a file, or a folder is not writable.
+    """
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "output_dir" if existing == out_dir else f"{existing}, a parent of output_dir,"
+        raise DeployError(f"{what} {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and not os.access(out_dir, os.W_OK | os.X_OK):
+        raise DeployError(f"output folder {out_dir} is not writable")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out_dir.parent))
+    except OSError as err:
+        raise DeployError(
+            f"cannot write beside output folder {out_dir}: {err.strerror or err} "
+            f"({err.filename or out_dir.parent})"
+        ) from err
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+    return staging
+
+
+def remove_stale(out_dir: Path) -> None:
+    """Removes the staging and trash folders of runs that no longer exist beside ``out_dir``;
+    a trash folder of ``out_dir`` itself (a run killed between its two renames) is put back
+    first when ``out_dir`` is missing."""
+    for path in sorted(out_dir.parent.glob(f"{STAGING}*")):
+        match = _STAGING_NAME.match(path.name)
+        if match and _alive(int(match.group(1))):
+            continue
+        if match and match.group(3) == out_dir.name and not out_dir.exists():
+            os.rename(path, out_dir)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has none in progress while it prepares a new one
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def swap_in(staging: Path, out_dir: Path) -> None:
+    """Renames the old ``out_dir`` away, ``staging`` onto ``out_dir``, then deletes the old."""
+    trash = None
+    if out_dir.exists():
+        trash = out_dir.parent / f"{STAGING}{os.getpid()}-old-{uuid.uuid4().hex[:8]}-{out_dir.name}"
+        os.rename(out_dir, trash)
+    os.rename(staging, out_dir)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# --- the checkpoint --------------------------------------------------------------------------
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The training-form network of a ``train.py`` checkpoint and its ``net_config``."""
     path = Path(path)
@@ -55,6 +145,12 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise DeployError(
             f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})"
         ) from err
+    if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("repsqueeze.deployed"):
+        raise DeployError(
+            f"{path} is already deployed (a deployed.pt written by save_deployed): load it "
+            "with repsqueeze.load_deployed, or give deploy.py the training checkpoint "
+            "(checkpoints/*.ckpt)"
+        )
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
@@ -64,17 +160,23 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise DeployError(
             f"{path}: no net_config in its hyper-parameters; was it written by train.py?"
         )
-    try:
-        net = create_model(**net_config)
-    except (TypeError, ValueError) as err:
-        raise DeployError(f"{path}: cannot rebuild the network from {net_config}: {err}") from err
+    for key in ("num_classes", "in_channels"):
+        value = net_config.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DeployError(f"{path}: net_config {key}={value!r}: must be a positive integer")
     state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise DeployError(
-            f"{path}: weights do not fit {net_config}: {str(err).splitlines()[0]}"
-        ) from err
+        export.check_weights(state, str(path))
+    except ValueError as err:
+        raise DeployError(f"{err}; refusing to deploy it") from err
+    try:
+        net = create_model(**net_config)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DeployError(f"{path}: cannot rebuild the network from {net_config}: {err}") from err
+    problem = export.state_dict_mismatch(net.state_dict(), state)
+    if problem:
+        raise DeployError(f"{path}: weights do not fit {net_config}: {problem}")
+    net.load_state_dict(state, strict=True)
     return net.eval(), dict(net_config)
 
 
@@ -86,23 +188,46 @@ def data_config(cfg: DictConfig, ckpt_path: Path) -> DictConfig | None:
     return OmegaConf.load(saved).get("data") if saved.is_file() else None
 
 
+def input_shape(cfg: DictConfig) -> tuple[int, ...] | None:
+    shape = cfg.get("input_shape")
+    if shape is None:
+        return None
+    shape = OmegaConf.to_object(shape) if OmegaConf.is_config(shape) else shape
+    if (
+        not isinstance(shape, (list, tuple))
+        or not shape
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise DeployError(f"input_shape={shape!r}: give [C,H,W] as positive integers")
+    return tuple(shape)
+
+
 def verification_inputs(
-    cfg: DictConfig, ckpt_path: Path, notes: list[str]
+    cfg: DictConfig, ckpt_path: Path, net: torch.nn.Module, notes: list[str]
 ) -> dict[str, torch.Tensor]:
     """A random batch, plus a real one when the run's data can be loaded."""
-    datamodule, shape = None, cfg.get("input_shape")
+    datamodule, shape = None, input_shape(cfg)
     data_cfg = data_config(cfg, ckpt_path) if cfg.use_data or shape is None else None
     if data_cfg is not None:
         try:
             datamodule = instantiate(data_cfg)
         except Exception as err:
             notes.append(f"data module not built: {err}")
+    source = "input_shape"
     if shape is None and datamodule is not None:
         shape = (datamodule.in_channels, datamodule.image_size, datamodule.image_size)
+        source = "the data module's input shape"
     if shape is None:
         raise DeployError("cannot tell the input shape: give input_shape=[C,H,W]")
     gen = torch.Generator().manual_seed(cfg.seed)
     inputs = {"random": torch.randn(cfg.batch_size, *shape, generator=gen)}
+    try:
+        with torch.no_grad():
+            net(inputs["random"][:2])
+    except Exception as err:
+        raise DeployError(
+            f"{source} {list(shape)} does not fit the network: {str(err).splitlines()[0]}"
+        ) from err
     if cfg.use_data and datamodule is None:
         notes.append("no data module found (give data=NAME): verified on the random batch only")
     if cfg.use_data and datamodule is not None:
@@ -115,45 +240,116 @@ def verification_inputs(
     return inputs
 
 
+# --- artifacts -------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """What every artifact writer gets: the config, both forms, a batch and the folder."""
+
+    cfg: DictConfig
+    net: torch.nn.Module
+    deployed: torch.nn.Module
+    net_config: dict
+    x: torch.Tensor
+    folder: Path
+    verification: dict
+
+    @functools.cached_property
+    def program(self) -> torch.export.ExportedProgram:
+        """The deployed model through ``torch.export`` (shared by model.pt2 and ONNX)."""
+        return export.export_program(self.deployed, self.x)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file: written by ``write`` (which returns the reloaded file's output on
+    ``job.x``) when config key ``flag`` is true (always when ``None``), and refused when
+    that output differs from PyTorch by more than config key ``tolerance`` (relative)."""
+
+    name: str
+    flag: str | None
+    write: Callable[[Job, Path], torch.Tensor]
+    tolerance: str
+
+
+def write_deployed_pt(job: Job, path: Path) -> torch.Tensor:
+    export.save_deployed(job.deployed, path, job.net_config, {"verification": job.verification})
+    return export.load_deployed(path)(job.x)
+
+
+def write_pt2(job: Job, path: Path) -> torch.Tensor:
+    with export.atomic_path(path) as tmp:
+        torch.export.save(job.program, tmp)
+    return export.load_pt2(path)(job.x)
+
+
+def write_onnx(job: Job, path: Path) -> torch.Tensor:
+    export.to_onnx(job.program, path, job.x, opset=job.cfg.onnx_opset)
+    return export.run_onnx(path, job.x)
+
+
+def write_torchscript(job: Job, path: Path) -> torch.Tensor:
+    export.to_torchscript(job.deployed, path, job.x[:1])
+    return torch.jit.load(str(path))(job.x)
+
+
+# Every file deploy.py can write, in order. Another format is one writer ``(job, path) ->
+# its reloaded output on job.x`` and one entry here, with its on/off and tolerance keys in
+# configs/deploy.yaml; writing, checking, the report and the folder swap come with it.
+ARTIFACTS = [
+    Artifact("deployed.pt", None, write_deployed_pt, "tol_export"),
+    Artifact("model.pt2", "pt2", write_pt2, "tol_export"),
+    Artifact("model.onnx", "onnx", write_onnx, "tol_onnx"),
+    Artifact("model.ts", "torchscript", write_torchscript, "tol_export"),
+]
+
+
 @torch.no_grad()
 def build_artifacts(
     cfg: DictConfig, net: torch.nn.Module, net_config: dict, inputs: dict, folder: Path
 ) -> dict:
     """Deploys, verifies, writes every artifact into ``folder`` and returns the report."""
     deployed = deploy(net).eval()
-    try:
-        errors = export.verify(net, deployed, inputs, tol32=cfg.tol_float32, tol64=cfg.tol_float64)
-    except ValueError as err:
-        raise DeployError(f"verification failed, nothing written: {err}") from err
-    x = inputs.get("data", inputs["random"])
-    report: dict[str, Any] = {"net_config": net_config, "verification": errors, "files": {}}
-    export.save_deployed(
-        deployed, folder / "deployed.pt", net_config, extra={"verification": errors}
-    )
-    reloaded = export.load_deployed(folder / "deployed.pt")
-    report["reload_max_abs_diff"] = export.max_abs_diff(reloaded(x), deployed(x))
-    if cfg.torchscript:
-        export.to_torchscript(deployed, folder / "model.ts", x[:1])
-        ts = torch.jit.load(str(folder / "model.ts"))
-        report["torchscript_max_abs_diff"] = export.max_abs_diff(ts(x), deployed(x))
-    if cfg.onnx:
-        export.to_onnx(deployed, folder / "model.onnx", x[:1], opset=cfg.onnx_opset)
-        with torch.no_grad():
-            ref = deployed(x)
-        diff = export.max_abs_diff(export.run_onnx(folder / "model.onnx", x), ref)
-        report["onnx_max_abs_diff"] = diff
-        report["onnx_relative_diff"] = diff / float(ref.abs().max().clamp_min(1e-30))
-        if not report["onnx_relative_diff"] <= cfg.tol_onnx:
-            raise DeployError(
-                f"onnxruntime output differs from PyTorch by {report['onnx_relative_diff']:.2e} "
-                f"(relative) > {cfg.tol_onnx:.0e}; nothing written"
+    device = torch.device(cfg.device)
+    with strict_fp32():
+        numerics = describe_fp32()
+        try:
+            errors = export.verify(
+                net.to(device), deployed.to(device), inputs, cfg.tol_float32, cfg.tol_float64
             )
-    report["measurements"] = measure(net, deployed, x[:1].shape[1:], cfg.latency_repeats)
-    return report
+        except ValueError as err:
+            raise DeployError(f"verification failed, nothing written: {err}") from err
+        finally:
+            net.cpu()
+            deployed.cpu()
+    x = inputs.get("data", inputs["random"])
+    reference = deployed(x)
+    scale = float(reference.abs().max().clamp_min(1e-30))
+    job = Job(cfg, net, deployed, net_config, x, folder, errors)
+    checks = {}
+    for artifact in ARTIFACTS:
+        if artifact.flag is not None and not cfg[artifact.flag]:
+            continue
+        diff = export.max_abs_diff(artifact.write(job, folder / artifact.name), reference)
+        tol = cfg[artifact.tolerance]
+        checks[artifact.name] = {"max_abs_diff": diff, "relative_diff": diff / scale}
+        if not diff / scale <= tol:
+            raise DeployError(
+                f"{artifact.name}: its output differs from PyTorch by {diff / scale:.2e} "
+                f"(relative) > {artifact.tolerance}={tol:.0e}; nothing written"
+            )
+    return {
+        "net_config": net_config,
+        "verification": errors,
+        "numerics": f"float64 and {numerics}, on {device}",
+        "checks": checks,
+        "measurements": (
+            measure(net, deployed, x.shape[1:], cfg.latency_min_run_time) if cfg.measure else None
+        ),
+    }
 
 
 def measure(
-    net: torch.nn.Module, deployed: torch.nn.Module, shape: torch.Size, repeats: int
+    net: torch.nn.Module, deployed: torch.nn.Module, shape: torch.Size, min_run_time: float
 ) -> dict:
     out = {}
     for name, model in (("training", net), ("deployed", deployed)):
@@ -161,8 +357,8 @@ def measure(
         out[name] = {
             "params": export.count_params(model),
             "macs_per_sample": export.count_macs(model, x1),
-            "latency_ms_b1": export.latency_ms(lambda m=model, x=x1: m(x), repeats),
-            "latency_ms_b32": export.latency_ms(lambda m=model, x=x32: m(x), max(3, repeats // 4)),
+            "latency_b1": export.latency(lambda m=model, x=x1: m(x), min_run_time),
+            "latency_b32": export.latency(lambda m=model, x=x32: m(x), min_run_time),
         }
     return out
 
@@ -171,72 +367,95 @@ def run(cfg: DictConfig) -> dict:
     """The whole deploy step; returns the report. Raises :class:`DeployError`."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise DeployError("give the checkpoint: python deploy.py ckpt_path=PATH")
-    torch.manual_seed(cfg.seed)
     ckpt_path = Path(cfg.ckpt_path)
-    net, net_config = load_checkpoint(ckpt_path)
-    notes: list[str] = []
-    inputs = verification_inputs(cfg, ckpt_path, notes)
-    out_dir = (
-        Path(cfg.output_dir)
-        if cfg.get("output_dir")
-        else ckpt_path.resolve().parent.parent / "deployed"
-    )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".deploy-", dir=out_dir.parent))
+    if not ckpt_path.is_file():  # before the default output folder beside it is made
+        raise DeployError(f"checkpoint not found: {ckpt_path}")
+    out_dir = output_folder(cfg, ckpt_path)
+    staging = prepare_output(out_dir)
     try:
+        if cfg.onnx:
+            try:
+                export.require_onnx()
+            except ImportError as err:
+                raise DeployError(export.ONNX_HINT) from err
+        torch.manual_seed(cfg.seed)
+        net, net_config = load_checkpoint(ckpt_path)
+        notes: list[str] = []
+        if not export.has_blocks(net):
+            notes.append("nothing to squeeze: the network has no re-parameterizable block")
+        inputs = verification_inputs(cfg, ckpt_path, net, notes)
         report = build_artifacts(cfg, net, net_config, inputs, staging)
         report["notes"] = notes
         report["checkpoint"] = str(ckpt_path)
-        names = [p.name for p in staging.iterdir()] + ["report.json"]
-        report["files"] = {n: (staging / n).stat().st_size for n in names if (staging / n).exists()}
+        report["files"] = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         (staging / "report.json").write_text(json.dumps(report, indent=2))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in names:  # every artifact is complete before the first one is moved in
-            os.replace(staging / name, out_dir / name)
+        swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report["output_dir"] = str(out_dir)
-    print_table(report)
+    print_report(report)
     return report
 
 
-def print_table(report: dict) -> None:
-    m = report["measurements"]
-    rows = [
-        ("parameters", *(f"{m[k]['params']:,}" for k in ("training", "deployed"))),
-        ("MACs / sample", *(f"{m[k]['macs_per_sample']:,}" for k in ("training", "deployed"))),
-        (
-            "CPU latency, batch 1",
-            *(f"{m[k]['latency_ms_b1']:.3f} ms" for k in ("training", "deployed")),
-        ),
-        (
-            "CPU latency, batch 32",
-            *(f"{m[k]['latency_ms_b32']:.3f} ms" for k in ("training", "deployed")),
-        ),
+def print_report(report: dict) -> None:
+    lines = []
+    if report["measurements"]:
+        m = report["measurements"]
+        forms = ("training", "deployed")
+
+        def ms(key: str, form: str) -> str:
+            t = m[form][key]
+            return f"{t['median_ms']:.3f} ms (IQR {t['iqr_ms']:.3f})"
+
+        rows = [
+            ("parameters", *(m[k]["params"] for k in forms)),
+            ("MACs / sample", *(m[k]["macs_per_sample"] for k in forms)),
+            ("CPU latency, batch 1", *(ms("latency_b1", k) for k in forms)),
+            ("CPU latency, batch 32", *(ms("latency_b32", k) for k in forms)),
+        ]
+        lines += [table(rows, ["", "training form", "deployed"], markdown=False), ""]
+    errors = [(name, e["float64"], e["float32"]) for name, e in report["verification"].items()]
+    files = [
+        (n, f"{size / 1024:.1f} KiB", report["checks"].get(n, {}).get("relative_diff"))
+        for n, size in report["files"].items()
     ]
-    lines = [f"{'':<26}{'training form':>16}{'deployed':>16}", "-" * 58]
-    lines += [f"{a:<26}{b:>16}{c:>16}" for a, b, c in rows]
-    lines.append("")
-    for name, errs in report["verification"].items():
-        lines.append(
-            f"max relative error, {name} input: float64 {errs['float64']:.2e}, float32 {errs['float32']:.2e}"
-        )
-    for key in ("torchscript_max_abs_diff", "onnx_max_abs_diff"):
-        if key in report:
-            lines.append(f"{key.replace('_', ' ')} vs PyTorch: {report[key]:.2e}")
-    lines += [f"{n:<14}{size / 1024:>10.1f} KiB" for n, size in report["files"].items()]
-    lines += [f"note: {n}" for n in report["notes"]]
-    lines.append(f"written to {report['output_dir']}")
+    lines += [
+        f"max relative error, deployed vs training form ({report['numerics']}):",
+        table(errors, ["input", "float64", "float32"], markdown=False),
+        "",
+        table(files, ["file", "size", "rel. diff vs PyTorch"], markdown=False),
+        *(f"note: {n}" for n in report["notes"]),
+        f"written to {report['output_dir']}",
+    ]
     print("\n".join(lines))
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line: a :class:`DeployError` as it is, anything else with its type."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, DeployError):
+        return text
+    return f"{type(err).__name__}: {text} (HYDRA_FULL_ERROR=1 shows the traceback)"
+
+
+def entry(cfg: DictConfig) -> int:
+    """:func:`run` as the command line sees it: the exit status; a failure is one line on
+    stderr (the traceback propagates when ``HYDRA_FULL_ERROR=1``)."""
+    try:
+        run(cfg)
+    except Exception as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"deploy.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="deploy")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except DeployError as err:
-        print(f"deploy.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    status = entry(cfg)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""``deploy.py``: checkpoint in, verified deployed.pt / TorchScript / ONNX / report out.
+"""``deploy.py``: checkpoint in, verified deployed.pt / model.pt2 / ONNX / report out.
 
-Fast tests call ``deploy.run(cfg)`` in-process on a checkpoint written here from an untrained
-network with randomized BatchNorm statistics. The ``slow`` ones train digits for a few epochs
-with ``train(cfg)`` and run ``python deploy.py`` in a subprocess, as a user would.
+Fast tests call ``deploy.run(cfg)`` in-process on checkpoints written here from an untrained
+network with randomized BatchNorm statistics (one per module; broken variants are copies of
+it). ONNX export takes several seconds, so only the first test writes ``model.onnx``; the
+others pass ``onnx=false``. The ``slow`` ones train digits for a few epochs with
+``train(cfg)`` and run ``python deploy.py`` in a subprocess, as a user would.
 """
 
 import importlib.util
@@ -22,15 +24,20 @@ from helpers import randomize_bn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import repsqueeze as rs
 from repsqueeze import export
 from repsqueeze.lit import Classifier
+from repsqueeze.models import register_model
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = {"deployed.pt", "model.ts", "model.onnx", "report.json"}
+ARTIFACTS = {"deployed.pt", "model.pt2", "model.onnx", "report.json"}
 NET_CONFIG = {"name": "digits_net", "block": "dbb", "num_classes": 10, "in_channels": 1}
+REPVGG = {**NET_CONFIG, "block": "repvgg"}
 TOL64, TOL32 = 1e-10, 1e-5
+MEASURED = ["latency_min_run_time=0.01", "onnx=false"]
+FAST = ["measure=false", "onnx=false"]
 
 # One intra-op thread: several times faster for these tiny models on a busy 2-core machine.
 pytestmark = [
@@ -43,6 +50,7 @@ pytestmark = [
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -52,6 +60,19 @@ train = _load_script("train").train
 DeployError = deploy_script.DeployError
 
 Compose = Callable[..., DictConfig]
+
+
+@register_model
+def deploy_test_plain_cnn(num_classes: int = 10, in_channels: int = 1, deployed: bool = False):
+    """What ``rs.contract`` gives back: torch layers only, no re-parameterizable block."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
 
 
 class CreatesMarker:
@@ -70,29 +91,60 @@ def _no_outputs(out_dir: Path) -> None:
     assert not list(out_dir.parent.glob(".deploy-*"))
 
 
-def _check_report(report: dict, inputs: set[str]) -> None:
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _check_report(report: dict, inputs: set[str], files: set[str]) -> None:
     assert set(report["verification"]) == inputs
     for errors in report["verification"].values():
         assert 0 <= errors["float64"] <= TOL64
         assert 0 <= errors["float32"] <= TOL32
-    assert report["reload_max_abs_diff"] == 0
-    assert report["torchscript_max_abs_diff"] <= 1e-5
-    assert report["onnx_relative_diff"] <= 1e-4
+    assert set(report["checks"]) == files - {"report.json"}
+    assert report["checks"]["deployed.pt"]["max_abs_diff"] == 0
+    for name, check in report["checks"].items():
+        assert check["relative_diff"] <= (1e-4 if name == "model.onnx" else 1e-5), name
+    assert set(report["files"]) == files - {"report.json"}
+    assert "TF32" in report["numerics"]
     m = report["measurements"]
     assert m["deployed"]["params"] < m["training"]["params"]
     assert m["deployed"]["macs_per_sample"] < m["training"]["macs_per_sample"]
 
 
-# --- in-process: deploy.run(cfg) -----------------------------------------------------------
-@pytest.fixture
-def checkpoint(tmp_path: Path) -> Path:
-    """A Lightning-style checkpoint of an untrained dbb digits net, BN stats randomized."""
-    model = Classifier(NET_CONFIG)
-    randomize_bn(model.net, torch.Generator().manual_seed(0))
-    path = tmp_path / "run" / "checkpoints" / "model.ckpt"
-    path.parent.mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+def _write_checkpoint(path: Path, net_config: dict, seed: int = 0, edit=None) -> Path:
+    """A Lightning-style checkpoint of an untrained network, BN statistics randomized;
+    ``edit(state_dict)`` may break it first."""
+    model = Classifier(net_config)
+    randomize_bn(model.net, torch.Generator().manual_seed(seed))
+    state = model.state_dict()
+    if edit is not None:
+        edit(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "hyper_parameters": dict(model.hparams)}, path)
     return path
+
+
+# --- in-process: deploy.run(cfg) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def dbb_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dbb digits net (the richest block kind) in a run folder."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return _write_checkpoint(run_dir / "checkpoints" / "model.ckpt", NET_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repvgg digits net in a run folder: cheaper, for the tests of everything else."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return _write_checkpoint(run_dir / "checkpoints" / "model.ckpt", REPVGG)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another network (plain ConvBN blocks, other statistics): export B of the
+    replacement tests."""
+    path = tmp_path_factory.mktemp("run_b") / "b.ckpt"
+    return _write_checkpoint(path, {**NET_CONFIG, "block": "plain"}, seed=1)
 
 
 @pytest.fixture
@@ -101,28 +153,35 @@ def compose_deploy(tmp_path: Path) -> Iterator[Compose]:
     GlobalHydra.instance().clear()
     initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
     paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-    yield lambda *overrides: compose("deploy", overrides=[*paths, "latency_repeats=2", *overrides])
+    yield lambda *overrides: compose("deploy", overrides=[*paths, *overrides])
     GlobalHydra.instance().clear()
 
 
-def test_run_with_an_explicit_data_config(compose_deploy, checkpoint, tmp_path):
+def test_run_with_an_explicit_data_config(compose_deploy, dbb_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}", "data=digits")
+    cfg = compose_deploy(
+        f"ckpt_path={dbb_checkpoint}",
+        f"output_dir={out}",
+        "data=digits",
+        "latency_min_run_time=0.01",
+    )
     report = deploy_script.run(cfg)
     assert {p.name for p in out.iterdir()} == ARTIFACTS
     assert not list(tmp_path.glob(".deploy-*"))
-    _check_report(report, {"random", "data"})
+    _check_report(report, {"random", "data"}, ARTIFACTS)
     assert report["notes"] == []
     assert report["net_config"] == NET_CONFIG
     assert json.loads((out / "report.json").read_text())["verification"] == report["verification"]
+    printed = capsys.readouterr().out
+    assert "training form" in printed and f"written to {out}" in printed
 
-    net, _ = deploy_script.load_checkpoint(checkpoint)
+    net, _ = deploy_script.load_checkpoint(dbb_checkpoint)
     x = torch.randn(7, 1, 8, 8)  # a batch size the exports never saw
     with torch.no_grad():
         expected = net(x)
         outputs = {
             "deployed.pt": export.load_deployed(out / "deployed.pt")(x),
-            "model.ts": torch.jit.load(str(out / "model.ts"))(x),
+            "model.pt2": export.load_pt2(out / "model.pt2")(x),
         }
     outputs["model.onnx"] = export.run_onnx(out / "model.onnx", x)
     for name, logits in outputs.items():
@@ -131,22 +190,57 @@ def test_run_with_an_explicit_data_config(compose_deploy, checkpoint, tmp_path):
 
 def test_run_without_data_verifies_on_random_input_only(compose_deploy, checkpoint, tmp_path):
     out = tmp_path / "out"
-    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]")
+    cfg = compose_deploy(
+        f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", *MEASURED
+    )
     report = deploy_script.run(cfg)
-    _check_report(report, {"random"})
-    assert {p.name for p in out.iterdir()} == ARTIFACTS
+    files = ARTIFACTS - {"model.onnx"}
+    _check_report(report, {"random"}, files)
+    assert {p.name for p in out.iterdir()} == files
 
 
 def test_run_default_output_dir_is_beside_the_run(compose_deploy, checkpoint):
-    cfg = compose_deploy(f"ckpt_path={checkpoint}", "input_shape=[1,8,8]", "onnx=false")
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", "input_shape=[1,8,8]", "pt2=false", *FAST)
     report = deploy_script.run(cfg)
     out = checkpoint.parent.parent / "deployed"
     assert report["output_dir"] == str(out)
+    assert {p.name for p in out.iterdir()} == {"deployed.pt", "report.json"}
+    shutil.rmtree(out)  # the checkpoint fixture is shared
+
+
+def test_torchscript_only_when_asked(compose_deploy, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    cfg = compose_deploy(
+        f"ckpt_path={checkpoint}",
+        f"output_dir={out}",
+        "input_shape=[1,8,8]",
+        "pt2=false",
+        "torchscript=true",
+        *FAST,
+    )
+    report = deploy_script.run(cfg)
     assert {p.name for p in out.iterdir()} == {"deployed.pt", "model.ts", "report.json"}
+    assert report["checks"]["model.ts"]["relative_diff"] <= 1e-5
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.jit.load(str(out / "model.ts"))(x),
+            export.load_deployed(out / "deployed.pt")(x),
+            rtol=0,
+            atol=1e-5,
+        )
+
+
+def test_a_missing_checkpoint_makes_no_folder(compose_deploy, tmp_path):
+    """The default output folder is beside the checkpoint's run: a typo creates nothing."""
+    cfg = compose_deploy(f"ckpt_path={tmp_path / 'typo' / 'checkpoints' / 'best.ckpt'}")
+    with pytest.raises(DeployError, match="checkpoint not found"):
+        deploy_script.run(cfg)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_needs_an_input_shape(compose_deploy, checkpoint, tmp_path):
-    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}")
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}", *FAST)
     with pytest.raises(DeployError, match="input_shape"):
         deploy_script.run(cfg)
     _no_outputs(tmp_path / "out")
@@ -161,21 +255,340 @@ def test_failed_verification_writes_nothing(compose_deploy, checkpoint, tmp_path
 
     monkeypatch.setattr(deploy_script, "deploy", tampering_deploy)
     out = tmp_path / "out"
-    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}", "data=digits")
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}", "data=digits", *FAST)
     with pytest.raises(DeployError, match="verification failed.*in float32"):
         deploy_script.run(cfg)
     _no_outputs(out)
 
 
-def test_failed_onnx_check_writes_nothing(compose_deploy, checkpoint, tmp_path):
-    """The ONNX check comes after deployed.pt and model.ts exist: none of them is moved in."""
+def test_verification_runs_with_tf32_off(compose_deploy, checkpoint, tmp_path, monkeypatch):
+    """TF32 switched on globally (as cuDNN does on Ampere+) is off while the forms are
+    compared, back on afterwards, and the report says how float32 ran."""
+    seen = []
+    verify = export.verify
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cudnn.allow_tf32)
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(deploy_script.export, "verify", spy)
+    cfg = compose_deploy(
+        f"ckpt_path={checkpoint}",
+        f"output_dir={tmp_path / 'out'}",
+        "input_shape=[1,8,8]",
+        "pt2=false",
+        *FAST,
+    )
+    # cuDNN's flag only: flipping torch.backends.cuda.matmul.allow_tf32 (the legacy API)
+    # leaves torch.get_float32_matmul_precision() raising for the rest of the process
+    flag = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        report = deploy_script.run(cfg)
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32 = flag
+    assert seen == [False]
+    expected = "CPU: no TF32" if not torch.cuda.is_available() else "TF32 disabled"
+    assert expected in report["numerics"]
+
+
+# --- the output folder is replaced whole ----------------------------------------------------
+def test_a_later_export_leaves_no_stale_file(compose_deploy, checkpoint, checkpoint_b, tmp_path):
+    """Export A with model.pt2, then B without: A's model.pt2 must not survive beside B."""
+    out = tmp_path / "out"
+    common = [f"output_dir={out}", "input_shape=[1,8,8]", *FAST]
+    deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
+    assert (out / "model.pt2").exists()
+    report = deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common, "pt2=false"))
+    assert {p.name for p in out.iterdir()} == {"deployed.pt", "report.json"}
+    assert json.loads((out / "report.json").read_text())["net_config"]["block"] == "plain"
+    assert report["checkpoint"] == str(checkpoint_b)
+    net_b, _ = deploy_script.load_checkpoint(checkpoint_b)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(export.load_deployed(out / "deployed.pt")(x), net_b(x))
+    assert not list(tmp_path.glob(".deploy-*"))
+
+
+@pytest.mark.parametrize("stage", ["torch.export.save", "report"])
+def test_a_crash_mid_write_keeps_the_previous_export(
+    compose_deploy, checkpoint, checkpoint_b, tmp_path, monkeypatch, stage
+):
+    """A writer that dies after writing part of its file (disk full, a kill): the previous
+    folder is intact, byte for byte, and no staging folder is left."""
+    out = tmp_path / "out"
+    pt2 = "pt2=true" if stage == "torch.export.save" else "pt2=false"
+    common = [f"output_dir={out}", "input_shape=[1,8,8]", pt2, *FAST]
+    deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
+    before = _snapshot(out)
+
+    def dies_mid_write(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    if stage == "torch.export.save":
+        monkeypatch.setattr(torch.export, "save", dies_mid_write)
+    else:
+        monkeypatch.setattr(deploy_script.json, "dumps", lambda *a, **k: 1 / 0)
+    with pytest.raises((OSError, ZeroDivisionError)):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common))
+    assert _snapshot(out) == before
+    assert not list(tmp_path.glob(".deploy-*"))
+
+
+def test_failed_file_check_keeps_the_previous_export(
+    compose_deploy, checkpoint, checkpoint_b, tmp_path
+):
+    out = tmp_path / "out"
+    common = [f"output_dir={out}", "input_shape=[1,8,8]", *FAST, "pt2=false"]
+    deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
+    before = _snapshot(out)
+    with pytest.raises(DeployError, match="deployed.pt: its output differs.*tol_export"):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common, "tol_export=-1"))
+    assert _snapshot(out) == before
+    assert not list(tmp_path.glob(".deploy-*"))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_leftovers_of_killed_runs_are_removed(compose_deploy, checkpoint, tmp_path):
+    """Staging folders of dead processes (and of the older unnumbered naming) go; a live
+    process's staging folder stays."""
+    dead, live = _dead_pid(), os.getppid()
+    leftovers = [f".deploy-{dead}-x1y2z3", f".deploy-{dead}-old-0123abcd-other", ".deploy-k2j3h4"]
+    for name in [*leftovers, f".deploy-{live}-inprogress"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_bytes(b"\0" * 1000)
     out = tmp_path / "out"
     cfg = compose_deploy(
-        f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", "tol_onnx=-1"
+        f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", "pt2=false", *FAST
     )
-    with pytest.raises(DeployError, match="onnxruntime output differs"):
+    deploy_script.run(cfg)
+    assert sorted(p.name for p in tmp_path.glob(".deploy-*")) == [f".deploy-{live}-inprogress"]
+
+
+def test_an_export_killed_between_its_renames_is_put_back(compose_deploy, tmp_path):
+    """Killed after renaming the old folder away and before renaming the new one in: the
+    next run (even one that fails) puts the old export back in place."""
+    trash = tmp_path / f".deploy-{_dead_pid()}-old-0123abcd-out"
+    trash.mkdir()
+    (trash / "deployed.pt").write_bytes(b"old export")
+    not_a_checkpoint = _bad_file("random_bytes", tmp_path)
+    cfg = compose_deploy(f"ckpt_path={not_a_checkpoint}", f"output_dir={tmp_path / 'out'}")
+    with pytest.raises(DeployError, match="cannot be loaded safely"):
         deploy_script.run(cfg)
-    _no_outputs(out)
+    assert (tmp_path / "out" / "deployed.pt").read_bytes() == b"old export"
+    assert not list(tmp_path.glob(".deploy-*"))
+
+
+# --- the output folder is checked before any work -------------------------------------------
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the checkpoint is ever loaded."""
+
+    def load_checkpoint(path):
+        raise AssertionError("the checkpoint was loaded before the output folder was checked")
+
+    monkeypatch.setattr(deploy_script, "load_checkpoint", load_checkpoint)
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("where", ["output_dir", "parent"])
+def test_output_dir_that_is_a_file(compose_deploy, checkpoint, tmp_path, where):
+    file = tmp_path / "taken"
+    file.write_text("keep me")
+    out = file if where == "output_dir" else file / "out"
+    with pytest.raises(DeployError, match="is a file, not a folder"):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
+    assert file.read_text() == "keep me"
+    assert not list(tmp_path.glob(".deploy-*"))
+
+
+@pytest.mark.usefixtures("no_work")
+def test_unwritable_output_parent(compose_deploy, checkpoint, tmp_path, monkeypatch):
+    def mkdtemp(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(deploy_script.tempfile, "mkdtemp", mkdtemp)
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}")
+    with pytest.raises(DeployError, match="cannot write beside output folder .*Permission denied"):
+        deploy_script.run(cfg)
+
+
+@pytest.mark.usefixtures("no_work")
+def test_unwritable_output_folder(compose_deploy, checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    access = os.access
+    monkeypatch.setattr(
+        deploy_script.os, "access", lambda p, mode: Path(p) != out and access(p, mode)
+    )
+    with pytest.raises(DeployError, match=f"output folder {out} is not writable"):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
+    assert not list(tmp_path.glob(".deploy-*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_for_real(compose_deploy, checkpoint, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(DeployError, match="cannot write beside output folder"):
+            deploy_script.run(
+                compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={parent / 'out'}")
+            )
+    finally:
+        parent.chmod(0o755)
+
+
+@pytest.mark.usefixtures("no_work")
+def test_missing_onnx_gives_the_install_hint(compose_deploy, checkpoint, tmp_path, monkeypatch):
+    """A base install has no onnx/onnxruntime/onnxscript: one line saying what to install."""
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises ImportError
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}")
+    with pytest.raises(DeployError) as info:
+        deploy_script.run(cfg)
+    assert str(info.value) == (
+        "ONNX export needs onnx, onnxruntime and onnxscript: pip install 'repsqueeze[export]', "
+        "or onnx=false"
+    )
+    _no_outputs(tmp_path / "out")
+
+
+# --- bad checkpoints -------------------------------------------------------------------------
+def _set(key: str, value: float, index: int = 0):
+    def edit(state: dict) -> None:
+        state[key].view(-1)[index] = value
+
+    return edit
+
+
+BROKEN_WEIGHTS = {
+    "nan_weight": (
+        _set("net.stem.0.branches.0.0.weight", float("nan")),
+        "stem.0.branches.0.0.weight holds 1 NaN/Inf",
+    ),
+    "inf_bias": (_set("net.head.bias", float("inf"), 3), "head.bias holds 1 NaN/Inf"),
+    "negative_running_var": (
+        _set("net.stages.1.0.0.branches.1.1.running_var", -0.5),
+        "stages.1.0.0.branches.1.1.running_var has negative entries",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_WEIGHTS)
+def test_broken_weights_are_refused(compose_deploy, tmp_path, kind):
+    edit, message = BROKEN_WEIGHTS[kind]
+    ckpt = _write_checkpoint(tmp_path / "broken.ckpt", NET_CONFIG, edit=edit)
+    cfg = compose_deploy(f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'out'}", *FAST)
+    with pytest.raises(DeployError, match=message.replace(".", r"\.")):
+        deploy_script.run(cfg)
+    _no_outputs(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("net_config", "message"),
+    [
+        (
+            {**NET_CONFIG, "num_classes": -1},
+            "net_config num_classes=-1: must be a positive integer",
+        ),
+        ({**NET_CONFIG, "in_channels": 0}, "net_config in_channels=0: must be a positive integer"),
+        ({**NET_CONFIG, "num_classes": "ten"}, "net_config num_classes='ten'"),
+    ],
+)
+def test_bad_net_config_names_the_key(tmp_path, net_config, message):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net_config": net_config}}, path)
+    with pytest.raises(DeployError, match=message):
+        deploy_script.load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_name_keys_and_shapes(checkpoint, tmp_path):
+    """A 5-class head stored under a 10-class net_config; a stray key; a missing key."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    state = ckpt["state_dict"]
+    state["net.head.weight"] = state["net.head.weight"][:5]
+    state["net.extra.weight"] = torch.zeros(2)
+    del state["net.head.bias"]
+    path = tmp_path / "mismatch.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(DeployError) as info:
+        deploy_script.load_checkpoint(path)
+    message = str(info.value)
+    assert "weights do not fit" in message
+    assert "missing head.bias" in message
+    assert "unexpected extra.weight" in message
+    assert "head.weight (5, 64) vs (10, 64) expected" in message
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("[3,8,8]", r"input_shape \[3, 8, 8\] does not fit the network: .*channels"),
+        ("[1,0,8]", "give \\[C,H,W\\] as positive integers"),
+        ("seven", "give \\[C,H,W\\] as positive integers"),
+    ],
+)
+def test_wrong_input_shape(compose_deploy, checkpoint, tmp_path, shape, message):
+    cfg = compose_deploy(
+        f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}", f"input_shape={shape}", *FAST
+    )
+    with pytest.raises(DeployError, match=message):
+        deploy_script.run(cfg)
+    _no_outputs(tmp_path / "out")
+
+
+def test_a_deployed_file_is_not_deployed_again(checkpoint, tmp_path):
+    net, net_config = deploy_script.load_checkpoint(checkpoint)
+    path = tmp_path / "deployed.pt"
+    export.save_deployed(rs.deploy(net), path, net_config)
+    with pytest.raises(DeployError, match="is already deployed.*load_deployed.*checkpoints/"):
+        deploy_script.load_checkpoint(path)
+
+
+def test_a_gpu_checkpoint_loads_on_the_cpu(checkpoint, tmp_path, monkeypatch):
+    """A checkpoint whose tensors were saved on ``cuda:0`` (the storage location recorded
+    in the file, as train.py on a GPU writes it) is mapped to the CPU."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    path = tmp_path / "gpu.ckpt"
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(ckpt, path)
+    if not torch.cuda.is_available():  # control: the file really says cuda
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    net, _ = deploy_script.load_checkpoint(path)
+    assert {t.device.type for t in net.state_dict().values()} == {"cpu"}
+    x = torch.randn(2, 1, 8, 8)
+    reference, _ = deploy_script.load_checkpoint(checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), rtol=0, atol=0)
+
+
+def test_a_network_without_blocks_deploys_as_is(compose_deploy, tmp_path):
+    """What ``rs.contract`` returns (torch layers only): nothing to squeeze, still verified
+    and exported."""
+    config = {"name": "deploy_test_plain_cnn", "num_classes": 4, "in_channels": 1}
+    ckpt = _write_checkpoint(tmp_path / "plain.ckpt", config)
+    out = tmp_path / "out"
+    cfg = compose_deploy(
+        f"ckpt_path={ckpt}", f"output_dir={out}", "input_shape=[1,8,8]", "use_data=false", *MEASURED
+    )
+    report = deploy_script.run(cfg)
+    assert report["notes"] == ["nothing to squeeze: the network has no re-parameterizable block"]
+    assert report["verification"]["random"]["float64"] == 0
+    assert {p.name for p in out.iterdir()} == {"deployed.pt", "model.pt2", "report.json"}
+    m = report["measurements"]
+    assert (
+        m["deployed"]["macs_per_sample"] == m["training"]["macs_per_sample"] == 8 * 9 * 64 + 8 * 4
+    )
 
 
 def _bad_file(kind: str, folder: Path) -> Path:
@@ -253,18 +666,23 @@ def test_refusal_message_is_plain_text(tmp_path):
 
 
 # --- subprocess: python deploy.py ----------------------------------------------------------
-def _run_deploy(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _run_deploy(
+    tmp_path: Path, *overrides: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``python deploy.py`` from the repository root; Hydra's own files go to tmp_path."""
     command = [
         sys.executable,
         str(ROOT / "deploy.py"),
         f"paths.root_dir={tmp_path}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
-        "latency_repeats=2",
+        "latency_min_run_time=0.01",
         *overrides,
     ]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -295,6 +713,80 @@ def test_script_without_ckpt_path_is_a_one_line_error(tmp_path):
     and Hydra prints a traceback."""
     result = _run_deploy(tmp_path, f"output_dir={tmp_path / 'out'}")
     _assert_one_line_error(result, "ckpt_path")
+
+
+def test_entry_errors_are_one_line_unless_asked(
+    compose_deploy, checkpoint, tmp_path, capsys, monkeypatch
+):
+    """What ``main`` runs: an output_dir that is a file is one line on stderr and status 1;
+    an unexpected exception too, with its type; with HYDRA_FULL_ERROR=1 the traceback."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={taken}")
+    assert deploy_script.entry(cfg) == 1
+    assert capsys.readouterr().err == (
+        f"deploy.py: error: output_dir {taken} is a file, not a folder\n"
+    )
+
+    def bug(_cfg):
+        raise KeyError("state_dict")
+
+    monkeypatch.setattr(deploy_script, "run", bug)
+    assert deploy_script.entry(cfg) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("deploy.py: error: KeyError: 'state_dict' (HYDRA_FULL_ERROR=1")
+    assert err.count("\n") == 1
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(KeyError):
+        deploy_script.entry(cfg)
+
+
+@pytest.mark.gpu
+def test_a_checkpoint_trained_on_the_gpu_deploys_on_a_cpu_only_machine(tmp_path):
+    """One SGD step on CUDA, saved with its CUDA tensors; deploy.py with no GPU visible
+    loads it on the CPU; deploy.py with device=cuda verifies on the GPU with TF32 on
+    globally (strict_fp32 turns it off for the comparison)."""
+    model = Classifier(NET_CONFIG).cuda()
+    randomize_bn(model.net, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 1, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    nn.functional.cross_entropy(model.net(x), y).backward()
+    optimizer.step()
+    ckpt = tmp_path / "run" / "checkpoints" / "gpu.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
+    assert next(iter(torch.load(ckpt, weights_only=True)["state_dict"].values())).is_cuda
+
+    out = tmp_path / "out"
+    common = [f"ckpt_path={ckpt}", "input_shape=[1,8,8]"]
+    result = _run_deploy(
+        tmp_path, *common, "onnx=false", f"output_dir={out}", env={"CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "CPU: no TF32" in report["numerics"]
+    net = model.net.cpu().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            export.load_deployed(out / "deployed.pt")(x.cpu()), net(x.cpu()), rtol=1e-5, atol=1e-5
+        )
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        GlobalHydra.instance().clear()
+        initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
+        cfg = compose(
+            "deploy", overrides=[*common, f"output_dir={tmp_path / 'cuda'}", "device=cuda", *FAST]
+        )
+        report = deploy_script.run(cfg)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        GlobalHydra.instance().clear()
+    assert "TF32 disabled" in report["numerics"] and "cuda" in report["numerics"]
+    for errors in report["verification"].values():
+        assert errors["float32"] <= TOL32
 
 
 # --- end to end: train(cfg), then python deploy.py -------------------------------------------
@@ -348,22 +840,22 @@ def deployed_dir(trained, tmp_path_factory) -> Path:
 def test_script_writes_verified_artifacts(trained, deployed_dir):
     assert {p.name for p in deployed_dir.iterdir()} == ARTIFACTS
     report = json.loads((deployed_dir / "report.json").read_text())
-    _check_report(report, {"random", "data"})  # "data": found through the run's .hydra config
+    _check_report(report, {"random", "data"}, ARTIFACTS)  # "data": from the run's .hydra config
     assert report["notes"] == []
     assert report["checkpoint"] == str(trained.ckpt)
     assert report["net_config"] == trained.net_config
-    for name in ("deployed.pt", "model.ts", "model.onnx"):
+    for name in ("deployed.pt", "model.pt2", "model.onnx"):
         assert report["files"][name] == (deployed_dir / name).stat().st_size
 
 
 @pytest.mark.slow
 def test_exported_models_agree_on_the_test_set(trained, deployed_dir):
-    """Training form, deployed.pt, TorchScript and onnxruntime: same logits, same accuracy."""
+    """Training form, deployed.pt, torch.export and onnxruntime: same logits, same accuracy."""
     with torch.no_grad():
         logits = {
             "training": trained.net(trained.x),
             "deployed.pt": export.load_deployed(deployed_dir / "deployed.pt")(trained.x),
-            "model.ts": torch.jit.load(str(deployed_dir / "model.ts"))(trained.x),
+            "model.pt2": export.load_pt2(deployed_dir / "model.pt2")(trained.x),
         }
     logits["model.onnx"] = export.run_onnx(deployed_dir / "model.onnx", trained.x)
     accuracy = {k: (v.argmax(1) == trained.y).float().mean().item() for k, v in logits.items()}
@@ -387,4 +879,4 @@ def test_script_with_explicit_data_on_a_bare_checkpoint(trained, tmp_path):
     out = tmp_path / "out"
     result = _run_deploy(tmp_path, f"ckpt_path={ckpt}", f"output_dir={out}", "data=digits")
     assert result.returncode == 0, result.stderr[-3000:]
-    _check_report(json.loads((out / "report.json").read_text()), {"random", "data"})
+    _check_report(json.loads((out / "report.json").read_text()), {"random", "data"}, ARTIFACTS)

@@ -1,8 +1,12 @@
-"""``repsqueeze.export``: deployed.pt round trip, verification, TorchScript/ONNX, measurements.
+"""``repsqueeze.export``: deployed.pt round trip, verification, torch.export/ONNX, measurements.
 
 Every model here has its BatchNorm statistics randomized first, so a deployed form that
 forgot to fold them would not pass for the training form.
 """
+
+import math
+import sys
+import time
 
 import pytest
 import torch
@@ -54,6 +58,8 @@ def test_save_load_round_trip(tmp_path, block):
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == export.FORMAT
     assert payload["arch"] == _arch(block)
+    assert payload["geometry"] == export.conv_geometry(deployed)
+    assert payload["geometry"]["stages.1.0.0.conv"]["stride"] == [2, 2]
     assert payload["extra"] == {"note": "hello"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deployed.pt"]  # no temp file left
 
@@ -93,6 +99,108 @@ def test_load_deployed_refuses_a_wrong_format(tmp_path):
             export.load_deployed(tmp_path / name)
 
 
+def _payload(tmp_path, model: nn.Module, arch: dict) -> dict:
+    export.save_deployed(model, tmp_path / "deployed.pt", arch)
+    return torch.load(tmp_path / "deployed.pt", weights_only=True)
+
+
+def _edited(tmp_path, payload: dict, name: str = "edited.pt") -> str:
+    torch.save(payload, tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("padding_mode", "reflect"), ("dilation", [2, 2]), ("stride", [2, 2])]
+)
+def test_load_refuses_a_hand_edited_geometry(tmp_path, field, value):
+    """The state dict's shapes fit either way; only the stored geometry tells the difference."""
+    _, deployed = _pair("repvgg")
+    payload = _payload(tmp_path, deployed, _arch("repvgg"))
+    payload["geometry"]["stages.0.0.0.conv"][field] = value
+    with pytest.raises(
+        ValueError, match=rf"rebuild the stored model: layer 'stages.0.0.0.conv': {field} is"
+    ):
+        export.load_deployed(_edited(tmp_path, payload))
+
+
+def test_load_refuses_a_hand_edited_arch(tmp_path):
+    _, deployed = _pair("repvgg")
+    payload = _payload(tmp_path, deployed, _arch("repvgg"))
+    payload["arch"]["padding_mode"] = "reflect"
+    with pytest.raises(
+        ValueError, match="layer 'stem.0.conv': padding_mode is 'zeros', rebuilt 'reflect'"
+    ):
+        export.load_deployed(_edited(tmp_path, payload))
+
+
+def test_save_refuses_an_arch_that_rebuilds_another_model(tmp_path):
+    """A model built with reflect padding, saved with a config that rebuilds zeros padding:
+    it would reload with other outputs, so it is refused at save time."""
+    net = create_model(**_arch("repvgg"), padding_mode="reflect").eval()
+    randomize_bn(net, torch.Generator().manual_seed(0))
+    deployed = rs.deploy(net)
+    with pytest.raises(
+        ValueError,
+        match="does not rebuild this model: layer 'stem.0.conv': padding_mode is 'reflect'",
+    ):
+        export.save_deployed(deployed, tmp_path / "deployed.pt", _arch("repvgg"))
+    with pytest.raises(ValueError, match=r"does not rebuild this model: layer '.*' \(Conv2d\) is"):
+        export.save_deployed(
+            deployed, tmp_path / "deployed.pt", _arch("repvgg") | {"name": "resnet20_cifar"}
+        )
+    assert list(tmp_path.iterdir()) == []
+    arch = _arch("repvgg") | {"padding_mode": "reflect"}
+    export.save_deployed(deployed, tmp_path / "deployed.pt", arch)
+    x = _inputs(3)
+    with torch.no_grad():
+        torch.testing.assert_close(export.load_deployed(tmp_path / "deployed.pt")(x), net(x))
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    _, deployed = _pair("repvgg")
+    payload = _payload(tmp_path, deployed, _arch("repvgg"))
+    payload["state_dict"]["head.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="head.weight holds 1 NaN/Inf"):
+        export.load_deployed(_edited(tmp_path, payload))
+    with torch.no_grad():
+        deployed.head.bias[1] = float("-inf")
+    with pytest.raises(ValueError, match="save_deployed.*head.bias holds 1 NaN/Inf"):
+        export.save_deployed(deployed, tmp_path / "new.pt", _arch("repvgg"))
+    assert not (tmp_path / "new.pt").exists()
+
+
+@pytest.mark.parametrize("key", ["arch", "state_dict", "geometry"])
+def test_a_missing_key_is_a_clear_error(tmp_path, key):
+    _, deployed = _pair("repvgg")
+    payload = _payload(tmp_path, deployed, _arch("repvgg"))
+    del payload[key]
+    with pytest.raises(ValueError, match=f"corrupt deployed model: no '{key}' dict in the file"):
+        export.load_deployed(_edited(tmp_path, payload))
+
+
+def test_a_file_without_geometry_loads_with_a_warning(tmp_path):
+    """Format 1 (before geometry was stored) still loads, unchecked, and says so."""
+    net, deployed = _pair("repvgg")
+    payload = _payload(tmp_path, deployed, _arch("repvgg"))
+    del payload["geometry"]
+    payload["format"] = export.FORMAT_WITHOUT_GEOMETRY
+    with pytest.warns(UserWarning, match="written before layer geometry was stored"):
+        loaded = export.load_deployed(_edited(tmp_path, payload))
+    x = _inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), deployed(x), rtol=0, atol=0)
+
+
+def test_load_names_weights_that_do_not_fit(tmp_path):
+    _, deployed = _pair("repvgg")
+    payload = _payload(tmp_path, deployed, _arch("repvgg"))
+    payload["state_dict"]["head.weight"] = payload["state_dict"]["head.weight"][:4]
+    with pytest.raises(
+        ValueError, match=r"weights do not fit .*head.weight \(4, 64\) vs \(10, 64\)"
+    ):
+        export.load_deployed(_edited(tmp_path, payload))
+
+
 # --- verification --------------------------------------------------------------------------
 @pytest.mark.parametrize("block", BLOCKS)
 def test_verify_within_tolerance(block):
@@ -126,23 +234,42 @@ def test_verify_float64_is_exact_and_tolerances_are_honoured():
         export.verify(net, deployed, x, tol32=-1.0)
 
 
-# --- TorchScript and ONNX --------------------------------------------------------------------
-@pytest.mark.parametrize("block", BLOCKS)
-def test_torchscript_and_onnx_match_pytorch(tmp_path, block):
-    _, deployed = _pair(block)
-    example = _inputs(1)
-    export.to_torchscript(deployed, tmp_path / "model.ts", example)
-    export.to_onnx(deployed, tmp_path / "model.onnx", example)
-    scripted = torch.jit.load(str(tmp_path / "model.ts"))
-    for batch in (1, 5):  # 5: the batch axis is dynamic, not the example's 1
+# --- torch.export, ONNX and TorchScript ------------------------------------------------------
+def test_pt2_and_onnx_match_pytorch(tmp_path):
+    """One ``torch.export`` program, saved as model.pt2 and translated to ONNX; both run at
+    batch sizes the example never had (1 included)."""
+    _, deployed = _pair("dbb")
+    program = export.to_pt2(deployed, tmp_path / "model.pt2", _inputs(1))
+    export.to_onnx(program, tmp_path / "model.onnx", _inputs(1))
+    reloaded = export.load_pt2(tmp_path / "model.pt2")
+    for batch in (1, 5):
         x = _inputs(batch, seed=batch)
         with torch.no_grad():
             expected = deployed(x)
-            torch.testing.assert_close(scripted(x), expected, rtol=0, atol=1e-4)
+            torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-5)
         onnx_out = export.run_onnx(tmp_path / "model.onnx", x)
         assert onnx_out.shape == (batch, 10)
         torch.testing.assert_close(onnx_out, expected, rtol=0, atol=1e-4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.ts"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt2"]
+
+
+def test_torchscript_matches_pytorch(tmp_path):
+    _, deployed = _pair("repvgg")
+    export.to_torchscript(deployed, tmp_path / "model.ts", _inputs(1))
+    scripted = torch.jit.load(str(tmp_path / "model.ts"))
+    x = _inputs(5)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), deployed(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("missing", export.ONNX_MODULES)
+def test_require_onnx_names_the_extra(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'repsqueeze\[export\]'") as info:
+        export.require_onnx()
+    assert info.value.name == missing
+    with pytest.raises(ModuleNotFoundError, match="onnx=false"):
+        export.run_onnx("model.onnx", _inputs(1))
 
 
 # --- atomic files ----------------------------------------------------------------------------
@@ -229,14 +356,55 @@ def test_count_macs_of_a_linear_and_mode_is_restored():
 
 
 @pytest.mark.parametrize("block", ["plain", "repvgg", "acb", "dbb", "mobileone", "expand_ck"])
-def test_count_macs_deployed_not_above_training(block):
+def _hand_counted_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """The counter export.count_macs had before FlopCounterMode (an independent oracle):
+    conv and linear modules from their outputs, a training-form block layer by layer with
+    :func:`repsqueeze.blocks.node_macs` (each layer on its own, unpadded, output size)."""
+    from repsqueeze.blocks import Squeezable, node_macs
+
+    total, inside = 0.0, set()
+    for m in model.modules():
+        if isinstance(m, Squeezable) and not m.deployed:
+            inside.update(id(c) for c in m.modules() if c is not m)
+
+    def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, Squeezable):
+            total += inp[0].shape[0] * node_macs(m, tuple(map(float, inp[0].shape[2:])), 2)[0]
+        elif isinstance(m, nn.Conv2d):
+            total += out.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
+        else:
+            total += out.numel() * m.in_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if id(m) not in inside
+        and (isinstance(m, (nn.Conv2d, nn.Linear)) or isinstance(m, Squeezable) and not m.deployed)
+    ]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return int(total)
+
+
+@pytest.mark.parametrize("block", ["plain", "repvgg", "acb", "dbb", "mobileone", "expand_ck"])
+def test_count_macs_against_the_hand_written_counter(block):
+    """Equal to the old counter in every case but DBB's training form, whose chains run
+    their inner 1x1 convolutions over the once-padded input (border-consistent padding):
+    FlopCounterMode counts that work, the old layer-by-layer estimate did not."""
     net, deployed = _pair(block)
     x = _inputs(2)
     training_macs, deployed_macs = export.count_macs(net, x), export.count_macs(deployed, x)
-    assert 0 < deployed_macs <= training_macs
+    assert deployed_macs == _hand_counted_macs(deployed, x)
+    if block == "dbb":
+        assert training_macs > _hand_counted_macs(net, x)
+    else:
+        assert training_macs == _hand_counted_macs(net, x)
+    plain, _ = _pair("plain")
+    assert deployed_macs == export.count_macs(plain, x)  # one k x k conv per block
     assert export.count_macs(deployed, x[:1]) * 2 == deployed_macs
-    if block != "plain":
-        assert deployed_macs < training_macs
 
 
 def test_count_params():
@@ -253,7 +421,19 @@ def test_max_abs_diff():
     assert export.max_abs_diff(a, torch.tensor([1.0, -2.5, 3.25])) == pytest.approx(0.5)
 
 
-def test_latency_ms_is_positive_and_calls_fn():
+def test_latency_measures_a_known_duration():
+    """A call that sleeps 2 ms: the median is 2 ms and a bit, never less; every timed call
+    is a real call."""
     calls = []
-    ms = export.latency_ms(lambda: calls.append(1), repeats=4, warmup=2)
-    assert ms >= 0 and len(calls) == 6
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.002)
+
+    result = export.latency(fn, min_run_time=0.05)
+    assert 2.0 <= result["median_ms"] < 20.0
+    assert result["iqr_ms"] >= 0
+    assert result["blocks"] >= 5 and result["calls"] >= result["blocks"]
+    assert result["calls"] * result["median_ms"] * 1e-3 >= 0.8 * 0.05  # min_run_time
+    assert len(calls) > result["calls"]  # Timer.timeit warms up before each block
+    assert 2.0 <= export.latency_ms(fn, repeats=5, warmup=1) < 20.0
