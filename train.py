@@ -167,11 +167,14 @@ def check_optimizer(cfg: DictConfig, model: L.LightningModule) -> None:
 def _prepare(datamodule: L.LightningDataModule, test: bool) -> None:
     """Downloads (when asked) and loads the data now, so that missing or unreadable data
     fails before the trainer starts. Lightning's own calls find it done."""
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # Lightning's prepare_data convention
-        datamodule.prepare_data()
-    datamodule.setup("fit")
-    if test:
-        datamodule.setup("test")
+    try:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # Lightning's prepare_data convention
+            datamodule.prepare_data()
+        datamodule.setup("fit")
+        if test:
+            datamodule.setup("test")
+    except ConfigError as err:
+        raise ConfigError(err.render("data.", _literal)) from err
 
 
 def _instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -296,7 +299,7 @@ class CompareJobs(Callback):
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line; for an error a DataLoader worker re-raised (its
     message then holds the worker's traceback), the original message."""
-    text = str(err).strip()
+    text = (err.render(literal=_literal) if isinstance(err, ConfigError) else str(err)).strip()
     if "Original Traceback" in text:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
