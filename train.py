@@ -140,11 +140,10 @@ def fill_from_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
                 cfg.model.net[key] = expected
         elif expected is not None and given != expected:
             raise ConfigError(
-                f"the data (data={data_name}) has {expected} {what}; drop the override "
-                f"(null takes the data's) or choose other data with data=...",
+                f"the data (data={data_name}) has {expected} {what}; leave it null to take "
+                f"the data's, or choose data with {given} {what}",
                 f"model.net.{key}",
                 given,
-                fix=expected,
             )
 
 

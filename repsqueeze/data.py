@@ -276,11 +276,10 @@ class CIFARDataModule(_DataModule):
         try:
             return self.dataset_cls(self.data_dir, train=train, transform=transform)
         except RuntimeError as err:
-            problem = "is incomplete or corrupted" if folder.is_dir() else "is missing"
+            problem = "incomplete or corrupted" if folder.is_dir() else "missing"
             raise DataNotFoundError(
-                f"{self._label}: {folder}/ {problem}; download it, or place "
-                f"{self.dataset_cls.filename} from {self.dataset_cls.url} in {self.data_dir} "
-                "(it is extracted there)",
+                f"{self._label}: {folder}/ is {problem} (without network access, first place "
+                f"{self.dataset_cls.filename} from {self.dataset_cls.url} in {self.data_dir})",
                 "download",
                 self.download,
                 fix=True,

@@ -220,12 +220,15 @@ def test_fast_dev_run_with_zero_epochs_still_trains(compose_train):
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "data_value"), [("in_channels", 3, 1), ("num_classes", 100, 10)]
+    ("key", "value", "data_value", "what"),
+    [("in_channels", 3, 1, "input channels"), ("num_classes", 100, 10, "classes")],
 )
-def test_model_that_contradicts_the_data_is_refused(compose_train, key, value, data_value):
+def test_model_that_contradicts_the_data_is_refused(compose_train, key, value, data_value, what):
     line = _refusal(compose_train, f"model.net.{key}={value}")
-    assert line.startswith(f"model.net.{key}={value}: the data (data=DigitsDataModule) has")
-    assert line.endswith(f"set model.net.{key}={data_value}")
+    assert line.startswith(
+        f"model.net.{key}={value}: the data (data=DigitsDataModule) has {data_value} "
+    )
+    assert line.endswith(f"leave it null to take the data's, or choose data with {value} {what}")
 
 
 def test_classes_and_channels_come_from_the_data(compose_train, tmp_path):
@@ -250,7 +253,8 @@ def test_cifar_without_files_names_the_download_override(compose_train, tmp_path
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
     line = _refusal(compose_train, "data=cifar10", f"data.data_dir={tmp_path / 'empty'}")
     assert line.startswith("data.download=false: CIFAR-10: ")
-    assert "cifar-10-batches-py/ is missing" in line and "cifar-10-python.tar.gz" in line
+    assert f"{tmp_path / 'empty' / 'cifar-10-batches-py'}/ is missing" in line
+    assert "place cifar-10-python.tar.gz from https://" in line
     assert line.endswith("; set data.download=true")
     assert "download=True" not in line
 
