@@ -1,6 +1,6 @@
 """Train a classifier built from re-parameterizable blocks, test it, deploy it, compare.
 
-    python train.py                                            # digits on CPU, about N s
+    python train.py                                            # digits on CPU: about 2 min on 2 cores
     python train.py model.net.block=dbb trainer.max_epochs=5   # any block kind
     python train.py -m model.net.block=plain,repvgg,dbb        # a sweep, compared at the end
     python train.py experiment=repvgg_cifar10 trainer=gpu data.download=true
@@ -43,7 +43,7 @@ from torch import nn
 from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, latency_ms, save_deployed
-from repsqueeze.tables import table
+from repsqueeze.tables import fmt, table
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-        log.info(", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+        log.info(", ".join(f"{k} {fmt(v)}" for k, v in sorted(metrics.items())))
     objects = {"datamodule": datamodule, "model": model, "trainer": trainer, "deployed": deployed}
     return metrics, objects
 

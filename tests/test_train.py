@@ -322,9 +322,10 @@ def test_one_line_of_a_worker_error():
 
 def _train_script(tmp_path: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
     """``python train.py`` in ``tmp_path`` (logs under ``tmp_path/logs``)."""
-    command = [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", *QUIET]
+    flags = [o for o in overrides if o.startswith("-")]  # before the overrides, for argparse
+    command = [sys.executable, str(ROOT / "train.py"), *flags, f"paths.root_dir={tmp_path}", *QUIET]
     return subprocess.run(
-        [*command, *overrides],
+        [*command, *(o for o in overrides if not o.startswith("-"))],
         cwd=tmp_path,
         capture_output=True,
         text=True,
