@@ -83,7 +83,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
 
-    log.info(f"training {cfg.model.net.name} ({cfg.model.net.block} blocks), output in {cfg.paths.output_dir}")  # fmt: skip
+    net = cfg.model.net
+    log.info(f"training {net.get('name')} ({net.get('block')} blocks) in {cfg.paths.output_dir}")
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _metrics(trainer)
     _load_best(trainer, model)
