@@ -10,6 +10,10 @@ Validation splits carved out of a training set never see training augmentation: 
 indices are shared, and each side applies its own transform to the untransformed images.
 :func:`example_batch` returns one real batch, e.g. to check a deployed model against its
 training form.
+
+Arguments that cannot work, and data that is missing or unreadable, raise :class:`ConfigError`
+naming the argument to change (``batch_size``, ``download``, ``root``) or the file at fault,
+so an entry point can turn it into one line.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
@@ -33,6 +38,48 @@ CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_UNSET = object()
+
+
+class ConfigError(ValueError):
+    """An argument that cannot work, or data that is not where (or not what) it should be.
+
+    ``str(err)`` reads ``key=value: message; set key=fix`` (the parts that are known), in
+    Python syntax; :meth:`render` writes the same with a prefix and another literal syntax,
+    e.g. as the Hydra override ``data.download=true``.
+
+    Args:
+        message: what is wrong.
+        key: the argument to change, or ``None`` when no argument is at fault (a bad file).
+        value: the argument's current value.
+        fix: a value of ``key`` that would work, when there is one.
+    """
+
+    def __init__(
+        self, message: str, key: str | None = None, value: Any = _UNSET, fix: Any = _UNSET
+    ) -> None:
+        super().__init__(message)
+        self.message, self.key, self.value, self.fix = message, key, value, fix
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.message, self.key, self.value, self.fix)
+
+    def render(self, prefix: str = "", literal: Callable[[Any], str] = repr) -> str:
+        """The message with ``key`` written as ``prefix + key`` and values through ``literal``."""
+        head = tail = ""
+        if self.key is not None:
+            name = prefix + self.key
+            head = f"{name}: " if self.value is _UNSET else f"{name}={literal(self.value)}: "
+            if self.fix is not _UNSET:
+                tail = f"; set {name}={literal(self.fix)}"
+        return head + self.message + tail
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class DataNotFoundError(ConfigError, FileNotFoundError):
+    """The data is not where the arguments point (also a ``FileNotFoundError``)."""
 
 
 class _TransformedSubset(Dataset):
@@ -54,7 +101,7 @@ class _TransformedSubset(Dataset):
 def _split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of ``range(n)`` into ``n - val_size`` train and ``val_size`` val indices."""
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
+        raise ConfigError(f"must be in [0, {n}) for {n} training samples", "val_size", val_size)
     generator = torch.Generator().manual_seed(seed)
     train, val = random_split(range(n), [n - val_size, val_size], generator=generator)
     return list(train.indices), list(val.indices)
@@ -65,6 +112,10 @@ class _DataModule(LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int, seed: int, pin_memory: bool) -> None:
         super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("must be a positive integer", "batch_size", batch_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError("must be an integer >= 0", "num_workers", num_workers)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -127,10 +178,15 @@ class DigitsDataModule(_DataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory)
-        if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
-            raise ValueError(
-                "need val_fraction > 0, test_fraction > 0 and val_fraction + test_fraction < 1, "
-                f"got {val_fraction} and {test_fraction}"
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < value < 1:
+                raise ConfigError("must be in (0, 1)", key, value)
+        if val_fraction + test_fraction >= 1:
+            raise ConfigError(
+                f"val_fraction + test_fraction must be < 1 (test_fraction={test_fraction}): "
+                "nothing would be left to train on",
+                "val_fraction",
+                val_fraction,
             )
         self.save_hyperparameters()
         self.val_fraction = val_fraction
@@ -196,7 +252,9 @@ class CIFARDataModule(_DataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory)
         if name not in CIFAR_STATS:
-            raise ValueError(f"unknown CIFAR name {name!r}; expected one of {list(CIFAR_STATS)}")
+            raise ConfigError(
+                f"unknown CIFAR name; expected one of {list(CIFAR_STATS)}", "name", name
+            )
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
         self.name = name
@@ -209,19 +267,39 @@ class CIFARDataModule(_DataModule):
         augmentation = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
         self.train_transform = T.Compose([*augmentation, self.eval_transform])
 
+    @property
+    def _label(self) -> str:
+        return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[self.name]
+
     def _dataset(self, train: bool, transform: Callable | None) -> Dataset:
+        folder = Path(self.data_dir) / self.dataset_cls.base_folder
         try:
             return self.dataset_cls(self.data_dir, train=train, transform=transform)
         except RuntimeError as err:
-            raise FileNotFoundError(
-                f"{self.name} not found or corrupted under {self.data_dir!r} "
-                f"(expected {self.dataset_cls.base_folder}/); pass download=True to fetch it"
+            problem = "incomplete or corrupted" if folder.is_dir() else "missing"
+            raise DataNotFoundError(
+                f"{self._label}: {folder}/ is {problem} (without network access, first place "
+                f"{self.dataset_cls.filename} from {self.dataset_cls.url} in {self.data_dir})",
+                "download",
+                self.download,
+                fix=True,
             ) from err
 
     def prepare_data(self) -> None:
-        if self.download:
-            self.dataset_cls(self.data_dir, train=True, download=True)
-            self.dataset_cls(self.data_dir, train=False, download=True)
+        if not self.download:
+            return
+        for train in (True, False):
+            try:
+                self.dataset_cls(self.data_dir, train=train, download=True)
+            except Exception as err:  # URLError, timeouts, md5 mismatches, tar errors ...
+                raise ConfigError(
+                    f"downloading {self._label} from {self.dataset_cls.url} failed "
+                    f"({type(err).__name__}: {err}); without network access, place "
+                    f"{self.dataset_cls.filename} (or its extracted {self.dataset_cls.base_folder}/) "
+                    f"in {self.data_dir}",
+                    "download",
+                    self.download,
+                ) from err
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
@@ -247,6 +325,16 @@ class CIFAR100DataModule(CIFARDataModule):
         super().__init__(name="cifar100", **kwargs)
 
 
+def load_image(path: str) -> Image.Image:
+    """An RGB image, as ``ImageFolder``'s default loader reads it; an unreadable file raises
+    :class:`ConfigError` naming it."""
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files
+        raise ConfigError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+
+
 class ImageFolderDataModule(_DataModule):
     """An ``ImageFolder`` tree with ImageNet-style transforms.
 
@@ -254,6 +342,8 @@ class ImageFolderDataModule(_DataModule):
     (``root/test`` is the test split if present, else ``root/val``). Otherwise ``root`` itself
     is one ImageFolder, split with a seeded ``val_fraction`` that also serves as test split.
     ``num_classes`` is known from construction when ``root`` exists, else after ``setup``.
+    An image that cannot be decoded raises :class:`ConfigError` naming its file when it is
+    read.
 
     Args:
         root: Dataset directory.
@@ -278,6 +368,8 @@ class ImageFolderDataModule(_DataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory)
+        if not 0 <= val_fraction < 1:
+            raise ConfigError("must be in [0, 1)", "val_fraction", val_fraction)
         self.save_hyperparameters()
         self.root = Path(root)
         self.image_size = image_size
@@ -301,7 +393,7 @@ class ImageFolderDataModule(_DataModule):
         self.classes: list[str] | None = None
         self.num_classes: int | None = None
         if self.root.is_dir():
-            self.classes = datasets.folder.find_classes(self._train_dir)[0]
+            self.classes = self._find_classes(self._train_dir)
             self.num_classes = len(self.classes)
 
     @property
@@ -312,18 +404,37 @@ class ImageFolderDataModule(_DataModule):
     def _train_dir(self) -> Path:
         return self.root / "train" if self._split_layout else self.root
 
+    def _find_classes(self, path: Path) -> list[str]:
+        try:
+            return datasets.folder.find_classes(path)[0]
+        except FileNotFoundError as err:  # no class sub-folder
+            raise DataNotFoundError(
+                f"{path} has no class sub-folders (expected {path}/<class>/<image>)",
+                "root",
+                str(self.root),
+            ) from err
+
     def _folder(self, path: Path, transform: Callable | None) -> datasets.ImageFolder:
-        folder = datasets.ImageFolder(path, transform=transform)
+        self._find_classes(path)
+        try:
+            folder = datasets.ImageFolder(path, transform=transform, loader=load_image)
+        except FileNotFoundError as err:  # a class folder without any image file
+            raise DataNotFoundError(str(err), "root", str(self.root)) from err
         if self.classes is not None and folder.classes != self.classes:
-            raise ValueError(f"classes of {path} differ from those of {self._train_dir}")
+            raise ConfigError(
+                f"the classes of {path} differ from those of {self._train_dir}",
+                "root",
+                str(self.root),
+            )
         return folder
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         if not self.root.is_dir():
-            raise FileNotFoundError(f"ImageFolder root {str(self.root)!r} does not exist")
-        full = datasets.ImageFolder(self._train_dir)
+            raise DataNotFoundError("no such directory", "root", str(self.root))
+        self.classes = None
+        full = self._folder(self._train_dir, transform=None)
         self.classes, self.num_classes = full.classes, len(full.classes)
         if self._split_layout:
             test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"

@@ -4,6 +4,7 @@ Each test composes the real ``configs/train.yaml`` with outputs in ``tmp_path``;
 are instantiated but never set up (CIFAR and ImageFolder data are not needed).
 """
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,11 @@ from omegaconf import DictConfig
 from repsqueeze.lit import Classifier
 from repsqueeze.models import list_models
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+_spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
 GROUPS = ["data", "model", "trainer", "optimizer", "scheduler", "logger", "callbacks"]
 GROUPS += ["experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
@@ -50,10 +55,12 @@ def _instantiate_run(cfg: DictConfig) -> dict:
         trainer_cfg.accelerator = "cpu"
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    datamodule = instantiate(cfg.data)
+    train_script.fill_from_data(cfg, datamodule)
     model = instantiate(cfg.model)
     optim = model.configure_optimizers()
     return {
-        "datamodule": instantiate(cfg.data),
+        "datamodule": datamodule,
         "model": model,
         "optim": optim,
         "callbacks": callbacks,
@@ -68,8 +75,8 @@ def test_default_config(compose_train):
     assert cfg.model.net == {
         "name": "digits_net",
         "block": "repvgg",
-        "num_classes": 10,
-        "in_channels": 1,
+        "num_classes": None,  # filled in from the data module
+        "in_channels": None,
         "online_norm": False,
     }
     assert cfg.model.mode == "chain"
@@ -91,7 +98,9 @@ def test_every_config_option_is_tested():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_instantiates(compose_train, group, option):
-    cfg = compose_train(f"{group}={option}")
+    # an ImageFolder root that does not exist tells no class count: give one
+    classes = ["model.net.num_classes=10"] if option == "imagefolder" else []
+    cfg = compose_train(f"{group}={option}", *classes)
     objects = _instantiate_run(cfg)
     datamodule, model = objects["datamodule"], objects["model"]
     assert isinstance(datamodule, LightningDataModule)
@@ -102,9 +111,9 @@ def test_option_instantiates(compose_train, group, option):
     assert model.hparams.net_config == cfg.model.net  # plain, rebuildable, saved in checkpoints
     assert type(model.hparams.net_config) is dict
     assert model.hparams.net_config["name"] in list_models()
-    if group not in ("data", "model"):  # these pair with digits; the rest must match
+    if not classes:  # classes and channels come from the data module
         assert datamodule.num_classes == model.hparams.num_classes
-        assert datamodule.in_channels == model.hparams.net_config["in_channels"]
+    assert datamodule.in_channels == model.hparams.net_config["in_channels"]
     if cfg.scheduler is None:
         assert isinstance(objects["optim"], torch.optim.Optimizer)
     else:
@@ -114,13 +123,15 @@ def test_option_instantiates(compose_train, group, option):
 @pytest.mark.parametrize("block", BLOCKS)
 def test_block_knob(compose_train, block):
     cfg = compose_train(f"model.net.block={block}")
-    assert instantiate(cfg.model).hparams.net_config["block"] == block
+    assert _instantiate_run(cfg)["model"].hparams.net_config["block"] == block
 
 
 def test_experiments_change_only_what_they_say(compose_train):
     cfg = compose_train("experiment=dbb_cifar100")
     assert cfg.data._target_.endswith("CIFAR100DataModule")
-    assert cfg.model.net.block == "dbb" and cfg.model.net.num_classes == 100
+    assert cfg.model.net.block == "dbb"
+    train_script.fill_from_data(cfg, instantiate(cfg.data))
+    assert (cfg.model.net.num_classes, cfg.model.net.in_channels) == (100, 3)
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.scheduler.T_max == cfg.trainer.max_epochs == 200
     assert compose_train("experiment=expandnet_cifar10").model.net.block == "expand_ck"
@@ -131,4 +142,11 @@ def test_experiments_change_only_what_they_say(compose_train):
 def test_none_options_are_null(compose_train):
     cfg = compose_train("scheduler=none", "logger=none", "callbacks=none")
     assert cfg.scheduler is None and cfg.logger is None and cfg.callbacks is None
-    assert instantiate(cfg.model).scheduler_factory is None
+    assert _instantiate_run(cfg)["model"].scheduler_factory is None
+
+
+def test_sweep_settings(compose_train):
+    cfg = compose_train(hydra=True)
+    assert cfg.optimized_metric == "val/acc_best"
+    assert cfg.hydra.callbacks.compare_jobs._target_ == "__main__.CompareJobs"
+    assert hasattr(train_script, "CompareJobs")

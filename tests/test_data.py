@@ -6,6 +6,7 @@ CIFAR and ImageFolder data are fabricated on disk in ``tmp_path``; nothing is do
 import os
 import pickle
 import re
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,12 @@ from repsqueeze.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     CIFARDataModule,
+    ConfigError,
+    DataNotFoundError,
     DigitsDataModule,
     ImageFolderDataModule,
     example_batch,
+    load_image,
 )
 
 N_DIGITS = 1797
@@ -122,9 +126,39 @@ def test_digits_loader_options():
     assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
 
 
-def test_digits_bad_fractions():
-    with pytest.raises(ValueError, match="val_fraction"):
-        DigitsDataModule(val_fraction=0.5, test_fraction=0.5)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction=0.5: val_fraction + test_fraction must be < 1"),
+        ({"test_fraction": 0.0}, "test_fraction=0.0: must be in (0, 1)"),
+        ({"val_fraction": 1.5}, "val_fraction=1.5: must be in (0, 1)"),
+        ({"batch_size": 0}, "batch_size=0: must be a positive integer"),
+        ({"batch_size": 2.5}, "batch_size=2.5: must be a positive integer"),
+        ({"batch_size": True}, "batch_size=True: must be a positive integer"),
+        ({"num_workers": -1}, "num_workers=-1: must be an integer >= 0"),
+    ],
+)  # fmt: skip
+def test_digits_bad_arguments(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        DigitsDataModule(**kwargs)
+    assert str(info.value).startswith(message)
+    assert info.value.key in kwargs
+
+
+def test_config_error_renders_as_an_override_and_pickles():
+    err = ConfigError("missing", "download", False, fix=True)
+    assert str(err) == "download=False: missing; set download=True"
+    assert err.render("data.", str) == "data.download=False: missing; set data.download=True"
+    assert isinstance(err, ValueError)
+    again = pickle.loads(pickle.dumps(err))
+    assert (type(again), again.key, again.value, again.fix) == (
+        ConfigError,
+        "download",
+        False,
+        True,
+    )
+    assert str(ConfigError("a/b.png: broken")) == "a/b.png: broken"
+    assert str(ConfigError("no such directory", "root")) == "root: no such directory"
 
 
 def test_loader_before_setup_raises():
@@ -272,10 +306,31 @@ def test_cifar_missing_files_raise_without_download(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
     dm = CIFARDataModule(tmp_path / "empty", num_workers=0)
     dm.prepare_data()  # download=False: must not fetch anything
-    with pytest.raises(FileNotFoundError, match="download=True"):
+    with pytest.raises(DataNotFoundError, match="set download=True$") as info:
         dm.setup("fit")
-    with pytest.raises(FileNotFoundError, match="cifar10"):
+    assert isinstance(info.value, FileNotFoundError)
+    assert (info.value.key, info.value.value, info.value.fix) == ("download", False, True)
+    assert f"{tmp_path / 'empty' / 'cifar-10-batches-py'}/ is missing" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="CIFAR-10"):
         dm.setup("test")
+    (tmp_path / "empty" / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="is incomplete or corrupted"):
+        dm.setup("fit")
+
+
+def test_cifar_download_failure_says_how_to_place_the_files(tmp_path, monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    dm = CIFARDataModule(tmp_path, download=True, num_workers=0)
+    with pytest.raises(ConfigError) as info:
+        dm.prepare_data()
+    assert str(info.value) == (
+        f"download=True: downloading CIFAR-10 from {torchvision.datasets.CIFAR10.url} failed "
+        "(URLError: <urlopen error no network>); without network access, place "
+        f"cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/) in {tmp_path}"
+    )
 
 
 def test_cifar_prepare_data_downloads_when_asked(tmp_path, monkeypatch, skip_md5):
@@ -295,8 +350,14 @@ def test_cifar_prepare_data_downloads_when_asked(tmp_path, monkeypatch, skip_md5
 
 
 def test_cifar_unknown_name():
-    with pytest.raises(ValueError, match="svhn"):
+    with pytest.raises(ConfigError, match="name='svhn': unknown CIFAR name"):
         CIFARDataModule(name="svhn")
+
+
+def test_cifar_val_size_out_of_range(tmp_path, skip_md5):
+    _fake_cifar10(tmp_path)
+    with pytest.raises(ConfigError, match=r"val_size=40: must be in \[0, 40\)"):
+        CIFARDataModule(tmp_path, val_size=40).setup("fit")
 
 
 # --- ImageFolder -----------------------------------------------------------------------------
@@ -348,8 +409,40 @@ def test_image_folder_missing_root(tmp_path):
     missing = tmp_path / "nowhere"
     dm = ImageFolderDataModule(missing)
     assert dm.num_classes is None
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(
+        DataNotFoundError, match=re.escape(f"root={str(missing)!r}: no such directory")
+    ):
         dm.setup()
+
+
+def test_image_folder_without_class_folders(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "0.png")
+    with pytest.raises(DataNotFoundError, match="has no class sub-folders"):
+        ImageFolderDataModule(tmp_path / "flat")
+    (tmp_path / "empty" / "ant").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match="root=.*Found no valid file"):
+        ImageFolderDataModule(tmp_path / "empty").setup()
+
+
+def test_corrupt_image_names_its_file(tmp_path):
+    _write_images(tmp_path, per_class=2, seed=0)
+    (tmp_path / "bee" / "broken.png").write_bytes(b"not a png")
+    truncated = tmp_path / "cat" / "truncated.png"
+    truncated.write_bytes((tmp_path / "cat" / "0.png").read_bytes()[:100])
+    assert load_image(str(tmp_path / "ant" / "0.png")).mode == "RGB"
+    dm = ImageFolderDataModule(tmp_path, image_size=32, val_fraction=0.0)
+    dm.setup()
+    broken = [i for i, (path, _) in enumerate(dm.train_set.dataset.samples) if "broken" in path]
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            f"{tmp_path / 'bee' / 'broken.png'}: not a readable image (UnidentifiedImageError"
+        ),
+    ):
+        dm.train_set.dataset[broken[0]]
+    with pytest.raises(ConfigError, match=re.escape(f"{truncated}: not a readable image (OSError")):
+        load_image(str(truncated))
 
 
 def test_image_folder_val_classes_must_match_train(tmp_path):

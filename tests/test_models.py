@@ -231,3 +231,44 @@ def test_registry_refuses_duplicates(monkeypatch):
     assert isinstance(create_model("my_net"), nn.Identity)
     with pytest.raises(ValueError, match="already registered"):
         register_model(my_net)
+
+
+def test_list_models_filters_by_pattern():
+    assert list_models("repvgg*") == ["repvgg_a0", "repvgg_a1", "repvgg_b0"]
+    assert list_models("*_cifar") == ["resnet20_cifar", "resnet56_cifar"]
+    assert list_models("resnet[25]?_cifar") == ["resnet20_cifar", "resnet56_cifar"]
+    assert list_models("vgg*") == []
+    assert list_models() == list_models("*") == sorted(MODELS)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "takes"),
+    [
+        ("digits_net", {}, "it takes block, num_classes, in_channels, deployed, act_layer, and the arguments of a 'repvgg' block: groups, mode, online_norm"),
+        ("repvgg_a0", {"block": "dbb"}, "cifar_stem, deployed, act_layer, and the arguments of a 'dbb' block: "),
+        ("resnet20_cifar", {"block": "mobileone"}, "and the arguments of a 'mobileone' block: "),
+    ],
+)  # fmt: skip
+def test_unknown_keyword_argument_names_the_model(name, kwargs, takes):
+    with pytest.raises(TypeError) as info:
+        create_model(name, colour="red", **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{name} got an unexpected keyword argument 'colour'; ")
+    assert takes in message
+    assert "__init__" not in message
+    assert "kernel_size" not in message.split("block: ")[1]  # set by the model, not by users
+
+
+def test_block_argument_is_accepted_and_a_real_type_error_is_kept():
+    model = create_model("digits_net", block="dbb", internal_channels=4)
+    assert isinstance(model, nn.Module)
+    with pytest.raises(TypeError, match="multiple values"):
+        create_model("digits_net", kernel_size=5)  # not an unknown name: Python's own error
+
+
+def test_pretrained_points_to_from_timm():
+    assert isinstance(create_model("digits_net", pretrained=False), nn.Module)
+    with pytest.raises(
+        ValueError, match="digits_net: no weights ship with repsqueeze.*rs.from_timm"
+    ):
+        create_model("digits_net", pretrained=True)

@@ -1,24 +1,33 @@
-"""End-to-end: ``train(cfg)`` on digits, the deployed-logit check, checkpoints, resume, DDP.
+"""End-to-end: ``train(cfg)`` on digits, the deployed-logit check, checkpoints, resume, DDP,
+multiruns; and every configuration mistake refused before training, in one line.
 
-``fast_dev_run`` runs are fast; real training, resuming and DDP (two CPU processes launched
-by ``python train.py`` in a subprocess) are marked ``slow``.
+``fast_dev_run`` runs and the refusals are fast; real training, resuming, DDP and the
+multirun (``python train.py`` in a subprocess) are marked ``slow``.
 """
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning
+import numpy as np
 import pytest
 import torch
+import torchvision.datasets.cifar
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 import repsqueeze.lit
 from repsqueeze.convert import deploy
+from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, load_deployed
 from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
@@ -79,11 +88,6 @@ def test_deployed_mismatch_raises(compose_train, monkeypatch):
     monkeypatch.setattr(repsqueeze.lit, "deploy", bad_deploy)
     with pytest.raises(RuntimeError, match="deployed model differs from the training form"):
         train(compose_train("debug=fdr"))
-
-
-def test_num_classes_mismatch_is_refused(compose_train):
-    with pytest.raises(ValueError, match="set model.net.num_classes=100"):
-        train(compose_train("data=cifar100"))
 
 
 def test_classifier_rebuilds_from_checkpoint(tmp_path):
@@ -164,3 +168,238 @@ def test_ddp_sync_batchnorm_is_refused_on_cpu(tmp_path):
     )
     assert result.returncode != 0
     assert "SyncBatchNorm layers only work with GPU modules" in result.stderr
+
+
+# --- configuration mistakes: refused before training, one line naming the override ---------
+
+
+def _image_folder(root: Path, corrupt: bool = False) -> Path:
+    """Two classes of four 8x8 PNGs; with ``corrupt``, one more file that is not an image."""
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    if corrupt:
+        (root / "bee" / "broken.png").write_bytes(b"not a png at all")
+    return root
+
+
+def _refusal(compose_train, *overrides: str) -> str:
+    """The one-line message ``train.py`` prints for ``overrides``; nothing may be trained."""
+    with pytest.raises(ConfigError) as info:
+        train(compose_train(*overrides))
+    line = train_script.one_line(info.value)
+    assert "\n" not in line
+    return line
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_epochs=0", "trainer.max_epochs=0: nothing would be trained"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: nothing would be trained"),
+        ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches=0.0: nothing would be trained"),
+        ("+trainer.max_steps=0", "trainer.max_steps=0: nothing would be trained"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1: the learning rate must be >= 0"),
+        ("data.batch_size=0", "data.batch_size=0: must be a positive integer"),
+        ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
+        ("model.net.block=resnet", "model: ValueError: unknown block kind 'resnet'"),
+        ("+model.net.foo=1", "model: TypeError: digits_net got an unexpected keyword argument 'foo'"),
+        ("optimizer.weight_decay=-1", "torch.optim.AdamW (or the scheduler) refuses its arguments"),
+        ("ckpt_path=missing.ckpt", "ckpt_path=missing.ckpt: no such checkpoint file"),
+    ],
+)  # fmt: skip
+def test_config_mistake_is_one_line(compose_train, override, expected):
+    assert _refusal(compose_train, override).startswith(expected)
+
+
+def test_fast_dev_run_with_zero_epochs_still_trains(compose_train):
+    train_script.check_trainer(compose_train("debug=fdr", "trainer.max_epochs=0"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "data_value", "what"),
+    [("in_channels", 3, 1, "input channels"), ("num_classes", 100, 10, "classes")],
+)
+def test_model_that_contradicts_the_data_is_refused(compose_train, key, value, data_value, what):
+    line = _refusal(compose_train, f"model.net.{key}={value}")
+    assert line.startswith(
+        f"model.net.{key}={value}: the data (data=DigitsDataModule) has {data_value} "
+    )
+    assert line.endswith(f"leave it null to take the data's, or choose data with {value} {what}")
+
+
+def test_classes_and_channels_come_from_the_data(compose_train, tmp_path):
+    folder = _image_folder(tmp_path / "images")
+    cfg = compose_train("data=imagefolder", f"data.root={folder}", "data.image_size=8")
+    datamodule = train_script._instantiate(cfg.data, "data")
+    train_script.fill_from_data(cfg, datamodule)
+    assert (cfg.model.net.num_classes, cfg.model.net.in_channels) == (2, 3)
+    explicit = compose_train("model.net.num_classes=10", "model.net.in_channels=1")
+    train_script.fill_from_data(explicit, train_script._instantiate(explicit.data, "data"))
+
+
+def test_image_folder_root_that_does_not_exist(compose_train, tmp_path):
+    line = _refusal(compose_train, "data=imagefolder", f"data.root={tmp_path / 'nowhere'}")
+    assert line == f"data.root={tmp_path / 'nowhere'}: no such directory"
+
+
+def test_cifar_without_files_names_the_download_override(compose_train, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
+    line = _refusal(compose_train, "data=cifar10", f"data.data_dir={tmp_path / 'empty'}")
+    assert line.startswith("data.download=false: CIFAR-10: ")
+    assert f"{tmp_path / 'empty' / 'cifar-10-batches-py'}/ is missing" in line
+    assert "place cifar-10-python.tar.gz from https://" in line
+    assert line.endswith("; set data.download=true")
+    assert "download=True" not in line
+
+
+def test_cifar_offline_says_how_to_place_the_files(compose_train, tmp_path, monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    line = _refusal(
+        compose_train, "data=cifar100", "data.download=true", f"data.data_dir={tmp_path}"
+    )
+    assert line.startswith("data.download=true: downloading CIFAR-100 from https://")
+    assert "failed (URLError: " in line
+    assert (
+        f"place cifar-100-python.tar.gz (or its extracted cifar-100-python/) in {tmp_path}" in line
+    )
+
+
+def test_corrupt_image_is_named(compose_train, tmp_path):
+    """The broken file is read in a DataLoader worker: the one line still names it."""
+    folder = _image_folder(tmp_path / "images", corrupt=True)
+    cfg = compose_train(
+        "data=imagefolder", f"data.root={folder}", "data.image_size=8", "data.batch_size=9",
+        "data.num_workers=1", "data.pin_memory=false", "data.val_fraction=0.0",
+        "trainer.max_epochs=1", "test=false", "deploy=false",
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    line = train_script.one_line(info.value)
+    assert line.startswith(f"{folder / 'bee' / 'broken.png'}: not a readable image")
+    assert "\n" not in line
+
+
+def test_remove_if_empty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logs = tmp_path / "logs"
+    run = logs / "train" / "runs" / "2026-01-01_00-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("a: 1\n")
+    (run / "train.log").write_text("")
+    (run / "csv" / "version_0").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    assert not train_script.remove_if_empty(run, logs)  # a checkpoint keeps the folder
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (logs / "train" / "multiruns").mkdir()
+    assert train_script.remove_if_empty(run, logs)
+    assert not (logs / "train" / "runs").exists()  # left empty: removed
+    assert (logs / "train" / "multiruns").is_dir()  # not ours
+    assert not train_script.remove_if_empty(tmp_path)  # the working directory: never
+
+
+def test_one_line_of_a_worker_error():
+    err = ConfigError(
+        "Caught ConfigError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1\nrepsqueeze.data.ConfigError: a/b.png: not a '
+        "readable image (UnidentifiedImageError: cannot identify image file)\n"
+    )
+    assert train_script.one_line(err) == (
+        "a/b.png: not a readable image (UnidentifiedImageError: cannot identify image file)"
+    )
+
+
+def _train_script(tmp_path: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    """``python train.py`` in ``tmp_path`` (logs under ``tmp_path/logs``)."""
+    flags = [o for o in overrides if o.startswith("-")]  # before the overrides, for argparse
+    command = [sys.executable, str(ROOT / "train.py"), *flags, f"paths.root_dir={tmp_path}", *QUIET]
+    return subprocess.run(
+        [*command, *(o for o in overrides if not o.startswith("-"))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
+
+
+def test_script_refusal_is_one_line_and_leaves_no_run_folder(tmp_path):
+    result = _train_script(tmp_path, "trainer.max_epochs=0")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "train.py: error: trainer.max_epochs=0: nothing would be trained"
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_script_full_error_shows_the_traceback(tmp_path):
+    result = _train_script(tmp_path, "data.batch_size=0", HYDRA_FULL_ERROR="1")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert "ConfigError: data.batch_size=0: must be a positive integer" in result.stderr
+
+
+# --- Hydra and Lightning conventions ----------------------------------------------------------
+
+
+def test_main_returns_the_optimized_metric_and_logs_the_config(compose_train, tmp_path):
+    cfg = compose_train(
+        "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "test=false", "deploy=false",
+    )  # fmt: skip
+    value = train_script.main.__wrapped__(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert value == metrics["val/acc_best"]
+    hparams = yaml.safe_load(next(tmp_path.glob("csv/*/hparams.yaml")).read_text())
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("trainer", "optimizer", "scheduler", "data", "seed", "paths"):
+        assert hparams[key] == resolved[key], key
+    assert hparams["model"]["net"]["num_classes"] == 10  # filled in from the data
+    assert hparams["net_config"] == resolved["model"]["net"]  # Lightning's own, still there
+
+
+def test_compare_jobs_table(tmp_path, capsys):
+    for job, (block, acc) in enumerate([("plain", 0.9), ("dbb", 0.95)]):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        overrides = [f"model.net.block={block}", "trainer.max_epochs=3"]
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (folder / "metrics.json").write_text(
+            json.dumps({"val/acc_best": acc, "params": 1000 + job})
+        )
+    (tmp_path / "2").mkdir()  # a job that did not finish
+    rows = train_script.compare_jobs(tmp_path)
+    assert rows == [
+        {"job": "0", "model.net.block": "plain", "val/acc_best": 0.9, "params": 1000},
+        {"job": "1", "model.net.block": "dbb", "val/acc_best": 0.95, "params": 1001},
+    ]
+    sweep = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    train_script.CompareJobs().on_multirun_end(sweep)
+    out = capsys.readouterr().out
+    assert "2 jobs in" in out and "model.net.block" in out and "0.950" in out
+    assert "|" not in out  # the plain terminal table
+    assert (tmp_path / "comparison.md").read_text().startswith("| job")
+
+
+@pytest.mark.slow
+def test_multirun_over_block_kinds_prints_a_comparison(tmp_path):
+    result = _train_script(tmp_path, "-m", "model.net.block=plain,repvgg", "debug=fdr")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("2 jobs in") :]
+    assert "plain" in table and "repvgg" in table and "test/acc_deployed" in table
+    (sweep,) = (tmp_path / "logs" / "debug" / "multiruns").iterdir()
+    assert (sweep / "comparison.md").is_file()
+    assert sorted(p.name for p in sweep.glob("*/metrics.json")) == ["metrics.json"] * 2
