@@ -185,6 +185,8 @@ def run(cfg: DictConfig) -> dict:
     staging = Path(tempfile.mkdtemp(prefix=".deploy-", dir=out_dir.parent))
     try:
         report = build_artifacts(cfg, net, net_config, inputs, staging)
+        if cfg.get("int8"):
+            report.update(int8_artifact(cfg, net, ckpt_path, staging))
         report["notes"] = notes
         report["checkpoint"] = str(ckpt_path)
         names = [p.name for p in staging.iterdir()] + ["report.json"]
@@ -197,6 +199,34 @@ def run(cfg: DictConfig) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     report["output_dir"] = str(out_dir)
     print_table(report)
+    return report
+
+
+def int8_artifact(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path, folder: Path) -> dict:
+    """``model.int8.onnx`` in ``folder`` (see :func:`repsqueeze.quant.quantize`): calibrated on
+    ``int8_calibration_batches`` training batches, checked on the test split; its report."""
+    from itertools import islice
+
+    from repsqueeze import quant
+
+    data_cfg = data_config(cfg, ckpt_path)
+    if data_cfg is None:
+        raise DeployError("int8=true needs the run's data (give data=NAME) to calibrate and test")
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    calibration = islice(datamodule.train_dataloader(), cfg.int8_calibration_batches)
+    try:
+        report = quant.quantize(
+            deploy(net).eval(), calibration, datamodule.test_dataloader(),
+            folder / "model.int8.onnx", max_drop=cfg.int8_max_drop, cle=cfg.int8_cle,
+            method=cfg.int8_calibration_method, opset=cfg.onnx_opset,
+            latency_repeats=cfg.latency_repeats,
+        )  # fmt: skip
+    except ValueError as err:  # QuantizationError included: one line, nothing written
+        raise DeployError(str(err)) from err
+    print("\n".join(quant.summary(report)))
     return report
 
 

@@ -19,6 +19,7 @@ from repsqueeze.zoo import (
     DiverseBranchBlock,
     ExpandedConv,
     MobileOneBlock,
+    QARepVGGBlock,
     RepVGGBlock,
     make_block,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ExpandedConv",
     "MobileOneBlock",
     "Parallel",
+    "QARepVGGBlock",
     "RepVGGBlock",
     "Squeezable",
     "SqueezableBlock",
