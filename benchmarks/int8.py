@@ -1,6 +1,6 @@
 """INT8 benchmark: float vs INT8 accuracy of every block kind after deployment.
 
-    python benchmarks/int8.py                    # digits, 3 seeds, 5 epochs (see results_int8.md for the time)
+    python benchmarks/int8.py                    # digits, 3 seeds, 3 epochs (see results_int8.md for the time)
     python benchmarks/int8.py --quick            # 2 kinds, 1 seed, 1 epoch: a smoke test
     python benchmarks/int8.py --cifar-dir data/  # adds CIFAR-10 when its files are there
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 kinds, 1 seed, 1 epoch")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per latency figure")

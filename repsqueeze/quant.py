@@ -99,7 +99,14 @@ def relu_conv_pairs(model: nn.Module) -> list[tuple[str, str]]:
     so equalizing the pairs is exact by construction.
     """
     modules = dict(model.named_modules())
-    graph = torch.fx.symbolic_trace(model).graph
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as err:  # fx raises many types for untraceable Python
+        raise ValueError(
+            f"{type(model).__name__} cannot be traced with torch.fx ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); cross-layer equalization needs "
+            "the graph to prove that a conv's output reaches the next conv only through a ReLU"
+        ) from err
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -257,18 +264,30 @@ def _session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_accuracy(path: str | Path, data: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """Top-1 accuracy of an ONNX classifier over ``(x, y)`` batches, in onnxruntime."""
-    session = _session(path)
-    name = session.get_inputs()[0].name
-    hits = total = 0
+def onnx_accuracy(
+    paths: dict[str, str | Path], data: Iterable[tuple[Tensor, Tensor]]
+) -> tuple[dict[str, float], int]:
+    """Top-1 accuracy of ONNX classifiers in onnxruntime, all in one pass over the data.
+
+    Args:
+        paths: ``{name: ONNX file}``.
+        data: ``(x, y)`` batches.
+
+    Returns:
+        ``({name: accuracy}, number of samples)``.
+    """
+    sessions = {k: _session(p) for k, p in paths.items()}
+    hits = dict.fromkeys(sessions, 0)
+    total = 0
     for x, y in data:
-        (logits,) = session.run(None, {name: _inputs(x)})
-        hits += int((logits.argmax(1) == y.numpy()).sum())
+        feed = _inputs(x)
+        for k, s in sessions.items():
+            (logits,) = s.run(None, {s.get_inputs()[0].name: feed})
+            hits[k] += int((logits.argmax(1) == y.numpy()).sum())
         total += len(y)
     if total == 0:
         raise ValueError("no test samples to measure accuracy on")
-    return hits / total
+    return {k: h / total for k, h in hits.items()}, total
 
 
 def onnx_latency_ms(
@@ -287,6 +306,12 @@ def onnx_latency_ms(
             if i >= 3:  # warm-up runs are not timed
                 times[k].append((time.perf_counter() - start) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _first_input(data: Iterable) -> Tensor:
+    for batch in data:
+        return torch.from_numpy(_inputs(batch))
+    raise ValueError("no test batches: the INT8 model is checked on the test split")
 
 
 # --- the whole step -----------------------------------------------------------------------------
@@ -313,7 +338,8 @@ def quantize(
     Args:
         model: the deployed float model (``repsqueeze.deploy(...)``), eval mode.
         calibration: input batches for the activation ranges (from the training split).
-        test: ``(x, y)`` batches of the test split.
+        test: ``(x, y)`` batches of the test split, iterable twice (a ``DataLoader`` or a
+            list): once for the example input, once for both models' accuracy.
         path: the INT8 ONNX file to write (e.g. ``model.int8.onnx``).
         max_drop: largest accepted accuracy drop (a fraction: 0.02 is 2 points).
         cle: apply :func:`equalize` before quantizing.
@@ -335,8 +361,7 @@ def quantize(
     """
     if not max_drop >= 0:
         raise ValueError(f"max_drop must be >= 0, got {max_drop}")
-    test = list(test)
-    example = test[0][0][:1].float()
+    example = _first_input(test)[:1]
     model = copy.deepcopy(model).float().eval()
     ranges = weight_ranges(model)
     pairs: list[tuple[str, str]] = []
@@ -350,8 +375,9 @@ def quantize(
         float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         export.to_onnx(model, float_path, example, opset=opset)
         n_batches = quantize_onnx(float_path, int8_path, calibration, method)
-        acc_float, acc_int8 = onnx_accuracy(float_path, test), onnx_accuracy(int8_path, test)
         models = {"float": float_path, "int8": int8_path}
+        accuracy, n_test = onnx_accuracy(models, test)
+        acc_float, acc_int8 = accuracy["float"], accuracy["int8"]
         latency = {}
         for batch in (1, 32):
             shape = (batch, *example.shape[1:])
@@ -372,7 +398,7 @@ def quantize(
             "int8_cle_pairs": [list(p) for p in pairs],
             "int8_calibration_batches": n_batches,
             "int8_calibration_method": method,
-            "int8_test_samples": sum(len(y) for _, y in test),
+            "int8_test_samples": n_test,
             "int8_format": FORMAT,
             "int8_bytes": int8_path.stat().st_size,
         }

@@ -203,9 +203,16 @@ def outlier_net(scale: float = 100.0) -> nn.Sequential:
     return net.eval()
 
 
+class Untraceable(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if x.sum() > 0 else x  # control flow on a tensor value
+
+
 def test_relu_conv_pairs_finds_only_exact_pairs():
     assert quant.relu_conv_pairs(outlier_net()) == [("0", "2"), ("2", "4")]
     assert quant.relu_conv_pairs(Residual()) == []
+    with pytest.raises(ValueError, match="Untraceable cannot be traced with torch.fx"):
+        quant.equalize(Untraceable(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1)))
     deployed = rs.deploy(rs.create_model("digits_net", block="repvgg"))
     assert quant.relu_conv_pairs(deployed) == [
         ("stem.0.conv", "stages.0.0.0.conv"),
@@ -292,6 +299,9 @@ def test_quantize_refuses_bad_arguments(tmp_path):
         quant.quantize(net, [], test, tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="calibration method must be one of"):
         quant.quantize(net, [test[0][0]], test, tmp_path / "m.onnx", method="mse")
+    with pytest.raises(ValueError, match="no test batches"):
+        quant.quantize(net, [test[0][0]], [], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- deploy.py int8=true ---------------------------------------------------------------------
@@ -334,8 +344,7 @@ def test_deploy_int8_writes_a_verified_int8_model(deploy_cfg, tmp_path, capsys):
 
 def test_deploy_int8_refusal_is_one_line_and_writes_nothing(deploy_cfg, tmp_path, monkeypatch):
     deploy_script = _load_deploy()
-    accuracies = iter([0.9, 0.5])  # float, then INT8
-    monkeypatch.setattr(quant, "onnx_accuracy", lambda *_: next(accuracies))
+    monkeypatch.setattr(quant, "onnx_accuracy", lambda *_: ({"float": 0.9, "int8": 0.5}, 359))
     with pytest.raises(deploy_script.DeployError) as err:
         deploy_script.run(deploy_cfg("int8=true"))
     message = str(err.value)
