@@ -379,3 +379,40 @@ def test_quantize_a_trained_digits_net_keeps_its_accuracy(tmp_path):
         hits = sum(int((deployed(x).argmax(1) == y).sum()) for x, y in data.test_dataloader())
     assert report["acc_float"] == pytest.approx(hits / 359, abs=1 / 359)  # ORT float == torch
     assert report["acc_float"] > 0.85
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("int8_bench", ROOT / "benchmarks" / "int8.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_rows(rows: list[dict]) -> None:
+    for row in rows:
+        for key in ("float acc", "INT8 acc", "INT8 acc (CLE)"):
+            assert 0 <= row[key] <= 1, row
+        assert row["drop"] == pytest.approx(row["float acc"] - row["INT8 acc"])
+        assert row["drop (CLE)"] == pytest.approx(row["float acc"] - row["INT8 acc (CLE)"])
+        assert row["worst range ratio"] >= 1 and row["worst range ratio (CLE)"] >= 1
+
+
+def test_committed_int8_results_cover_every_block_kind():
+    """benchmarks/results_int8.json is the measured table in the README: it must not go stale
+    when a block kind is added."""
+    import json
+
+    results = json.loads((ROOT / "benchmarks" / "results_int8.json").read_text())
+    assert results["environment"]["quick"] is False
+    assert [r["block"] for r in results["digits"]] == list(rs.BLOCKS)
+    _check_rows(results["digits"] + results["cifar10"])
+    assert set(results["latency_ms"]) == {"float_b1", "int8_b1", "float_b32", "int8_b32"}
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run(tmp_path):
+    results = _load_benchmark().main(["--quick", "--out", str(tmp_path / "r")])
+    assert [r["block"] for r in results["digits"]] == list(rs.BLOCKS)[:2]
+    _check_rows(results["digits"])
+    assert (tmp_path / "r.md").read_text().count("| digits |") == 2
