@@ -230,6 +230,10 @@ def quantize_onnx(
     batches = [_inputs(b) for b in calibration]
     if not batches:
         raise ValueError("no calibration batches: INT8 activation ranges need real inputs")
+    n_batches = len(batches)
+    if method != "minmax" and len({b.shape for b in batches}) > 1:
+        # histogram calibrators stack the outputs of all runs: feed equal shapes (samples)
+        batches = [x[None] for b in batches for x in b]
 
     class Reader(CalibrationDataReader):
         def __init__(self, name: str) -> None:
@@ -252,7 +256,7 @@ def quantize_onnx(
             calibrate_method=methods[method],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
-    return len(batches)
+    return n_batches
 
 
 def _session(path: str | Path, threads: int | None = None):

@@ -299,6 +299,12 @@ def test_quantize_refuses_bad_arguments(tmp_path):
         quant.quantize(net, [], test, tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="calibration method must be one of"):
         quant.quantize(net, [test[0][0]], test, tmp_path / "m.onnx", method="mse")
+    # a short last batch (as a DataLoader gives) with a histogram calibration
+    calibration = [test[0][0], test[0][0][:3]]
+    report = quant.quantize(net, calibration, test, tmp_path / "p.onnx", max_drop=1.0,
+                            method="percentile", latency_repeats=1)  # fmt: skip
+    assert report["int8_calibration_batches"] == 2 and (tmp_path / "p.onnx").is_file()
+    (tmp_path / "p.onnx").unlink()
     with pytest.raises(ValueError, match="no test batches"):
         quant.quantize(net, [test[0][0]], [], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
