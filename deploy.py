@@ -385,6 +385,8 @@ def run(cfg: DictConfig) -> dict:
             notes.append("nothing to squeeze: the network has no re-parameterizable block")
         inputs = verification_inputs(cfg, ckpt_path, net, notes)
         report = build_artifacts(cfg, net, net_config, inputs, staging)
+        if cfg.get("int8"):
+            report.update(int8_artifact(cfg, net, ckpt_path, staging))
         report["notes"] = notes
         report["checkpoint"] = str(ckpt_path)
         report["files"] = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
@@ -394,6 +396,33 @@ def run(cfg: DictConfig) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     report["output_dir"] = str(out_dir)
     print_report(report)
+    return report
+
+
+def int8_artifact(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path, folder: Path) -> dict:
+    """``model.int8.onnx`` in ``folder`` (see :func:`repsqueeze.quant.quantize`): calibrated on
+    ``int8_calibration_batches`` training batches, checked on the test split; its report."""
+    from itertools import islice
+
+    from repsqueeze import quant
+
+    data_cfg = data_config(cfg, ckpt_path)
+    if data_cfg is None:
+        raise DeployError("int8=true needs the run's data (give data=NAME) to calibrate and test")
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    calibration = islice(datamodule.train_dataloader(), cfg.int8_calibration_batches)
+    try:
+        report = quant.quantize(
+            deploy(net).eval(), calibration, datamodule.test_dataloader(),
+            folder / "model.int8.onnx", max_drop=cfg.int8_max_drop, cle=cfg.int8_cle,
+            method=cfg.int8_calibration_method, opset=cfg.onnx_opset,
+        )  # fmt: skip
+    except ValueError as err:  # QuantizationError included: one line, nothing written
+        raise DeployError(str(err)) from err
+    print("\n".join(quant.summary(report)))
     return report
 
 

@@ -22,6 +22,7 @@ from repsqueeze.zoo import (
     DiverseBranchBlock,
     ExpandedConv,
     MobileOneBlock,
+    QARepVGGBlock,
     RepVGGBlock,
     make_block,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ExpandedConv",
     "MobileOneBlock",
     "Parallel",
+    "QARepVGGBlock",
     "RepVGGBlock",
     "Squeezable",
     "SqueezableBlock",

@@ -298,6 +298,12 @@ def expand(
 
     if block not in BLOCKS:
         raise ValueError(f"unknown block kind {block!r}; valid kinds: {', '.join(BLOCKS)}")
+    if block == "qarepvgg":
+        raise ValueError(
+            "expand: block='qarepvgg' cannot start as an exact copy of conv -> BatchNorm: its "
+            "identity branch has no BatchNorm to zero and its output is normalised twice (in "
+            "the k x k branch and after the sum); build it with make_block and train it"
+        )
     if block_kwargs.get("online_norm"):
         raise ValueError(
             "expand: online_norm=True blocks have no BatchNorm to take over the old one"

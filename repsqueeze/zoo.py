@@ -14,6 +14,7 @@ References:
     Guo et al., "ExpandNets: Linear Over-parameterization to Train Compact Convolutional
     Networks", NeurIPS 2020.
     Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023.
+    Chu et al., "Make RepVGG Greater Again: A Quantization-aware Approach", AAAI 2024.
 """
 
 from __future__ import annotations
@@ -698,6 +699,84 @@ class ExpandedConv(SqueezableBlock):
         return block
 
 
+class QARepVGGBlock(SqueezableBlock):
+    """QARepVGG: (k x k conv-BN + 1x1 conv + identity), summed, then one BatchNorm.
+
+    RepVGG's folded kernel quantizes badly: the BN of the identity and 1x1 branches
+    rescales those branches per channel by ``gamma / sigma``, which gives the folded kernel
+    outlier channels and enlarges the output variance. QARepVGG removes the BN of the
+    identity and 1x1 branches, keeps the one of the k x k branch (without it training is
+    unstable, as the paper's ablation shows) and puts one BN after the sum, which controls
+    the variance; all of it still folds into one convolution.
+
+    Following the official implementation (``QARepVGGBlockV2``, "the default implementation
+    for QARepVGG") and YOLOv6, the 1x1 conv has no bias by default: before the trailing BN a
+    per-channel constant is removed by the batch mean in training, so such a bias gets zero
+    gradient and folds away (``bias_1x1=True`` adds it anyway, e.g. to load weights of
+    implementations that have it). The paper's other rule is for training, not structure:
+    ordinary weight decay on every weight, not RepVGG's custom L2 on the equivalent kernel.
+
+    With ``mode="online"`` the trailing BN runs after the composed convolution, but the
+    k x k branch's BN cannot be folded while it normalises with batch statistics: online
+    training needs ``make_block("qarepvgg", ..., online_norm=True)`` (that BN becomes a
+    channel scale); in eval mode online works as it is.
+
+    Chu et al., "Make RepVGG Greater Again: A Quantization-aware Approach", AAAI 2024.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: size of the main branch.
+        stride: stride of every branch.
+        dilation: dilation of the main branch.
+        groups: groups of both convolutions.
+        padding_mode: padding mode of the main branch.
+        use_identity: add the identity branch; ``None`` adds it when in/out channels match
+            and stride is 1.
+        bias_1x1: give the 1x1 conv a bias.
+        dims: 1, 2 or 3 spatial dims.
+        norm_layer: norm constructor (default ``BatchNorm{dims}d``), for the main branch's
+            norm and the one after the sum.
+        deployed: build the single convolution directly.
+        mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        use_identity: bool | None = None,
+        bias_1x1: bool = False,
+        dims: int = 2,
+        norm_layer: NormLayer | None = None,
+        deployed: bool = False,
+        mode: str = "chain",
+    ) -> None:
+        if use_identity is None:
+            use_identity = in_channels == out_channels and stride == 1
+        norm_layer = norm_layer or _NORMS[dims]
+        with _building(deployed):
+            branches = [
+                conv_norm(
+                    in_channels, out_channels, kernel_size, dims, stride,
+                    centered_padding(kernel_size, dilation, stride), dilation, groups,
+                    padding_mode, norm_layer,
+                ),
+                CONV_CLASSES[dims](
+                    in_channels, out_channels, 1, stride=stride, groups=groups, bias=bias_1x1
+                ),
+            ]  # fmt: skip
+            if use_identity:
+                branches.append(nn.Identity())
+            layers = [Parallel(*branches), norm_layer(out_channels)]
+        super().__init__(*layers, deployed=deployed, mode=mode)
+
+
 BLOCKS: dict[str, Callable[..., Squeezable]] = {
     "plain": ConvBN,
     "repvgg": RepVGGBlock,
@@ -706,6 +785,7 @@ BLOCKS: dict[str, Callable[..., Squeezable]] = {
     "mobileone": MobileOneBlock,
     "expand_ck": partial(ExpandedConv, expand_mode="ck"),
     "expand_cl": partial(ExpandedConv, expand_mode="cl"),
+    "qarepvgg": QARepVGGBlock,
 }
 
 
@@ -742,7 +822,7 @@ def make_block(
 
     Args:
         kind: one of :data:`BLOCKS` (``plain``, ``repvgg``, ``acb``, ``dbb``, ``mobileone``,
-            ``expand_ck``, ``expand_cl``).
+            ``expand_ck``, ``expand_cl``, ``qarepvgg``).
         in_channels: input channels.
         out_channels: output channels.
         kernel_size: kernel size of the deployed conv.

@@ -11,7 +11,7 @@ from torch import nn
 import repsqueeze as rs
 from repsqueeze.zoo import BLOCKS
 
-KINDS = list(BLOCKS)
+KINDS = [k for k in BLOCKS if k != "qarepvgg"]  # refused by expand (test_quant.py)
 
 
 @pytest.fixture(scope="module")
