@@ -7,6 +7,10 @@ not check the library against itself.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -147,3 +151,16 @@ def assert_equivalent(out: Tensor, ref: Tensor, rtol: float) -> None:
     scale = max(1.0, ref.abs().max().item())
     err = max_err(out, ref)
     assert err <= rtol * scale, f"max error {err:.3e} > {rtol:.0e} * {scale:.3e}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, name: str):
+    """Imports a script of the repo (``deploy.py``, ``benchmarks/run.py``) as module ``name``,
+    registered in ``sys.modules`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -7,7 +7,6 @@ others pass ``onnx=false``. The ``slow`` ones train digits for a few epochs with
 ``train(cfg)`` and run ``python deploy.py`` in a subprocess, as a user would.
 """
 
-import importlib.util
 import json
 import os
 import pickle
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import load_script, randomize_bn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -47,16 +46,8 @@ pytestmark = [
 ]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-deploy_script = _load_script("deploy")
-train = _load_script("train").train
+deploy_script = load_script("deploy.py", "deploy_script")
+train = load_script("train.py", "train_script").train
 DeployError = deploy_script.DeployError
 
 Compose = Callable[..., DictConfig]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equivalent, randomize, randomize_bn
+from helpers import assert_equivalent, load_script, randomize, randomize_bn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
@@ -312,10 +312,7 @@ def test_quantize_refuses_bad_arguments(tmp_path):
 
 # --- deploy.py int8=true ---------------------------------------------------------------------
 def _load_deploy():
-    spec = importlib.util.spec_from_file_location("deploy_script_int8", ROOT / "deploy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("deploy.py", "deploy_script_int8")
 
 
 @pytest.fixture
@@ -331,7 +328,7 @@ def deploy_cfg(tmp_path):
     initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
     paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
     base = [*paths, f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'out'}", "data=digits"]
-    yield lambda *overrides: compose("deploy", overrides=[*base, "latency_repeats=2", *overrides])
+    yield lambda *overrides: compose("deploy", overrides=[*base, "measure=false", *overrides])
     GlobalHydra.instance().clear()
 
 
