@@ -36,21 +36,24 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    _deploy_tree(model)
+    _deploy_tree(model, "")
     return model
 
 
-def _deploy_tree(module: nn.Module) -> None:
+def _deploy_tree(module: nn.Module, path: str) -> None:
     if isinstance(module, Squeezable):
-        module.deploy()
+        try:
+            module.deploy()
+        except ValueError as err:  # the block's message names layers inside it: add where it is
+            raise ValueError(f"{path}: {err}" if path else str(err)) from err
         return
     for hook in FOREIGN_HOOKS:
         method = getattr(module, hook, None)
         if callable(method):
             method()
             break
-    for child in list(module.children()):
-        _deploy_tree(child)
+    for name, child in list(module.named_children()):
+        _deploy_tree(child, f"{path}.{name}" if path else name)
 
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:
