@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
 import torch
+from helpers import naive
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
 
@@ -248,3 +251,108 @@ def test_block_without_dimensionality_or_channels():
         rs.SqueezableBlock(nn.Identity()).squeeze()
     with pytest.raises(ValueError, match="channels"):
         rs.SqueezableBlock(nn.AvgPool2d(3, 1)).squeeze()
+
+
+# --- float16: the float64 composite must survive the cast ------------------------------------
+def _half_chain(weight: float, bias: float) -> rs.SqueezableBlock:
+    """3x3 -> 3x3 in float16; every weight and bias set to the given (representable) values."""
+    block = rs.SqueezableBlock(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1))
+    with torch.no_grad():
+        for conv in block.layers:
+            conv.weight.fill_(weight)
+            conv.bias.fill_(bias)
+    return block.half().eval()
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias", "attr", "largest"),
+    [
+        (40.0, 0.0, "weight", 40 * 40 * 8 * 9),  # centre tap: 8 channels x 9 overlapping taps
+        (0.01, 60000.0, "bias", 60000 + 0.01 * 8 * 9 * 60000),  # b2 + sum(W2) @ b1
+    ],
+)
+def test_float16_composite_that_overflows_is_refused(weight, bias, attr, largest):
+    block = _half_chain(weight, bias)
+    assert all(torch.isfinite(p).all() for p in block.parameters())
+    if attr == "weight":  # the chain itself runs finite; only the one composite kernel overflows
+        x = torch.full((1, 4, 5, 5), 1e-3, dtype=torch.float16)
+        with torch.no_grad():
+            assert torch.isfinite(block(x)).all()
+    message = (f"SqueezableBlock: the composite {attr} overflows float16", f"{largest:.4g}")
+    with _raises(ValueError, *message, "float32"):
+        block.squeeze()
+    with _raises(ValueError, *message):
+        block.deploy()
+    assert not block.deployed and hasattr(block, "layers")  # a refused deploy changes nothing
+    model = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), block))
+    with _raises(ValueError, f"1.1: {message[0]}"):  # the walker adds where the block is
+        rs.deploy(model)
+    # the same block in float32 deploys, exactly
+    block = block.float()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y = block(x)
+        err = (block.squeeze()(x) - y).abs().max() / y.abs().max()
+    assert err <= 1e-5
+
+
+def test_float16_composite_that_fits_is_accepted():
+    block = _half_chain(20.0, 1.0)  # largest tap 20 * 20 * 8 * 9 = 28800 < 65504
+    conv = block.squeeze()
+    assert conv.weight.dtype == torch.float16
+    assert conv.weight.abs().max().item() == 28800.0
+
+
+# --- BatchNorm with batch statistics over one value per channel ------------------------------
+def _chain_with_bn(dims: int = 2) -> list[nn.Module]:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
+    return [conv(3, 4, 3, padding=1), bn(4), conv(4, 2, 3, padding=1)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "position"),
+    [
+        ((1, 3, 1, 1), "inside"),  # batch 1, 1x1: nn.BatchNorm2d refuses
+        ((1, 3, 1), "inside"),  # the same in 1-D
+        ((1, 3, 1, 1), "first"),  # BN first: it still carries the chain's border
+        ((1, 3, 1, 1), "branch"),  # BN as a Parallel branch
+        ((2, 3, 1, 1), "inside"),  # two values per channel: fine
+        ((1, 3, 2, 1), "inside"),  # two positions: fine
+    ],
+)
+def test_batchnorm_one_value_per_channel_raises_like_torch(shape, position):
+    layers = _chain_with_bn(len(shape) - 2)
+    if position == "first":
+        layers = [layers[1].__class__(3), *layers[::2]]
+    if position == "branch":
+        layers = [layers[0], rs.Parallel(layers[1], nn.Identity()), layers[2]]
+    block = rs.SqueezableBlock(*layers).train()
+    before, chain = copy.deepcopy(block), copy.deepcopy(block)
+    x = torch.randn(shape)
+    try:  # nn.BatchNorm's own behaviour on the naive chain
+        naive(chain, x)
+    except ValueError as err:
+        assert "Expected more than 1 value per channel when training" in str(err)
+        bn = next(m for m in block.modules() if isinstance(m, _BatchNorm))
+        with _raises(ValueError, f"{type(bn).__name__}(", str(err)):
+            block(x)
+        for name, value in before.state_dict().items():
+            assert torch.equal(block.state_dict()[name], value), f"{name} changed by a refusal"
+        with torch.no_grad():
+            block.eval()(x)  # running statistics: one value is fine
+        return
+    block(x)  # the same batch statistics as the naive chain's BatchNorm
+    for name, value in chain.state_dict().items():
+        torch.testing.assert_close(block.state_dict()[name], value, msg=name)
+
+
+def test_batchnorm_one_value_per_channel_needs_no_host_sync():
+    """The check reads shapes only: under a mode that forbids reading tensor values it runs."""
+    block = rs.SqueezableBlock(*_chain_with_bn()).train()
+    with torch.device("meta"):
+        x = torch.empty(2, 3, 1, 1)
+    meta = copy.deepcopy(block).to("meta")
+    assert meta(x).shape == (2, 2, 1, 1)
+    with _raises(ValueError, "BatchNorm2d(4)", "Expected more than 1 value per channel"):
+        meta(torch.empty(1, 3, 1, 1, device="meta"))
