@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -356,3 +357,57 @@ def test_batchnorm_one_value_per_channel_needs_no_host_sync():
     assert meta(x).shape == (2, 2, 1, 1)
     with _raises(ValueError, "BatchNorm2d(4)", "Expected more than 1 value per channel"):
         meta(torch.empty(1, 3, 1, 1, device="meta"))
+
+
+# --- the meta device: the deployed architecture without values --------------------------------
+def _signature(conv: nn.Module) -> tuple:
+    return (
+        type(conv), tuple(conv.weight.shape), conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.padding_mode, conv.bias is not None,
+    )  # fmt: skip
+
+
+def _meta_cases() -> dict[str, Callable[[], nn.Module]]:
+    return {
+        "dbb": lambda: rs.make_block("dbb", 4, 6, 3, stride=2, groups=2),
+        "expand_cl": lambda: rs.make_block("expand_cl", 3, 5, 5, padding_mode="reflect"),
+        "tree": lambda: rs.SqueezableBlock(
+            nn.Conv1d(2, 4, 3, padding="same", dilation=2),
+            nn.BatchNorm1d(4),
+            rs.Parallel(nn.Conv1d(4, 4, 3, padding=1, groups=2), nn.Identity()),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_meta_cases()))
+def test_squeeze_and_deploy_on_meta_build_the_architecture(case):
+    make = _meta_cases()[case]
+    torch.manual_seed(0)
+    expected = make().eval().squeeze()
+    with torch.device("meta"):
+        block = make().eval()
+    assert all(p.is_meta for p in block.parameters())
+    conv = block.squeeze()
+    assert conv.weight.is_meta and conv.bias.is_meta
+    assert _signature(conv) == _signature(expected)
+    assert block.deploy() is block and block.deployed
+    assert block.conv.weight.is_meta and _signature(block.conv) == _signature(expected)
+    assert _signature(block.squeeze()) == _signature(expected)  # a deployed block on meta too
+
+
+def test_model_deploy_on_meta_then_materialize_loads_strict():
+    """Build on meta, deploy there (no memory for branches), then fill with real weights."""
+    torch.manual_seed(0)
+    real = rs.deploy(rs.create_model("digits_net", block="dbb").eval())
+    with torch.device("meta"):
+        model = rs.create_model("digits_net", block="dbb").eval()
+    deployed = rs.deploy(model)
+    assert all(t.is_meta for t in deployed.state_dict().values())
+    assert {k: v.shape for k, v in deployed.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()
+    }
+    deployed = deployed.to_empty(device="cpu")
+    deployed.load_state_dict(real.state_dict(), strict=True)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), real(x))
