@@ -215,3 +215,18 @@ def assert_interior_matches_naive(block: nn.Module, x: Tensor, out: Tensor, rtol
     index = interior(block, tuple(x.shape[2:]))
     assert out[index].numel() > 0, f"empty interior {index} for input {tuple(x.shape)}"
     assert_equivalent(out[index], ref[index], rtol)
+
+
+def assert_gradients_match_finite_differences(module: nn.Module, x: Tensor) -> None:
+    """Autograd's gradients of ``module(x)`` with respect to ``x`` and every parameter equal
+    central finite differences (``torch.autograd.gradcheck``, float64, fast mode: random
+    projections of the Jacobian)."""
+    names = [name for name, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+
+    def call(inp: Tensor, *values: Tensor) -> Tensor:
+        return torch.func.functional_call(module, dict(zip(names, values, strict=True)), (inp,))
+
+    inputs = (x.detach().double().requires_grad_(True), *params)
+    assert all(t.dtype == torch.float64 for t in inputs), "gradcheck needs float64"
+    assert torch.autograd.gradcheck(call, inputs, fast_mode=True)

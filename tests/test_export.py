@@ -4,6 +4,8 @@ Every model here has its BatchNorm statistics randomized first, so a deployed fo
 forgot to fold them would not pass for the training form.
 """
 
+import time
+
 import pytest
 import torch
 from helpers import randomize_bn
@@ -253,7 +255,18 @@ def test_max_abs_diff():
     assert export.max_abs_diff(a, torch.tensor([1.0, -2.5, 3.25])) == pytest.approx(0.5)
 
 
-def test_latency_ms_is_positive_and_calls_fn():
-    calls = []
-    ms = export.latency_ms(lambda: calls.append(1), repeats=4, warmup=2)
-    assert ms >= 0 and len(calls) == 6
+def test_latency_ms_is_the_median_of_the_timed_calls_in_ms(monkeypatch):
+    """On a fake clock: warm-up calls are not timed; the median, not the mean, in ms."""
+    now, durations = [0.0], iter([5.0, 7.0, 0.004, 0.001, 0.100, 0.002, 0.003])  # seconds
+
+    def call() -> None:
+        now[0] += next(durations)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    assert export.latency_ms(call, repeats=5, warmup=2) == pytest.approx(3.0)
+    assert next(durations, None) is None  # 2 + 5 calls, no more
+
+
+def test_latency_ms_of_a_known_sleep():
+    ms = export.latency_ms(lambda: time.sleep(0.005), repeats=3, warmup=1)
+    assert 5.0 <= ms <= 100.0  # sleep never returns early; 20x slack for a busy machine
