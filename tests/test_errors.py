@@ -1,4 +1,5 @@
-"""Every refusal: the exception type, the layer it names (position and class) and the rule."""
+"""Every refusal: the exception type, the layer it names (position and class) and the rule;
+and what must not be refused (a float16 composite that fits, the meta device)."""
 
 from __future__ import annotations
 
