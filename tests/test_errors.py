@@ -360,6 +360,21 @@ def test_batchnorm_one_value_per_channel_needs_no_host_sync():
         meta(torch.empty(1, 3, 1, 1, device="meta"))
 
 
+@pytest.mark.gpu
+def test_batchnorm_in_a_chain_trains_on_cuda_without_host_sync():
+    block = rs.SqueezableBlock(*_chain_with_bn()).train().cuda()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    block(x).sum().backward()  # warm-up: cuDNN plans, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
+    try:
+        block(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with _raises(ValueError, "Expected more than 1 value per channel"):
+        block(x[:1, :, :1, :1])
+
+
 # --- the meta device: the deployed architecture without values --------------------------------
 def _signature(conv: nn.Module) -> tuple:
     return (
