@@ -241,7 +241,9 @@ class Squeezable(nn.Module):
     def squeeze(self) -> nn.Module:
         """A new ``nn.ConvNd`` equal to this block in eval mode; the block is unchanged.
 
-        Composed in float64, cast once to the dtype of the block's parameters.
+        Composed in float64, cast once to the dtype of the block's parameters; a value the
+        cast overflows (float16) is a ``ValueError``. On the ``meta`` device the result is
+        the deployed architecture with no values.
         """
         if self.deployed:
             conv = type(self.conv)(**_conv_kwargs(self.conv))
@@ -249,10 +251,15 @@ class Squeezable(nn.Module):
             return conv
         ndim = self._require_ndim()
         device = primitives.device_of(self)
+        structure, mode, dtype = self._structure(), self._padding_mode(), self._dtype()
+        if device.type == "meta":  # no values: the architecture alone, from the structure
+            return to_conv(structure, mode, dtype, device)
         values = node_map(
             self, self._in_channels(), ndim, "", Precision("exact", torch.float64, device)
         )
-        return to_conv(self._structure(), self._padding_mode(), self._dtype(), device, values)
+        conv = to_conv(structure, mode, dtype, device, values)
+        _check_cast(self, conv, values)
+        return conv
 
     @torch.no_grad()
     def deploy(self) -> Squeezable:
@@ -560,6 +567,19 @@ def _deployed_run(block: Squeezable, x: Tensor, ndim: int) -> Tensor:
     # where the conv's symmetric padding has only zero taps.
     extra = tuple((q - l, q - r) for q, (l, r) in zip(conv.padding, geo.pad, strict=True))
     return primitives.run(conv, pad(x, extra, "zeros"), ((0, 0),) * ndim, ndim)
+
+
+def _check_cast(block: Squeezable, conv: nn.Module, values: ConvMap) -> None:
+    """``ValueError`` when casting the float64 composite to the block's dtype overflowed."""
+    for attr, exact in (("weight", values.weight), ("bias", values.bias)):
+        if not torch.isfinite(getattr(conv, attr)).all():
+            dtype = str(conv.weight.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"{type(block).__name__}: the composite {attr} overflows {dtype} (largest "
+                f"|value| {exact.abs().max().item():.4g}, {dtype} holds up to "
+                f"{torch.finfo(conv.weight.dtype).max:.4g}); deploy in float32 (.float() "
+                "before deploy)"
+            )
 
 
 def _conv_kwargs(conv: nn.Module) -> dict:

@@ -41,17 +41,21 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    return _deploy_tree(model)
+    return _deploy_tree(model, "")
 
 
-def _deploy_tree(module: nn.Module, hooked: set[int] | None = None) -> nn.Module:
+def _deploy_tree(module: nn.Module, path: str, hooked: set[int] | None = None) -> nn.Module:
     """Deploys ``module`` and everything below it; returns what takes its place.
 
-    ``hooked``: ids of the modules whose hook ran, so that a replacement that wraps the
-    old module does not run it again."""
+    ``path``: where ``module`` sits (prefixed to a block's error). ``hooked``: ids of the
+    modules whose hook ran, so that a replacement that wraps the old module does not run it
+    again."""
     hooked = set() if hooked is None else hooked
     if isinstance(module, Squeezable):
-        module.deploy()
+        try:
+            module.deploy()
+        except ValueError as err:  # the block's message names layers inside it: add where it is
+            raise ValueError(f"{path}: {err}" if path else str(err)) from err
         return module
     for hook in FOREIGN_HOOKS:
         method = getattr(module, hook, None)
@@ -62,7 +66,7 @@ def _deploy_tree(module: nn.Module, hooked: set[int] | None = None) -> nn.Module
                 module = out
             break
     for name, child in list(module.named_children()):
-        new = _deploy_tree(child, hooked)
+        new = _deploy_tree(child, f"{path}.{name}" if path else name, hooked)
         if new is not child:
             setattr(module, name, new)
     return module

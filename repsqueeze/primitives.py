@@ -11,6 +11,7 @@ Accepted: ``nn.Conv1d/2d/3d``, ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -269,6 +270,8 @@ def batch_norm(bn: _BatchNorm, x: Tensor, ext: Pad) -> Tensor:
         and dist.is_initialized()
         and dist.get_world_size() > 1
     )
+    if batch_stats and not sync:
+        _check_values_per_channel(bn, x, ext)
     if not batch_stats or not (sync or any(map(any, ext))):
         return bn(x)
     inner = x[
@@ -294,6 +297,18 @@ def batch_norm(bn: _BatchNorm, x: Tensor, ext: Pad) -> Tensor:
     if bn.affine:
         y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
     return y
+
+
+def _check_values_per_channel(bn: _BatchNorm, x: Tensor, ext: Pad) -> None:
+    """``nn.BatchNorm``'s own refusal of batch statistics over one value per channel (batch 1,
+    a single interior position), which would normalise with variance 0; shapes only, no sync."""
+    inner = (*x.shape[:2], *(n - l - r for n, (l, r) in zip(x.shape[2:], ext, strict=True)))
+    if math.prod(inner) // inner[1] <= 1:
+        raise ValueError(
+            f"{type(bn).__name__}({bn.num_features}) in a squeezable block: Expected more than "
+            f"1 value per channel when training, got input size {torch.Size(inner)} (the "
+            "interior it normalises; use a batch of 2 or more, or eval mode)"
+        )
 
 
 @torch.no_grad()

@@ -1,8 +1,13 @@
 """Test configuration: hypothesis profiles, GPU auto-skip, shared fixtures.
 
-Profiles: ``ci`` (default; derandomized so every run sees the same examples) and ``dev``
-(more examples, random), selected with ``pytest --hypothesis-profile dev``.
+Profiles: ``ci`` (default; derandomized so every run sees the same examples), ``random``
+(as many examples as ``ci``, fresh ones every run: ``HYPOTHESIS_PROFILE=random pytest``) and
+``dev`` (500 random examples). Select one with the ``HYPOTHESIS_PROFILE`` environment
+variable or ``pytest --hypothesis-profile NAME``; a failing random example is printed with
+its ``@reproduce_failure`` blob.
 """
+
+import os
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+settings.register_profile("random", settings.get_profile("ci"), derandomize=False)
 settings.register_profile(
     "dev",
     deadline=None,
@@ -24,7 +30,7 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile("ci")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

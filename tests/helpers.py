@@ -164,3 +164,86 @@ def load_script(relative: str, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def receptive_window(module: nn.Module, ndim: int) -> tuple[tuple[int, int], ...]:
+    """Per spatial dim ``(lo, hi)``: output ``j`` of the naive chain reads input positions
+    ``j * S + lo .. j * S + hi`` (negative or past the end: padding), ``S`` the stride.
+
+    Composed from each layer's own padding, kernel and dilation (chains: ``lo = lo_a + S_a
+    lo_b``; branches: the union), independently of the library's geometry.
+    """
+    if isinstance(module, rs.Squeezable) and module.deployed:
+        return receptive_window(module.conv, ndim)
+    if isinstance(module, rs.Parallel):
+        wins = [receptive_window(b, ndim) for b in module.branches]
+        return tuple((min(w[d][0] for w in wins), max(w[d][1] for w in wins)) for d in range(ndim))
+    parts = _parts(module)
+    if parts is not None:
+        total, stride = [(0, 0)] * ndim, (1,) * ndim
+        for p in parts:
+            own = receptive_window(p, ndim)
+            total = [
+                (lo + s * a, hi + s * b)
+                for (lo, hi), (a, b), s in zip(total, own, stride, strict=True)
+            ]
+            stride = tuple(a * b for a, b in zip(stride, expected_stride(p, ndim), strict=True))
+        return tuple(total)
+    pads = layer_pad(module, ndim)
+    if isinstance(module, CONVS):
+        spans = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+    elif isinstance(module, POOLS):
+        spans = [k - 1 for k in _tup(module.kernel_size, ndim)]
+    else:
+        spans = [0] * ndim
+    return tuple((-pl, -pl + e) for (pl, _), e in zip(pads, spans, strict=True))
+
+
+def interior(module: nn.Module, sizes: tuple[int, ...]) -> tuple[slice, ...]:
+    """Index of the outputs whose whole receptive window lies inside the input: there no
+    layer reads its padding, so every way of padding gives the naive chain's values."""
+    ndim = len(sizes)
+    stride = expected_stride(module, ndim)
+    index = [slice(None), slice(None)]
+    for (lo, hi), s, n in zip(receptive_window(module, ndim), stride, sizes, strict=True):
+        first = -(lo // s)  # ceil(-lo / s): j * s + lo >= 0
+        last = (n - 1 - hi) // s  # j * s + hi <= n - 1
+        index.append(slice(first, max(first, last + 1)))
+    return tuple(index)
+
+
+def interior_sizes(module: nn.Module, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """``sizes``, each grown (keeping its parity) until the interior is not empty."""
+    ndim = len(sizes)
+    stride = expected_stride(module, ndim)
+    grown = []
+    for (lo, hi), s, n in zip(receptive_window(module, ndim), stride, sizes, strict=True):
+        need = -(lo // s) * s + hi + 1  # the first interior output fits
+        grown.append(n + max(0, need - n + 1) // 2 * 2)
+    return tuple(grown)
+
+
+def assert_interior_matches_naive(block: nn.Module, x: Tensor, out: Tensor, rtol: float) -> None:
+    """``out = block(x)`` equals the naive chain (every layer with its own padding, plain
+    PyTorch modules) on the interior, which must not be empty."""
+    with torch.no_grad():
+        ref = naive(block, x)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    index = interior(block, tuple(x.shape[2:]))
+    assert out[index].numel() > 0, f"empty interior {index} for input {tuple(x.shape)}"
+    assert_equivalent(out[index], ref[index], rtol)
+
+
+def assert_gradients_match_finite_differences(module: nn.Module, x: Tensor) -> None:
+    """Autograd's gradients of ``module(x)`` with respect to ``x`` and every parameter equal
+    central finite differences (``torch.autograd.gradcheck``, float64, fast mode: random
+    projections of the Jacobian)."""
+    names = [name for name, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+
+    def call(inp: Tensor, *values: Tensor) -> Tensor:
+        return torch.func.functional_call(module, dict(zip(names, values, strict=True)), (inp,))
+
+    inputs = (x.detach().double().requires_grad_(True), *params)
+    assert all(t.dtype == torch.float64 for t in inputs), "gradcheck needs float64"
+    assert torch.autograd.gradcheck(call, inputs, fast_mode=True)

@@ -26,6 +26,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
+@pytest.mark.slow  # ~47 s for the seven kinds on 2 cores
 @pytest.mark.parametrize("kind", KINDS)
 def test_expand_resnet18_keeps_function_and_deploys_to_same_shapes(resnet18, kind, single_thread):
     x = torch.randn(2, 3, 48, 48)
@@ -73,8 +74,8 @@ def test_expand_folds_conv_bias_and_trains(single_thread):
         opt.zero_grad()
         expanded(x).square().mean().backward()
         opt.step()
-    grads = [p for p in expanded.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    assert len(grads) > 2  # the zero-scale branches receive gradient through their scales
+    idle = [n for n, p in expanded.named_parameters() if p.grad is None or not p.grad.any()]
+    assert idle == []  # zero-scale branches get gradient through their scales, then learn
     expanded.eval()
     assert _relative(rs.deploy(expanded)(x), expanded(x)) <= 1e-5
 

@@ -1,12 +1,17 @@
-"""Every refusal: the exception type, the layer it names (position and class) and the rule."""
+"""Every refusal: the exception type, the layer it names (position and class) and the rule;
+and what must not be refused (a float16 composite that fits, the meta device)."""
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import assert_equivalent, naive
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
 
@@ -248,3 +253,182 @@ def test_block_without_dimensionality_or_channels():
         rs.SqueezableBlock(nn.Identity()).squeeze()
     with pytest.raises(ValueError, match="channels"):
         rs.SqueezableBlock(nn.AvgPool2d(3, 1)).squeeze()
+
+
+# --- float16: the float64 composite must survive the cast ------------------------------------
+def _half_chain(weight: float, bias: float) -> rs.SqueezableBlock:
+    """3x3 -> 3x3 in float16; every weight and bias set to the given (representable) values."""
+    block = rs.SqueezableBlock(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1))
+    with torch.no_grad():
+        for conv in block.layers:
+            conv.weight.fill_(weight)
+            conv.bias.fill_(bias)
+    return block.half().eval()
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias", "attr", "largest"),
+    [
+        (40.0, 0.0, "weight", 40 * 40 * 8 * 9),  # centre tap: 8 channels x 9 overlapping taps
+        (0.01, 60000.0, "bias", 60000 + 0.01 * 8 * 9 * 60000),  # b2 + sum(W2) @ b1
+    ],
+)
+def test_float16_composite_that_overflows_is_refused(weight, bias, attr, largest):
+    block = _half_chain(weight, bias)
+    assert all(torch.isfinite(p).all() for p in block.parameters())
+    if attr == "weight":  # the chain itself runs finite; only the one composite kernel overflows
+        x = torch.full((1, 4, 5, 5), 1e-3, dtype=torch.float16)
+        with torch.no_grad():
+            assert torch.isfinite(block(x)).all()
+    message = (f"SqueezableBlock: the composite {attr} overflows float16", f"{largest:.4g}")
+    with _raises(ValueError, *message, "float32"):
+        block.squeeze()
+    with _raises(ValueError, *message):
+        block.deploy()
+    assert not block.deployed and hasattr(block, "layers")  # a refused deploy changes nothing
+    model = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), block))
+    with _raises(ValueError, f"1.1: {message[0]}"):  # the walker adds where the block is
+        rs.deploy(model)
+    # the same block in float32 deploys, exactly
+    block = block.float()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y = block(x)
+        err = (block.squeeze()(x) - y).abs().max() / y.abs().max()
+    assert err <= 1e-5
+
+
+def test_float16_composite_that_fits_is_accepted():
+    block = _half_chain(20.0, 1.0)  # largest tap 20 * 20 * 8 * 9 = 28800 < 65504
+    conv = block.squeeze()
+    assert conv.weight.dtype == torch.float16
+    assert conv.weight.abs().max().item() == 28800.0
+
+
+# --- BatchNorm with batch statistics over one value per channel ------------------------------
+def _chain_with_bn(dims: int = 2) -> list[nn.Module]:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
+    return [conv(3, 4, 3, padding=1), bn(4), conv(4, 2, 3, padding=1)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "position"),
+    [
+        ((1, 3, 1, 1), "inside"),  # batch 1, 1x1: nn.BatchNorm2d refuses
+        ((1, 3, 1), "inside"),  # the same in 1-D
+        ((1, 3, 1, 1), "first"),  # BN first: it still carries the chain's border
+        ((1, 3, 1, 1), "branch"),  # BN as a Parallel branch
+        ((2, 3, 1, 1), "inside"),  # two values per channel: fine
+        ((1, 3, 2, 1), "inside"),  # two positions: fine
+    ],
+)
+def test_batchnorm_one_value_per_channel_raises_like_torch(shape, position):
+    layers = _chain_with_bn(len(shape) - 2)
+    if position == "first":
+        layers = [layers[1].__class__(3), *layers[::2]]
+    if position == "branch":
+        layers = [layers[0], rs.Parallel(layers[1], nn.Identity()), layers[2]]
+    block = rs.SqueezableBlock(*layers).train()
+    before, chain = copy.deepcopy(block), copy.deepcopy(block)
+    x = torch.randn(shape)
+    try:  # nn.BatchNorm's own behaviour on the naive chain
+        naive(chain, x)
+    except ValueError as err:
+        assert "Expected more than 1 value per channel when training" in str(err)
+        bn = next(m for m in block.modules() if isinstance(m, _BatchNorm))
+        with _raises(ValueError, f"{type(bn).__name__}(", str(err)):
+            block(x)
+        for name, value in before.state_dict().items():
+            assert torch.equal(block.state_dict()[name], value), f"{name} changed by a refusal"
+        with torch.no_grad():
+            block.eval()(x)  # running statistics: one value is fine
+        return
+    block(x)  # the same batch statistics as the naive chain's BatchNorm
+    for name, value in chain.state_dict().items():
+        assert_equivalent(block.state_dict()[name], value, 1e-6)
+
+
+def test_batchnorm_one_value_per_channel_reads_no_tensor_value(monkeypatch):
+    """The check (and the training forward) read shapes only: reading a tensor's value on the
+    host, which is a device sync on GPU, raises here."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    block = rs.SqueezableBlock(*_chain_with_bn()).train()
+    x = torch.randn(2, 3, 1, 1)
+    for attr in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, attr, forbidden)
+    assert block(x).shape == (2, 2, 1, 1)
+    with _raises(ValueError, "BatchNorm2d(4)", "Expected more than 1 value per channel"):
+        block(x[:1])
+
+
+@pytest.mark.gpu
+def test_batchnorm_in_a_chain_trains_on_cuda_without_host_sync():
+    block = rs.SqueezableBlock(*_chain_with_bn()).train().cuda()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    block(x).sum().backward()  # warm-up: cuDNN plans, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
+    try:
+        block(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with _raises(ValueError, "Expected more than 1 value per channel"):
+        block(x[:1, :, :1, :1])
+
+
+# --- the meta device: the deployed architecture without values --------------------------------
+def _signature(conv: nn.Module) -> tuple:
+    return (
+        type(conv), tuple(conv.weight.shape), conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.padding_mode, conv.bias is not None,
+    )  # fmt: skip
+
+
+def _meta_cases() -> dict[str, Callable[[], nn.Module]]:
+    return {
+        "dbb": lambda: rs.make_block("dbb", 4, 6, 3, stride=2, groups=2),
+        "expand_cl": lambda: rs.make_block("expand_cl", 3, 5, 5, padding_mode="reflect"),
+        "tree": lambda: rs.SqueezableBlock(
+            nn.Conv1d(2, 4, 3, padding="same", dilation=2),
+            nn.BatchNorm1d(4),
+            rs.Parallel(nn.Conv1d(4, 4, 3, padding=1, groups=2), nn.Identity()),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_meta_cases()))
+def test_squeeze_and_deploy_on_meta_build_the_architecture(case):
+    make = _meta_cases()[case]
+    torch.manual_seed(0)
+    expected = make().eval().squeeze()
+    with torch.device("meta"):
+        block = make().eval()
+    assert all(p.is_meta for p in block.parameters())
+    conv = block.squeeze()
+    assert conv.weight.is_meta and conv.bias.is_meta
+    assert _signature(conv) == _signature(expected)
+    assert block.deploy() is block and block.deployed
+    assert block.conv.weight.is_meta and _signature(block.conv) == _signature(expected)
+    assert _signature(block.squeeze()) == _signature(expected)  # a deployed block on meta too
+
+
+def test_model_deploy_on_meta_then_materialize_loads_strict():
+    """Build on meta, deploy there (no memory for branches), then fill with real weights."""
+    torch.manual_seed(0)
+    real = rs.deploy(rs.create_model("digits_net", block="dbb").eval())
+    with torch.device("meta"):
+        model = rs.create_model("digits_net", block="dbb").eval()
+    deployed = rs.deploy(model)
+    assert all(t.is_meta for t in deployed.state_dict().values())
+    assert {k: v.shape for k, v in deployed.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()
+    }
+    deployed = deployed.to_empty(device="cpu")
+    deployed.load_state_dict(real.state_dict(), strict=True)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert_equivalent(deployed(x), real(x), 1e-6)

@@ -11,22 +11,16 @@ then the errors, the ``"auto"`` cost model, the model-level switches and a short
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
 from helpers import (
-    CONV_CLASS,
     assert_equivalent,
-    expected_pad,
-    naive,
     randomize,
     randomize_bn,
 )
-from hypothesis import assume, given
-from hypothesis import strategies as st
+from hypothesis import given
+from strategies import Example, examples
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -40,7 +34,6 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-PAD_MODES = ("zeros", "reflect", "replicate", "circular")
 BN_INSIDE = ("repvgg", "acb", "dbb", "mobileone")  # BatchNorm in every branch
 
 
@@ -105,192 +98,9 @@ def _assert_same_buffers(a: nn.Module, b: nn.Module, tol: float) -> None:
             assert torch.equal(u, v), name
 
 
-# --- hypothesis: BN-free blocks ----------------------------------------------------------------
-@dataclass
-class Ctx:
-    draw: Callable
-    ndim: int
-    pad_mode: str  # padding mode of every layer of the block
-    max_c: int = 4
-    max_depth: int = 2
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _unit(stride: tuple[int, ...]) -> bool:
-    return all(s == 1 for s in stride)
-
-
-def draw_conv(
-    ctx: Ctx,
-    c_in: int,
-    c_out: int | None = None,
-    stride: tuple[int, ...] | None = None,
-    centred: bool = False,
-) -> nn.Module:
-    """A conv; ``centred`` ones have ``pad_l + pad_r == window - 1`` (branches stay aligned)."""
-    draw, nd = ctx.draw, ctx.ndim
-    c_out = draw(st.integers(1, ctx.max_c)) if c_out is None else c_out
-    if c_in == c_out and c_in > 1 and draw(st.booleans()):
-        groups = c_in  # depthwise
-    else:
-        groups = draw(st.sampled_from(_divisors(math.gcd(c_in, c_out))))
-    if stride is None:
-        stride = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(nd))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
-    if centred and _unit(stride) and draw(st.booleans()):
-        kernel, padding = tuple(draw(st.integers(1, 4)) for _ in range(nd)), "same"
-    elif centred:
-        kernel = tuple(draw(st.sampled_from([1, 3])) for _ in range(nd))
-        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel, strict=True))
-    else:
-        kernel = tuple(draw(st.integers(1, 3)) for _ in range(nd))
-        options = [
-            st.integers(0, 2),
-            st.tuples(*[st.integers(0, 2)] * nd),
-            st.just("valid"),
-            *([st.just("same")] if _unit(stride) else []),
-        ]
-        padding = draw(st.one_of(options))
-    return CONV_CLASS[nd](
-        c_in, c_out, kernel, stride, padding, dilation, groups,
-        bias=draw(st.booleans()), padding_mode=ctx.pad_mode,
-    )  # fmt: skip
-
-
-def draw_pool(ctx: Ctx) -> nn.Module:
-    kernel = ctx.draw(st.integers(1, 3))
-    padding = ctx.draw(st.integers(0, kernel // 2)) if ctx.pad_mode == "zeros" else 0
-    stride = ctx.draw(st.sampled_from([None, 1, 2]))
-    pool = {1: nn.AvgPool1d, 2: nn.AvgPool2d}[ctx.ndim]
-    return pool(kernel, stride, padding)
-
-
-def draw_centred_chain(
-    ctx: Ctx, c_in: int, c_out: int, stride: tuple[int, ...], depth: int
-) -> list[nn.Module]:
-    """1-3 centred layers, the first carrying ``stride``, the last giving ``c_out``."""
-    n = ctx.draw(st.integers(1, 3))
-    layers, c = [], c_in
-    for i in range(n):
-        out = c_out if i == n - 1 else ctx.draw(st.integers(1, ctx.max_c))
-        s = stride if i == 0 else (1,) * ctx.ndim
-        if depth < ctx.max_depth and ctx.draw(st.integers(0, 3)) == 0:
-            layers.append(draw_parallel(ctx, c, out, s, depth + 1))
-        else:
-            layers.append(draw_conv(ctx, c, out, s, centred=True))
-        c = out
-    return layers
-
-
-def draw_parallel(
-    ctx: Ctx, c_in: int, c_out: int, stride: tuple[int, ...] | None, depth: int
-) -> rs.Parallel:
-    """2-3 aligned branches, the first one a conv."""
-    draw = ctx.draw
-    if stride is None:
-        stride = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(ctx.ndim))
-    branches = [draw_conv(ctx, c_in, c_out, stride, centred=True)]
-    kinds = ["conv", "seq", "block"]
-    if c_in == c_out and _unit(stride):
-        kinds.append("identity")
-    if depth < ctx.max_depth:
-        kinds.append("parallel")
-    for _ in range(draw(st.integers(1, 2))):
-        kind = draw(st.sampled_from(kinds))
-        if kind == "conv":
-            branches.append(draw_conv(ctx, c_in, c_out, stride, centred=True))
-        elif kind == "identity":
-            branches.append(nn.Identity())
-        elif kind == "parallel":
-            branches.append(draw_parallel(ctx, c_in, c_out, stride, depth + 1))
-        else:
-            layers = draw_centred_chain(ctx, c_in, c_out, stride, depth + 1)
-            branches.append(
-                nn.Sequential(*layers) if kind == "seq" else rs.SqueezableBlock(*layers)
-            )
-    return rs.Parallel(*branches)
-
-
-def draw_chain(ctx: Ctx, c_in: int, depth: int) -> tuple[list[nn.Module], int]:
-    """1-3 layers of free geometry (nested chains and parallels too); returns the channels."""
-    draw = ctx.draw
-    kinds = ["conv", "conv", "conv", "pool", "identity"]
-    if depth < ctx.max_depth:
-        kinds += ["seq", "block", "parallel"]
-    layers, c = [], c_in
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(kinds))
-        if kind == "conv":
-            layers.append(draw_conv(ctx, c))
-            c = layers[-1].out_channels
-        elif kind == "pool":
-            layers.append(draw_pool(ctx))
-        elif kind == "identity":
-            layers.append(nn.Identity())
-        elif kind == "parallel":
-            c_out = draw(st.integers(1, ctx.max_c))
-            layers.append(draw_parallel(ctx, c, c_out, None, depth + 1))
-            c = c_out
-        else:
-            inner, c = draw_chain(ctx, c, depth + 1)
-            layers.append(nn.Sequential(*inner) if kind == "seq" else rs.SqueezableBlock(*inner))
-    return layers, c
-
-
-@dataclass
-class Example:
-    block: rs.Squeezable
-    c_in: int
-    sizes: tuple[int, ...]
-    seed: int
-
-    def input(self, dtype: torch.dtype, batch: int = 2) -> Tensor:
-        return _randn(batch, self.c_in, *self.sizes, seed=self.seed + 1, dtype=dtype)
-
-    def __repr__(self) -> str:
-        return f"Example(sizes={self.sizes}, seed={self.seed},\n{self.block})"
-
-
-def _fits(block: nn.Module, ndim: int, c_in: int, sizes, mode: str) -> bool:
-    total = expected_pad(block, ndim)
-    if mode == "reflect" and any(max(p) >= n for p, n in zip(total, sizes, strict=True)):
-        return False
-    if mode == "circular" and any(max(p) > n for p, n in zip(total, sizes, strict=True)):
-        return False
-    try:
-        with torch.no_grad():
-            naive(block, torch.zeros(1, c_in, *sizes, dtype=F64))
-    except RuntimeError:
-        return False
-    return True
-
-
-@st.composite
-def bn_free_blocks(draw) -> Example:
-    ctx = Ctx(draw, draw(st.sampled_from([1, 2])), draw(st.sampled_from(PAD_MODES)))
-    c_in = draw(st.integers(1, ctx.max_c))
-    if draw(st.sampled_from(["chain", "chain", "parallel"])) == "chain":
-        layers, c = draw_chain(ctx, c_in, depth=0)
-        if not any(isinstance(m, CONV_CLASS[ctx.ndim]) for l in layers for m in l.modules()):
-            layers.append(draw_conv(ctx, c))
-        block = rs.SqueezableBlock(*layers)
-    else:
-        block = draw_parallel(ctx, c_in, draw(st.integers(1, ctx.max_c)), None, depth=0)
-    seed = draw(st.integers(0, 2**31 - 1))
-    randomize(block.double(), _gen(seed)).train()
-    sizes = [draw(st.integers(2, 5)) * 2 + 1 for _ in range(ctx.ndim)]  # odd, 5..11
-    for _ in range(6):
-        if _fits(block, ctx.ndim, c_in, sizes, ctx.pad_mode):
-            return Example(block, c_in, tuple(sizes), seed)
-        sizes = [n + 2 for n in sizes]
-    assume(False)
-
-
+# --- hypothesis: BN-free blocks (the shared strategies) ----------------------------------------
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (F64, 1e-10)])
-@given(ex=bn_free_blocks())
+@given(ex=examples(dims=(1, 2), bn=False))
 def test_online_equals_chain_on_bn_free_blocks(ex: Example, dtype: torch.dtype, tol: float):
     block = copy.deepcopy(ex.block).to(dtype).train()
     assert_matches_chain(block, ex.input(dtype), tol)

@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import assert_equivalent, randomize_bn
+from helpers import assert_equivalent, assert_gradients_match_finite_differences, randomize_bn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -142,12 +142,11 @@ def test_expanded_conv_padding_modes(expand_mode, padding_mode, generator):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_trains(kind, generator):
-    block = make_block(kind, 4, 4, 3, 1, 2)
-    x = torch.randn(3, 4, 7, 7, generator=generator, requires_grad=True)
-    y = block(x)
-    y.square().mean().backward()
-    assert y.shape == (3, 4, 7, 7)
-    assert all(p.grad is not None for p in block.parameters())
+    """Training-mode gradients (BatchNorm with batch statistics) equal finite differences."""
+    block = randomize_bn(make_block(kind, 4, 4, 3, 1, 2).double(), generator).train()
+    x = torch.randn(3, 4, 7, 7, generator=generator, dtype=torch.float64)
+    assert block(x).shape == (3, 4, 7, 7)
+    assert_gradients_match_finite_differences(block, x)
 
 
 # --- the structure of each block -------------------------------------------------------------
