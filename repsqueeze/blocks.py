@@ -305,9 +305,11 @@ class Parallel(Squeezable):
                 cl, cr = pl - bl, pr - br
                 window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
                 branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
-            y = node_run(
-                branch, x[(slice(None), slice(None), *window)], ext, ndim, tuple(branch_lazy)
+            full = all(
+                w.start == 0 and w.stop == n for w, n in zip(window, x.shape[2:], strict=True)
             )
+            view = x if full else x[(slice(None), slice(None), *window)]  # a view, no copy
+            y = node_run(branch, view, ext, ndim, tuple(branch_lazy))
             out = y if out is None else out + y
         return out
 
@@ -430,9 +432,66 @@ def chain_run(
                 for p, s, e in zip(g.pad, g.stride, exts[-1], strict=True)
             )
         )
-    for i, (layer, e) in enumerate(zip(layers, reversed(exts), strict=True)):
-        x = node_run(layer, x, e, ndim, lazy if i == 0 else None)
+    # The lazy border stays unapplied while it is a per-channel constant (`fill`, None for
+    # zeros): pointwise convs, BatchNorm and Identity run on the interior only, natively, and
+    # map the constant (DBB's BN-and-pad, generalised); the first layer that reads across the
+    # border gets it materialised.
+    fill = None
+    for layer, e in zip(layers, reversed(exts), strict=True):
+        if lazy is not None and any(map(any, lazy)):
+            kept = _constant_border_through(layer, x, fill, ndim)
+            if kept is not None:
+                x, fill = kept
+                continue
+            if fill is not None:
+                x, lazy, fill = primitives.pad_filled(x, lazy, fill), None, None
+        x = node_run(layer, x, e, ndim, lazy)
+        lazy = None
+    if fill is not None:
+        x = primitives.pad_filled(x, lazy, fill)
+    elif lazy is not None:
+        x = pad(x, lazy, "zeros")
     return x
+
+
+def _constant_border_through(
+    layer: nn.Module, x: Tensor, fill: Tensor | None, ndim: int
+) -> tuple[Tensor, Tensor | None] | None:
+    """``(layer(interior), layer(border constant))`` when a layer maps a per-channel constant
+    border to a per-channel constant and its interior output reads no border; else ``None``."""
+    if isinstance(layer, nn.Identity):
+        return x, fill
+    if isinstance(layer, primitives.CONVS):
+        if any(k != 1 for k in layer.kernel_size) or any(s != 1 for s in layer.stride):
+            return None
+        if any(map(any, primitives.conv_padding(layer))):
+            return None
+        y = primitives.CONV_FN[ndim](x, layer.weight, layer.bias, 1, 0, 1, layer.groups)
+        if fill is not None:
+            taps = layer.weight.flatten(1)  # (C_out, C_in / groups)
+            per_group = taps.reshape(layer.groups, -1, taps.shape[1])
+            fill = torch.einsum("goi,gi->go", per_group, fill.reshape(layer.groups, -1))
+            fill = fill.reshape(-1) if layer.bias is None else fill.reshape(-1) + layer.bias
+        else:
+            fill = layer.bias
+        return y, fill
+    if isinstance(layer, _BatchNorm) and not primitives.syncs(layer):
+        if primitives.uses_batch_stats(layer):
+            # the statistics bn(x) normalises with, kept differentiable for the border
+            var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+            scale = torch.rsqrt(var + layer.eps)
+            scale = scale * layer.weight if layer.affine else scale
+            shift = layer.bias if layer.affine else torch.zeros_like(mean)
+            if fill is None:  # bn(0) = bias - mean * scale
+                fill = torch.addcmul(shift, mean, scale, value=-1)
+            else:
+                fill = torch.addcmul(shift, fill - mean, scale)
+        else:
+            live = Precision("live", x.dtype, x.device)
+            scale, shift = primitives.bn_affine(layer, "", live)
+            fill = shift if fill is None else torch.addcmul(shift, fill, scale)
+        return layer(x), fill
+    return None
 
 
 # --- parallel branches ---------------------------------------------------------------------

@@ -491,7 +491,9 @@ def test_auto_cost_of_a_parallel_does_not_depend_on_nesting():
     top, nested = branches().set_mode("auto"), rs.SqueezableBlock(branches(), mode="auto")
     x = torch.empty(1, 64, 8, 8)
     assert top.macs((64, 8, 8)) == nested.macs((64, 8, 8))
-    assert choose_by_macs(nested, tuple(x.shape), 2) == "online"  # 64*64*8*8*9 MACs vs 64*64*8*8*(9 + 1)
+    assert (
+        choose_by_macs(nested, tuple(x.shape), 2) == "online"
+    )  # 64*64*8*8*9 MACs vs 64*64*8*8*(9 + 1)
     assert choose_by_macs(top, tuple(x.shape), 2) == "online"
 
 
