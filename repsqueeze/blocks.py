@@ -19,17 +19,15 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import primitives
-from repsqueeze.algebra import ConvMap, Layout, Pad, chain, layout, parallel, to_conv
+from repsqueeze import online, primitives
+from repsqueeze.algebra import ConvMap, Pad, chain, parallel, to_conv
 from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
-MODES = ("chain", "online", "auto")
+MODES = online.MODES
 
 
 class Squeezable(nn.Module):
@@ -42,6 +40,10 @@ class Squeezable(nn.Module):
     deployed: bool = False
     mode: str = "chain"
     _children_attr: str = ""
+    # How the children combine: "chain" (in order) and "sum" (parallel branches) have fast
+    # online rules; any other value (a subclass with its own _combine_maps) is composed
+    # through _combine_maps, exactly but with dense kernels.
+    _combine: str = "generic"
 
     def _finalize(self, deployed: bool = False, mode: str = "chain") -> None:
         """Validates the structure (errors name the layer) and builds the deployed form.
@@ -51,12 +53,13 @@ class Squeezable(nn.Module):
                 default initialisation, for a state dict to fill) and drop the branches.
         """
         self._geometry_cache: dict[int, Geometry] = {}
-        self._online_cache: dict[int, tuple[int, Layout]] = {}
+        self._plans: dict[int, online.Plan] = {}
         self._auto_cache: dict[tuple, str] = {}
-        self.set_mode(mode)
         self._ndim = node_ndim(self, "")
         if self._ndim is not None:
             self.geometry(self._ndim)
+        self.set_mode(mode if not deployed else "chain")
+        self.mode = mode
         if deployed:
             conv = to_conv(
                 self._structure(), self._padding_mode(), torch.get_default_dtype(), "cpu"
@@ -128,8 +131,40 @@ class Squeezable(nn.Module):
         if self.deployed:
             return self.conv(x)
         ndim = self._ndim or x.dim() - 2
-        if self._pick_mode(x, ndim) == "online":
-            return self._online(x, ndim)
+        if online.pick_mode(self, x, ndim) == "online":
+            return online.forward(self, x, ndim)
+        return self._run_chain(x, ndim)
+
+    # --- modes: chain, online (repsqueeze.online), auto ------------------------------------------
+    def set_mode(self, mode: str) -> Squeezable:
+        """Chooses how the training form runs.
+
+        Args:
+            mode: ``"chain"`` runs the layers; ``"online"`` composes the exact kernel and
+                bias from the parameters in the forward pass (autograd flows through the
+                composition) and runs one convolution; ``"auto"`` times both on the first
+                batch of each input shape (on the device it runs) and keeps the faster one.
+                BatchNorm with batch statistics cannot be folded online, except trailing
+                BatchNorms, which run after the composed convolution. See
+                :mod:`repsqueeze.online`.
+        """
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self._auto_cache = {}
+        if mode != "chain" and not self.deployed and self._ndim is not None:
+            online.plan(self, self._ndim)  # built here, outside any forward (torch.compile)
+        return self
+
+    def _online_head(self, parts: list[tuple[str, nn.Module]]) -> int:
+        """How many of the children online mode composes; the rest run after the conv."""
+        return len(parts)
+
+    def _pick_mode(self, x: Tensor, ndim: int) -> str:
+        return online.pick_mode(self, x, ndim)
+
+    def _run_chain(self, x: Tensor, ndim: int) -> Tensor:
+        """The training form, layer by layer, on an unpadded input."""
         geo = self.geometry(ndim)
         none = ((0, 0),) * ndim
         if geo.mode in (None, "zeros"):  # zeros: the first convolutions pad, no copy
@@ -137,104 +172,10 @@ class Squeezable(nn.Module):
         x = pad(x, geo.pad, geo.mode)  # (N, C, *spatial + total padding)
         return self._run(x, none, ndim, None)
 
-    # --- online mode: compose the kernel in the forward pass, run one convolution --------------
-    def set_mode(self, mode: str) -> Squeezable:
-        """Chooses how the training form runs.
-
-        Args:
-            mode: ``"chain"`` runs the layers; ``"online"`` composes the exact kernel and
-                bias from the parameters in the forward pass (autograd flows through the
-                composition) and runs one convolution; ``"auto"`` picks the one with fewer
-                multiply-accumulates for the input shape. BatchNorm with batch statistics
-                cannot be folded online, except trailing BatchNorms, which run after the
-                composed convolution.
-        """
-        if mode not in MODES:
-            raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
-        self.mode = mode
-        self._auto_cache = {}
-        return self
-
-    def _online_plan(self, ndim: int) -> tuple[list, list, Layout]:
-        """``(head, tail, layout)``: the head is composed, the tail (trailing BNs) runs after.
-
-        Only the head's length and the layout are cached, never the modules themselves, so
-        replacing a child (e.g. ``convert_sync_batchnorm``) is seen at once.
-        """
-        parts = self.named_parts()
-        if ndim not in self._online_cache:
-            n = len(parts)
-            if isinstance(self, SqueezableBlock):
-                while n > 1 and isinstance(parts[n - 1][1], _BatchNorm):
-                    n -= 1
-            structure = self._head_map(parts[:n], self._in_channels(), ndim, STRUCTURE)
-            self._online_cache[ndim] = (n, layout(structure))
-        n, lay = self._online_cache[ndim]
-        return parts[:n], [m for _, m in parts[n:]], lay
-
-    def _head_map(self, head: list, c_in: int, ndim: int, how: Precision) -> ConvMap:
-        if len(head) == len(self.named_parts()):
-            return self._combine_maps(c_in, ndim, "", how)
-        return chain_map(head, c_in, ndim, "", how)
-
-    def _online(self, x: Tensor, ndim: int) -> Tensor:
-        head, tail, lay = self._online_plan(ndim)
-        c_in = lay.in_channels
-        live = Precision("live", x.dtype, x.device)
-        weight, bias = lay.pack(self._head_map(head, c_in, ndim, live))
-        mode, padding = self.geometry(ndim).mode, lay.padding
-        if mode not in (None, "zeros"):  # zeros are the conv's own padding: no padded copy
-            x, padding = pad(x, tuple((q, q) for q in padding), mode), 0
-        y = primitives.CONV_FN[ndim](x, weight, bias, lay.stride, padding, lay.dilation, lay.groups)
-        for bn in tail:
-            y = bn(y)
-        return y
-
-    def _pick_mode(self, x: Tensor, ndim: int) -> str:
-        if self.mode != "auto":
-            return self.mode
-        blocked = self._bn_blocks_online(ndim)
-        key = (tuple(x.shape), blocked)
-        if key not in self._auto_cache:
-            costs = self.macs(tuple(x.shape[1:]), batch=x.shape[0])
-            cheaper = costs["online"] < costs["chain"]
-            self._auto_cache[key] = "online" if cheaper and not blocked else "chain"
-        return self._auto_cache[key]
-
-    def _bn_blocks_online(self, ndim: int) -> bool:
-        """Whether a BatchNorm that would be folded uses batch statistics right now."""
-        head, _, _ = self._online_plan(ndim)
-        return any(
-            isinstance(m, _BatchNorm) and primitives.uses_batch_stats(m)
-            for _, h in head
-            for m in h.modules()
-        )
-
     def macs(self, input_shape: tuple[int, ...], batch: int = 1) -> dict[str, float]:
-        """Multiply-accumulates of one forward pass of a batch in each mode.
-
-        Args:
-            input_shape: ``(C, *spatial)`` of one sample.
-            batch: batch size.
-
-        Returns:
-            ``{"chain": ..., "online": ...}``; online counts the kernel composition (paid
-            once per forward, whatever the batch) plus one convolution per sample.
-        """
-        ndim = self._ndim or len(input_shape) - 1
-        spatial = tuple(float(v) for v in input_shape[1:])
-        chain_cost, _ = node_macs(self, spatial, ndim)
-        head, _, lay = self._online_plan(ndim)
-        out = [s / st for s, st in zip(spatial, lay.stride, strict=True)]
-        conv = (
-            math.prod(out)
-            * lay.out_channels
-            * lay.in_channels
-            / lay.groups
-            * math.prod(lay.kernel_size)
-        )
-        composed = head if isinstance(self, SqueezableBlock) else [("", self)]
-        return {"chain": batch * chain_cost, "online": batch * conv + compose_macs(composed, ndim)}
+        """Multiply-accumulates of one forward pass of a batch in each mode (the cost model
+        :func:`repsqueeze.online.macs`)."""
+        return online.macs(self, input_shape, batch)
 
     # --- squeeze and deploy ----------------------------------------------------------------
     @torch.no_grad()
@@ -269,7 +210,7 @@ class Squeezable(nn.Module):
         """
         if not self.deployed:
             conv = self.squeeze()
-            self._online_cache.clear()
+            self._plans.clear()
             conv.train(self.training)
             self._become(conv)
         return self
@@ -306,6 +247,7 @@ class SqueezableBlock(Squeezable):
     """
 
     _children_attr = "layers"
+    _combine = "chain"
 
     def __init__(self, *layers: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
         super().__init__()
@@ -319,6 +261,13 @@ class SqueezableBlock(Squeezable):
 
     def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
         return chain_map(self.named_parts(), c_in, ndim, path, how)
+
+    def _online_head(self, parts: list[tuple[str, nn.Module]]) -> int:
+        """Trailing BatchNorms run after the composed convolution, with batch statistics."""
+        n = len(parts)
+        while n > 1 and isinstance(parts[n - 1][1], _BatchNorm):
+            n -= 1
+        return n
 
     def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
         return chain_run([m for _, m in self.named_parts()], x, ext, ndim, lazy)
@@ -337,6 +286,7 @@ class Parallel(Squeezable):
     """
 
     _children_attr = "branches"
+    _combine = "sum"
 
     def __init__(self, *branches: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
         super().__init__()
@@ -367,9 +317,11 @@ class Parallel(Squeezable):
                 cl, cr = pl - bl, pr - br
                 window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
                 branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
-            y = node_run(
-                branch, x[(slice(None), slice(None), *window)], ext, ndim, tuple(branch_lazy)
+            full = all(
+                w.start == 0 and w.stop == n for w, n in zip(window, x.shape[2:], strict=True)
             )
+            view = x if full else x[(slice(None), slice(None), *window)]  # a view, no copy
+            y = node_run(branch, view, ext, ndim, tuple(branch_lazy))
             out = y if out is None else out + y
         return out
 
@@ -492,9 +444,66 @@ def chain_run(
                 for p, s, e in zip(g.pad, g.stride, exts[-1], strict=True)
             )
         )
-    for i, (layer, e) in enumerate(zip(layers, reversed(exts), strict=True)):
-        x = node_run(layer, x, e, ndim, lazy if i == 0 else None)
+    # The lazy border stays unapplied while it is a per-channel constant (`fill`, None for
+    # zeros): pointwise convs, BatchNorm and Identity run on the interior only, natively, and
+    # map the constant (DBB's BN-and-pad, generalised); the first layer that reads across the
+    # border gets it materialised.
+    fill = None
+    for layer, e in zip(layers, reversed(exts), strict=True):
+        if lazy is not None and any(map(any, lazy)):
+            kept = _constant_border_through(layer, x, fill, ndim)
+            if kept is not None:
+                x, fill = kept
+                continue
+            if fill is not None:
+                x, lazy, fill = primitives.pad_filled(x, lazy, fill), None, None
+        x = node_run(layer, x, e, ndim, lazy)
+        lazy = None
+    if fill is not None:
+        x = primitives.pad_filled(x, lazy, fill)
+    elif lazy is not None:
+        x = pad(x, lazy, "zeros")
     return x
+
+
+def _constant_border_through(
+    layer: nn.Module, x: Tensor, fill: Tensor | None, ndim: int
+) -> tuple[Tensor, Tensor | None] | None:
+    """``(layer(interior), layer(border constant))`` when a layer maps a per-channel constant
+    border to a per-channel constant and its interior output reads no border; else ``None``."""
+    if isinstance(layer, nn.Identity):
+        return x, fill
+    if isinstance(layer, primitives.CONVS):
+        if any(k != 1 for k in layer.kernel_size) or any(s != 1 for s in layer.stride):
+            return None
+        if any(map(any, primitives.conv_padding(layer))):
+            return None
+        y = primitives.CONV_FN[ndim](x, layer.weight, layer.bias, 1, 0, 1, layer.groups)
+        if fill is not None:
+            taps = layer.weight.flatten(1)  # (C_out, C_in / groups)
+            per_group = taps.reshape(layer.groups, -1, taps.shape[1])
+            fill = torch.einsum("goi,gi->go", per_group, fill.reshape(layer.groups, -1))
+            fill = fill.reshape(-1) if layer.bias is None else fill.reshape(-1) + layer.bias
+        else:
+            fill = layer.bias
+        return y, fill
+    if isinstance(layer, _BatchNorm) and not primitives.syncs(layer):
+        if primitives.uses_batch_stats(layer):
+            # the statistics bn(x) normalises with, kept differentiable for the border
+            var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+            scale = torch.rsqrt(var + layer.eps)
+            scale = scale * layer.weight if layer.affine else scale
+            shift = layer.bias if layer.affine else torch.zeros_like(mean)
+            if fill is None:  # bn(0) = bias - mean * scale
+                fill = torch.addcmul(shift, mean, scale, value=-1)
+            else:
+                fill = torch.addcmul(shift, fill - mean, scale)
+        else:
+            live = Precision("live", x.dtype, x.device)
+            scale, shift = primitives.bn_affine(layer, "", live)
+            fill = shift if fill is None else torch.addcmul(shift, fill, scale)
+        return layer(x), fill
+    return None
 
 
 # --- parallel branches ---------------------------------------------------------------------
@@ -596,53 +605,3 @@ def _conv_kwargs(conv: nn.Module) -> dict:
         "device": conv.weight.device,
         "dtype": conv.weight.dtype,
     }
-
-
-# --- cost model for mode="auto" --------------------------------------------------------------
-def node_macs(
-    module: nn.Module, spatial: tuple[float, ...], ndim: int
-) -> tuple[float, tuple[float, ...]]:
-    """``(multiply-accumulates, output spatial size)`` of running a node layer by layer."""
-    if isinstance(module, Squeezable) and module.deployed:
-        return node_macs(module.conv, spatial, ndim)
-    if isinstance(module, (Squeezable, nn.Sequential)):
-        parts = _parts(module)
-        if isinstance(module, Parallel):
-            costs = [node_macs(m, spatial, ndim) for _, m in parts]
-            return sum(c for c, _ in costs), costs[0][1]
-        total = 0.0
-        for _, m in parts:
-            cost, spatial = node_macs(m, spatial, ndim)
-            total += cost
-        return total, spatial
-    g = primitives.geometry(module, ndim, "")
-    out = tuple(s / st for s, st in zip(spatial, g.stride, strict=True))
-    if isinstance(module, primitives.CONVS):
-        per = module.in_channels // module.groups * math.prod(module.kernel_size)
-        return math.prod(out) * module.out_channels * per, out
-    return 0.0, out  # pools, BatchNorm, identity: cheap next to the convolutions
-
-
-def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
-    """Multiply-accumulates of composing a chain's dense kernels (once per forward)."""
-    total = 0.0
-    acc = None
-    for _, m in parts:
-        g = node_geometry(m, ndim, "")
-        if isinstance(m, Parallel) and not m.deployed:
-            total += sum(compose_macs([p], ndim) for p in m.named_parts())
-        elif isinstance(m, (SqueezableBlock, nn.Sequential)) and not getattr(m, "deployed", False):
-            total += compose_macs(_parts(m), ndim)
-        if acc is not None and g.c_out is not None:
-            total += (
-                g.c_out * acc.c_out * (acc.c_in or 1) * math.prod(g.extent) * math.prod(acc.extent)
-            )
-        if acc is None:
-            acc = g
-        elif g.c_in is not None:
-            extent = tuple(
-                a + s * (e - 1) for a, s, e in zip(acc.extent, acc.stride, g.extent, strict=True)
-            )
-            stride = tuple(a * b for a, b in zip(acc.stride, g.stride, strict=True))
-            acc = Geometry(stride, acc.pad, extent, None, acc.c_in, g.c_out)
-    return total

@@ -183,17 +183,21 @@ def bn_affine(bn: _BatchNorm, path: str, how: Precision) -> tuple[Tensor, Tensor
             f"{name_of(bn, path)} has no running statistics (track_running_stats=False): it "
             "normalises with batch statistics, which cannot be folded into a convolution"
         )
-    mean = _value(bn, path, "running_mean", how).to(how.dtype)
-    var = _value(bn, path, "running_var", how).to(how.dtype)
+    mean = _cast(_value(bn, path, "running_mean", how), how.dtype)
+    var = _cast(_value(bn, path, "running_var", how), how.dtype)
     if how.kind == "exact" and (var + bn.eps <= 0).any():
         raise ValueError(f"{name_of(bn, path)}: running_var + eps must be positive to fold")
     scale = torch.rsqrt(var + bn.eps)
     shift = -mean * scale
     if bn.affine:
-        gamma = _value(bn, path, "weight", how).to(how.dtype)
-        beta = _value(bn, path, "bias", how).to(how.dtype)
+        gamma = _cast(_value(bn, path, "weight", how), how.dtype)
+        beta = _cast(_value(bn, path, "bias", how), how.dtype)
         scale, shift = scale * gamma, shift * gamma + beta
     return scale, shift
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _diagonal(scale: Tensor, shift: Tensor, ndim: int) -> ConvMap:
@@ -263,13 +267,7 @@ def batch_norm(bn: _BatchNorm, x: Tensor, ext: Pad) -> Tensor:
     too, with any backend (gloo included).
     """
     batch_stats = uses_batch_stats(bn)
-    sync = (
-        isinstance(bn, nn.SyncBatchNorm)
-        and bn.training
-        and dist.is_available()
-        and dist.is_initialized()
-        and dist.get_world_size() > 1
-    )
+    sync = syncs(bn)
     if batch_stats and not sync:
         _check_values_per_channel(bn, x, ext)
     if not batch_stats or not (sync or any(map(any, ext))):
@@ -311,6 +309,17 @@ def _check_values_per_channel(bn: _BatchNorm, x: Tensor, ext: Pad) -> None:
         )
 
 
+def syncs(bn: _BatchNorm) -> bool:
+    """Whether a BatchNorm reduces its statistics across processes right now."""
+    return (
+        isinstance(bn, nn.SyncBatchNorm)
+        and bn.training
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
+
+
 @torch.no_grad()
 def _update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
     bn.num_batches_tracked.add_(1)
@@ -326,6 +335,14 @@ _TORCH_MODE = {
     "replicate": "replicate",
     "circular": "circular",
 }
+
+
+def pad_filled(x: Tensor, amount: Pad, fill: Tensor) -> Tensor:
+    """Pads the spatial dims of ``x`` by ``(left, right)`` each with a per-channel constant
+    ``fill`` (shape ``(C,)``); the interior is copied exactly (no arithmetic on it)."""
+    flat = [v for pair in reversed(amount) for v in pair]
+    border = F.pad(x.new_zeros(1, 1, *x.shape[2:]), flat, value=1.0)  # 1 on the border only
+    return torch.addcmul(F.pad(x, flat), fill.reshape(1, -1, *(1,) * (x.dim() - 2)), border)
 
 
 def pad(x: Tensor, amount: Pad | None, mode: str | None) -> Tensor:

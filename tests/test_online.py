@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
 from repsqueeze.lit import Classifier
+from repsqueeze.online import choose_by_macs
 from repsqueeze.zoo import make_block
 
 pytestmark = [
@@ -249,7 +250,7 @@ def test_online_with_bn_inside_works_in_eval_mode(kind, c_out, stride):
     assert_matches_chain(block, _randn(3, 4, 9, 9), 1e-10)
 
 
-# --- mode="auto": the cheaper mode by multiply-accumulates -----------------------------------
+# --- mode="auto": the multiply-accumulate model (auto's choice under torch.compile) -----------------------------------
 def test_macs_of_a_two_conv_chain_are_the_per_layer_sums():
     block = rs.SqueezableBlock(nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 4, 3, padding=1))
     h, w, batch = 10, 12, 2
@@ -271,7 +272,7 @@ def test_auto_picks_online_for_an_expanded_block_on_a_large_input():
     x = torch.empty(64, 16, 32, 32)  # only the shape matters to the choice
     costs = block.macs(tuple(x.shape[1:]), batch=64)
     assert costs["online"] < costs["chain"] / 10
-    assert block._pick_mode(x, 2) == "online"
+    assert choose_by_macs(block, tuple(x.shape), 2) == "online"
 
 
 def test_auto_picks_chain_when_composing_costs_more():
@@ -284,7 +285,7 @@ def test_auto_picks_chain_when_composing_costs_more():
     x = torch.randn(1, c, 4, 4)
     costs = block.macs(tuple(x.shape[1:]))
     assert costs["online"] > 100 * costs["chain"]
-    assert block._pick_mode(x, 2) == "chain"
+    assert choose_by_macs(block, tuple(x.shape), 2) == "chain"
     with torch.no_grad():
         assert_equivalent(block(x), _with_mode(block, "chain")(x), 1e-6)
 
@@ -300,8 +301,10 @@ def test_auto_cost_of_a_parallel_does_not_depend_on_nesting():
     top, nested = branches().set_mode("auto"), rs.SqueezableBlock(branches(), mode="auto")
     x = torch.empty(1, 64, 8, 8)
     assert top.macs((64, 8, 8)) == nested.macs((64, 8, 8))
-    assert nested._pick_mode(x, 2) == "online"  # 64*64*8*8*9 MACs vs 64*64*8*8*(9 + 1)
-    assert top._pick_mode(x, 2) == "online"
+    assert (
+        choose_by_macs(nested, tuple(x.shape), 2) == "online"
+    )  # 64*64*8*8*9 MACs vs 64*64*8*8*(9 + 1)
+    assert choose_by_macs(top, tuple(x.shape), 2) == "online"
 
 
 @pytest.mark.parametrize("kind", list(rs.BLOCKS))
@@ -309,7 +312,7 @@ def test_auto_never_raises_in_training_and_equals_chain(kind):
     block = randomize(make_block(kind, 8, 8, mode="auto").double(), _gen(10)).train()
     x = _randn(16, 8, 16, 16)
     costs = block.macs(tuple(x.shape[1:]), batch=x.shape[0])
-    picked = block._pick_mode(x, 2)
+    picked = choose_by_macs(block, tuple(x.shape), 2)
     if kind in BN_INSIDE:
         assert costs["online"] < costs["chain"]  # online would be cheaper, but BN blocks it
         assert picked == "chain"

@@ -1,0 +1,232 @@
+"""Online mode as cheap as its math, chain mode as lean as its structure, auto by measurement.
+
+Op counts are real ``torch.profiler`` counts (:func:`repsqueeze.online.count_ops`: top-level
+aten operators of one forward pass of a 64-channel block in training mode, on the CPU). The
+issue's figures (plain ConvBN 5, repvgg online 57, acb online 60, dbb online 120, dbb chain
+67) are this count plus 2 for every block, operators of the measuring harness outside the
+block; the targets there (repvgg and acb online <= 15, dbb online <= 25) are therefore
+asserted as <= 13 and <= 23 here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_equivalent, randomize
+from torch import Tensor, nn
+
+import repsqueeze as rs
+from repsqueeze import online
+from repsqueeze.zoo import make_block
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+F64 = torch.float64
+HARNESS = 2  # operators the issue's count adds to every block (input creation, reduction)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _count(kind: str, mode: str, **kw) -> tuple[int, list[str]]:
+    torch.manual_seed(0)
+    block = make_block(kind, 64, 64, mode=mode, **kw).train()
+    return online.count_ops(block, torch.randn(2, 64, 8, 8))
+
+
+def test_count_ops_sees_the_three_ops_of_a_plain_conv_bn():
+    n, names = _count("plain", "chain")
+    assert names == ["aten::conv2d", "aten::add_", "aten::batch_norm"]
+    assert n == 3
+
+
+@pytest.mark.parametrize(("kind", "target"), [("repvgg", 15), ("acb", 15), ("dbb", 25)])
+def test_online_block_op_count_meets_the_issue_target(kind, target):
+    n, names = _count(kind, "online", online_norm=True)
+    assert n + HARNESS <= target, names
+    # no host-device synchronisation, no dense C x C scale matrices, no index assignment
+    for bad in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::eye"):
+        assert bad not in names
+    assert not any(name.startswith(("aten::index_put", "aten::copy_")) for name in names)
+    assert names.count("aten::conv2d") == 1
+
+
+def test_dbb_chain_op_count_dropped():
+    n, names = _count("dbb", "chain")
+    assert n + HARNESS <= 45, names  # 67 before: BatchNorm on a bordered tensor by hand
+    assert "aten::var_mean" in names  # the border constant's batch statistics
+    assert names.count("aten::batch_norm") == 6  # every BatchNorm native
+
+
+# --- composition in the parameters' dtype, plan rebuilt when a child is replaced -------------
+@pytest.mark.parametrize("kind", ["repvgg", "dbb", "expand_cl"])
+def test_online_composes_in_the_parameters_dtype(kind):
+    block = make_block(kind, 4, 4, mode="online", online_norm=kind != "expand_cl")
+    weight, _ = online.composed(block, 2)
+    assert weight.dtype == torch.float32
+    assert weight.requires_grad
+    weight, _ = online.composed(block.double(), 2)
+    assert weight.dtype == F64
+
+
+def test_online_plan_is_rebuilt_when_a_child_is_swapped():
+    torch.manual_seed(0)
+    block = rs.Parallel(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1), mode="online")
+    x = torch.randn(2, 3, 7, 7, dtype=F64)
+    block.double()(x)
+    assert block._plans[2].layout.kernel_size == (3, 3)
+    block.branches[1] = nn.Conv2d(3, 4, 5, padding=2).double()
+    y = block(x)
+    assert block._plans[2].layout.kernel_size == (5, 5)
+    expected = block.branches[0](x) + block.branches[1](x)
+    assert_equivalent(y, expected, 1e-10)
+
+
+class _GenericParallel(rs.Parallel):
+    """A subclass combining its children its own way (here: a sum, through _combine_maps),
+    as ``rs.Concat`` does: online mode must compose it through the generic dense path."""
+
+    _combine = "generic"
+
+
+def test_online_composes_an_unspecialised_squeezable_through_the_generic_path():
+    torch.manual_seed(0)
+    inner = _GenericParallel(nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4))
+    block = rs.SqueezableBlock(nn.Conv2d(3, 4, 1), inner, nn.Conv2d(4, 2, 3, padding=1))
+    block = randomize(block.double(), _gen(1)).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=F64, generator=_gen(2))
+    chain, on = copy.deepcopy(block), copy.deepcopy(block).set_mode("online")
+    assert_equivalent(on(x), chain(x), 1e-10)
+    top = randomize(
+        _GenericParallel(nn.Conv2d(3, 3, 3, padding=1), nn.Identity()).double(), _gen(3)
+    )
+    assert_equivalent(copy.deepcopy(top).set_mode("online")(x), top(x), 1e-10)
+
+
+# --- chain mode: BatchNorm on the interior, border as its per-channel constant ----------------
+def _dbb_style_branch(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """Independent oracle: 1x1 conv, BN in training, pad with BN's value at the conv's border
+    output (batch statistics: DBB's BNAndPad, made exact), 3x3 conv unpadded, BN."""
+    conv1, bn1, conv3, bn2 = seq
+    y = conv1(x)
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    z = F.batch_norm(y, None, None, bn1.weight, bn1.bias, training=True, eps=bn1.eps)
+    # the border of the 1x1 conv's output is its bias (zeros in, bias out); BN maps it
+    value = bn1.bias + (conv1.bias - mean) * bn1.weight / torch.sqrt(var + bn1.eps)
+    z = F.pad(z, [1, 1, 1, 1])
+    ring = F.pad(torch.zeros(1, 1, *y.shape[2:], dtype=y.dtype), [1, 1, 1, 1], value=1.0)
+    z = z + value.reshape(1, -1, 1, 1) * ring
+    out = F.conv2d(z, conv3.weight, conv3.bias)
+    return F.batch_norm(out, None, None, bn2.weight, bn2.bias, training=True, eps=bn2.eps)
+
+
+def test_chain_bn_after_pointwise_conv_runs_natively_and_pads_with_its_constant():
+    torch.manual_seed(0)
+    seq = nn.Sequential(
+        nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5), nn.Conv2d(5, 4, 3, padding=1), nn.BatchNorm2d(4)
+    )
+    seq = randomize(seq.double(), _gen(4)).train()
+    block = rs.SqueezableBlock(copy.deepcopy(seq))
+    x = torch.randn(4, 3, 6, 7, dtype=F64, generator=_gen(5), requires_grad=True)
+    conv1, bn = block.layers[0][:2]
+    before = bn.running_mean.clone()
+    y = block(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = _dbb_style_branch(seq, x2)
+    assert_equivalent(y, ref, 1e-10)
+    w = torch.randn(y.shape, dtype=F64, generator=_gen(6))
+    (y * w).sum().backward()
+    (ref * w).sum().backward()
+    assert_equivalent(x.grad, x2.grad, 1e-10)
+    for p, q in zip(block.layers.parameters(), seq.parameters(), strict=True):
+        assert_equivalent(p.grad, q.grad, 1e-10)
+    assert bn.num_batches_tracked.item() == 1  # statistics of the interior, updated once
+    with torch.no_grad():
+        expected = 0.9 * before + 0.1 * conv1(x).mean((0, 2, 3))
+    assert_equivalent(bn.running_mean, expected, 1e-10)
+
+
+def _saved_bytes(module: nn.Module, x: Tensor) -> int:
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def test_dbb_chain_saves_one_tensor_per_layer_output_that_backward_needs():
+    """x, the kxk and 1x1 outputs, 1x1 -> BN -> (padded) -> kxk: three, 1x1 -> BN ->
+    (padded) -> pool: three; nothing else of activation size (no hand-written BN temporaries,
+    no padded input copies)."""
+    block = make_block("dbb", 8, 8).train()
+    x = torch.randn(4, 8, 16, 16)
+    one = x.numel() * x.element_size()
+    padded = 4 * 8 * 18 * 18 * x.element_size()
+    assert _saved_bytes(block, x) <= 5 * one + 4 * padded
+
+
+# --- mode="auto": decided by timing both forms, cached, never timed under compile ------------
+def test_auto_times_both_forms_once_per_shape_and_leaves_no_trace(monkeypatch):
+    torch.manual_seed(0)
+    block = make_block("expand_cl", 4, 4, expansion=2, mode="auto").train()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    calls = []
+    timing = online.choose_by_timing
+    monkeypatch.setattr(
+        online, "choose_by_timing", lambda *a: calls.append(a[1].shape) or timing(*a)
+    )
+    x = torch.randn(2, 4, 8, 8)
+    for _ in range(3):
+        block(x)
+    assert len(calls) == 1
+    block(torch.randn(3, 4, 8, 8))
+    assert len(calls) == 2
+    assert set(block._auto_cache.values()) <= {"chain", "online"}
+    block.eval()
+    with torch.no_grad():
+        block(x)
+    assert len(calls) == 3  # eval forward is another decision
+    # the timing runs touched no running statistics and accumulated no gradients
+    bn = block.layers[-1]
+    assert bn.num_batches_tracked.item() == 4  # the four training forwards above, no more
+    assert all(p.grad is None for p in block.parameters())
+    assert torch.equal(before["layers.0.weight"], block.state_dict()["layers.0.weight"])
+
+
+def test_auto_decision_is_the_faster_form(monkeypatch):
+    """The timer's verdict is followed whichever way it goes."""
+    block = make_block("expand_cl", 4, 4, expansion=2, mode="auto").train()
+    for verdict in ("chain", "online"):
+        block.set_mode("auto")
+        monkeypatch.setattr(online, "time_interleaved", lambda fns, *a, v=verdict: {
+            k: (0.0 if k == v else 1.0) for k in fns
+        })  # fmt: skip
+        block(torch.randn(2, 4, 8, 8))
+        assert list(block._auto_cache.values()) == [verdict]
+
+
+def test_auto_under_compile_does_not_time(monkeypatch):
+    block = make_block("expand_cl", 4, 4, expansion=2, mode="auto").train()
+
+    def refuse(*a):
+        raise AssertionError("timed under torch.compile")
+
+    monkeypatch.setattr(online, "choose_by_timing", refuse)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    x = torch.randn(2, 4, 8, 8)
+    y = compiled(x)
+    assert block._auto_cache == {}  # the MAC model decided, nothing cached while tracing
+    with torch.no_grad():
+        assert_equivalent(y, rs.set_mode(copy.deepcopy(block), "chain")(x), 1e-5)
