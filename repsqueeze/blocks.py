@@ -10,8 +10,10 @@ follows a padded layer's border); and it *is* one convolution, which
 :meth:`Squeezable.squeeze` builds.
 
 :class:`Parallel` sums branches; it pads once by the largest branch padding and hands each
-branch the window it would have padded itself. Chains nest in parallels and parallels in
-chains to any depth; ``nn.Sequential`` inside a block is a nested chain.
+branch the window it would have padded itself. :class:`Concat` does the same and
+concatenates the branch outputs along channels (DBB's depth concatenation). Chains nest in
+parallels and concatenations and those in chains to any depth; ``nn.Sequential`` inside a
+block is a nested chain.
 
 References: Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021;
 Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIPS 2020.
@@ -20,13 +22,14 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.algebra import ConvMap, Layout, Pad, chain, layout, parallel, to_conv
+from repsqueeze.algebra import ConvMap, Layout, Pad, chain, concat, layout, parallel, to_conv
 from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = ("chain", "online", "auto")
@@ -341,25 +344,50 @@ class Parallel(Squeezable):
         return parallel(maps)
 
     def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
-        geo = self.geometry(ndim)
-        lazy = lazy or ((0, 0),) * ndim
-        out = None
-        for _, branch in self.named_parts():
-            own = node_geometry(branch, ndim, "").pad
-            # the branch needs `own` border, not the block's: crop the difference, first
-            # from the zeros not yet applied, then from x itself
-            window, branch_lazy = [], []
-            for d, ((pl, pr), (bl, br), (zl, zr)) in enumerate(
-                zip(geo.pad, own, lazy, strict=True)
-            ):
-                cl, cr = pl - bl, pr - br
-                window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
-                branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
-            y = node_run(
-                branch, x[(slice(None), slice(None), *window)], ext, ndim, tuple(branch_lazy)
-            )
-            out = y if out is None else out + y
-        return out
+        ys = run_branches(self.named_parts(), self.geometry(ndim).pad, x, ext, ndim, lazy)
+        return sum(ys[1:], ys[0])
+
+
+class Concat(Squeezable):
+    """Branches whose outputs are concatenated along channels, in order (DBB's transform IV).
+
+    The branches read the same input and share stride and output alignment, as in
+    :class:`Parallel`; each contributes its output channels (an ``Identity``, ``BatchNorm``
+    or ``AvgPool`` branch its input channels). It squeezes into one convolution with the
+    branches' kernels stacked along output channels, each at its offset in the common window.
+
+    Args:
+        *branches: layers, ``nn.Sequential`` chains or nested blocks.
+        deployed: build the squeezed convolution directly instead of the branches.
+        mode: ``"chain"``, ``"online"`` or ``"auto"``; see :meth:`Squeezable.set_mode`.
+
+    Example:
+        >>> inception = Concat(
+        ...     nn.Conv2d(8, 4, 1),
+        ...     nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)),
+        ...     nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(8, 4, 1)),
+        ... )
+        >>> inception.squeeze()  # Conv2d(8, 12, kernel_size=(3, 3), padding=(1, 1))
+    """
+
+    _children_attr = "branches"
+
+    def __init__(self, *branches: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
+        super().__init__()
+        if not branches:
+            raise ValueError("Concat needs at least one branch")
+        self.branches = nn.ModuleList(branches)
+        self._finalize(deployed, mode)
+
+    def _combine_geometry(self, ndim: int, path: str) -> Geometry:
+        return concat_geometry(self.named_parts(), ndim, path)
+
+    def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
+        return concat([node_map(m, c_in, ndim, join(path, n), how) for n, m in self.named_parts()])
+
+    def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
+        ys = run_branches(self.named_parts(), self.geometry(ndim).pad, x, ext, ndim, lazy)
+        return torch.cat(ys, dim=1)  # (N, sum of the branches' C_out, *spatial)
 
 
 # --- dispatch over the kinds of node: block, Sequential, single layer ------------------------
@@ -487,30 +515,10 @@ def chain_run(
 
 # --- parallel branches ---------------------------------------------------------------------
 def parallel_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> Geometry:
-    geos = [(name_of(m, join(path, n)), node_geometry(m, ndim, join(path, n))) for n, m in parts]
-    first_name, first = geos[0]
-    mode = mode_from = None
-    c_in = next((g.c_in for _, g in geos if g.c_in is not None), None)
+    geos, common = aligned_geometry(parts, ndim, path, "parallel branches")
+    c_in = common.c_in
     c_out = next((g.c_out for _, g in geos if g.c_out is not None), None)
     for name, g in geos:
-        if g.stride != first.stride:
-            raise ValueError(
-                f"{name} has stride {g.stride} but {first_name} has {first.stride}; "
-                "parallel branches must share stride"
-            )
-        if g.slack != first.slack:
-            raise ValueError(
-                f"{name} is misaligned with {first_name}: padding {g.pad} with window "
-                f"{g.extent} vs padding {first.pad} with window {first.extent}; branches must "
-                "satisfy pad_left + pad_right - window = same value so their outputs overlap"
-            )
-        if g.mode is not None:
-            _check_mode(mode, mode_from, g.mode, name)
-            mode, mode_from = g.mode, mode_from or name
-        if g.c_in is not None and g.c_in != c_in:
-            raise ValueError(
-                f"{name} takes {g.c_in} input channels but another branch takes {c_in}"
-            )
         if g.c_out is not None and g.c_out != c_out:
             raise ValueError(
                 f"{name} gives {g.c_out} output channels but another branch gives {c_out}"
@@ -520,13 +528,103 @@ def parallel_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) 
                 f"{name} keeps its channel count, but the other branches map {c_in} to {c_out} "
                 "channels; an identity-like branch needs equal input and output channels"
             )
+    c_in = c_in if c_in is not None else c_out
+    c_out = c_out if c_out is not None else c_in
+    return replace(common, c_in=c_in, c_out=c_out)
+
+
+def concat_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> Geometry:
+    """Like :func:`parallel_geometry`; the output channels are the sum of the branches'."""
+    geos, common = aligned_geometry(parts, ndim, path, "concatenated branches")
+    if common.c_in is None:
+        where = f"Concat at {path}" if path else "Concat"
+        raise ValueError(
+            f"{where}: no branch fixes the number of input channels (only Identity/AvgPool "
+            "branches), so the number of output channels is unknown; add a convolution or a "
+            "BatchNorm to one branch"
+        )
+    c_out = sum(g.c_out if g.c_out is not None else common.c_in for _, g in geos)
+    return replace(common, c_out=c_out)
+
+
+def aligned_geometry(
+    parts: list[tuple[str, nn.Module]], ndim: int, path: str, what: str
+) -> tuple[list[tuple[str, Geometry]], Geometry]:
+    """Checks that branches share stride, alignment, padding mode and input channels.
+
+    Args:
+        parts: the named branches.
+        ndim: spatial dimensionality.
+        path: where the branches sit, for the messages.
+        what: the branches' kind in the messages (``"parallel branches"``).
+
+    Returns:
+        ``(name, geometry)`` per branch, and the common geometry (largest padding per side,
+        its window, the mode, the input channels or ``None``; output channels ``None``).
+    """
+    geos = [(name_of(m, join(path, n)), node_geometry(m, ndim, join(path, n))) for n, m in parts]
+    first_name, first = geos[0]
+    mode = mode_from = None
+    c_in, c_in_from = next(((g.c_in, n) for n, g in geos if g.c_in is not None), (None, None))
+    for name, g in geos:
+        if g.stride != first.stride:
+            raise ValueError(
+                f"{name} has stride {g.stride} but {first_name} has {first.stride}; "
+                f"{what} must share stride"
+            )
+        if g.slack != first.slack:
+            raise ValueError(
+                f"{name} is misaligned with {first_name}: padding {g.pad} with window "
+                f"{g.extent} vs padding {first.pad} with window {first.extent}; {what} must "
+                "satisfy pad_left + pad_right - window = same value so their outputs overlap"
+            )
+        if g.mode is not None:
+            _check_mode(mode, mode_from, g.mode, name)
+            mode, mode_from = g.mode, mode_from or name
+        if g.c_in is not None and g.c_in != c_in:
+            raise ValueError(
+                f"{name} takes {g.c_in} input channels but {c_in_from} takes {c_in}; "
+                f"{what} read the same input"
+            )
     pad = tuple(
         (max(g.pad[d][0] for _, g in geos), max(g.pad[d][1] for _, g in geos)) for d in range(ndim)
     )
     extent = tuple(p[0] + p[1] - s for p, s in zip(pad, first.slack, strict=True))
-    c_in = c_in if c_in is not None else c_out
-    c_out = c_out if c_out is not None else c_in
-    return Geometry(first.stride, pad, extent, mode, c_in, c_out)
+    return geos, Geometry(first.stride, pad, extent, mode, c_in, None)
+
+
+def run_branches(
+    parts: list[tuple[str, nn.Module]],
+    border: Pad,
+    x: Tensor,
+    ext: Pad,
+    ndim: int,
+    lazy: Pad | None,
+) -> list[Tensor]:
+    """Runs each branch on the window it would have padded itself.
+
+    Args:
+        parts: the named branches.
+        border: the border ``x`` carries for them (the largest branch padding, per side).
+        x: the input, padded by ``border`` plus what ``ext`` needs (``lazy`` of it not yet).
+        ext: border the outputs carry for the layers downstream.
+        ndim: spatial dimensionality.
+        lazy: zeros of that padding not applied to ``x`` yet.
+    """
+    lazy = lazy or ((0, 0),) * ndim
+    outputs = []
+    for _, branch in parts:
+        own = node_geometry(branch, ndim, "").pad
+        # the branch needs `own` border, not the block's: crop the difference, first
+        # from the zeros not yet applied, then from x itself
+        window, branch_lazy = [], []
+        for d, ((pl, pr), (bl, br), (zl, zr)) in enumerate(zip(border, own, lazy, strict=True)):
+            cl, cr = pl - bl, pr - br
+            window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
+            branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
+        crop = x[(slice(None), slice(None), *window)]
+        outputs.append(node_run(branch, crop, ext, ndim, tuple(branch_lazy)))
+    return outputs
 
 
 def _check_mode(mode: str | None, mode_from: str | None, new: str, where: str) -> None:
@@ -582,7 +680,7 @@ def node_macs(
         return node_macs(module.conv, spatial, ndim)
     if isinstance(module, (Squeezable, nn.Sequential)):
         parts = _parts(module)
-        if isinstance(module, Parallel):
+        if isinstance(module, (Parallel, Concat)):
             costs = [node_macs(m, spatial, ndim) for _, m in parts]
             return sum(c for c, _ in costs), costs[0][1]
         total = 0.0
@@ -604,7 +702,7 @@ def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
     acc = None
     for _, m in parts:
         g = node_geometry(m, ndim, "")
-        if isinstance(m, Parallel) and not m.deployed:
+        if isinstance(m, (Parallel, Concat)) and not m.deployed:
             total += sum(compose_macs([p], ndim) for p in m.named_parts())
         elif isinstance(m, (SqueezableBlock, nn.Sequential)) and not getattr(m, "deployed", False):
             total += compose_macs(_parts(m), ndim)
