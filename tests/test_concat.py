@@ -402,3 +402,21 @@ def test_concat_nested_in_a_parallel_must_match_its_channels():
     concat = rs.Concat(nn.Conv2d(3, 2, 1), nn.Identity())  # 3 -> 5 channels
     with _raises(ValueError, "branches.1 (Conv2d)", "4 output channels"):
         rs.Parallel(concat, nn.Conv2d(3, 4, 1))
+
+
+# --- mode="auto" cost model ----------------------------------------------------------------------
+def test_auto_cost_of_a_concat_sums_its_branches_and_does_not_depend_on_nesting():
+    def build() -> rs.Concat:
+        torch.manual_seed(0)
+        return rs.Concat(nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(16, 4, 1))
+
+    top, nested = build().set_mode("auto"), rs.SqueezableBlock(build(), mode="auto")
+    h, w = 8, 10
+    costs = top.macs((16, h, w), batch=2)
+    assert costs["chain"] == 2 * h * w * (8 * 16 * 9 + 4 * 16)
+    assert costs["online"] == 2 * h * w * 12 * 16 * 9  # one 3x3 conv, nothing multiplied
+    assert nested.macs((16, h, w), batch=2) == costs
+    # the 1x1 branch grows to 3x3 in the composed kernel: running the branches is cheaper
+    assert top._pick_mode(torch.empty(2, 16, h, w), 2) == "chain"
+    wide = rs.Concat(nn.Sequential(nn.Conv2d(16, 64, 1), nn.Conv2d(64, 8, 3, padding=1)))
+    assert wide.set_mode("auto")._pick_mode(torch.empty(2, 16, h, w), 2) == "online"
