@@ -177,6 +177,16 @@ def test_bn_free_concat_online_equals_chain_in_training():
     assert_matches_chain(block, _randn(2, 3, 11), 1e-10, mode="auto")
 
 
+def test_online_refuses_a_training_mode_bn_in_a_branch_and_auto_falls_back_to_chain():
+    block, _ = _inception(4, 2, seed=12)
+    x = _randn(2, 4, 7, 7)
+    with _raises(ValueError, "branches.1.1 (BatchNorm2d)", "online_norm"):
+        copy.deepcopy(block).train().set_mode("online")(x)
+    auto = copy.deepcopy(block).train().set_mode("auto")
+    assert auto._pick_mode(x, 2) == "chain"
+    assert_equivalent(auto(x), copy.deepcopy(block).train()(x), 1e-12)
+
+
 def test_training_mode_bn_uses_each_branch_interior_as_the_plain_layers():
     """Batch statistics of a BN inside a branch equal those of the plain layers: the branch
     gets exactly the window it would have padded itself (first_pads: the 3x3 branch's BN
@@ -420,3 +430,15 @@ def test_auto_cost_of_a_concat_sums_its_branches_and_does_not_depend_on_nesting(
     assert top._pick_mode(torch.empty(2, 16, h, w), 2) == "chain"
     wide = rs.Concat(nn.Sequential(nn.Conv2d(16, 64, 1), nn.Conv2d(64, 8, 3, padding=1)))
     assert wide.set_mode("auto")._pick_mode(torch.empty(2, 16, h, w), 2) == "online"
+
+
+def test_auto_cost_of_a_pool_first_branch():
+    """A branch that starts with a channel-keeping layer (AvgPool -> 1x1, as in Inception)
+    takes its channel count from the next layer in the composition cost."""
+    block = rs.Parallel(
+        nn.Conv2d(8, 8, 1), nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(8, 8, 1))
+    )
+    costs = block.macs((8, 5, 5))
+    assert costs["online"] == 5 * 5 * 8 * 8 * 9 + 8 * 8 * 8 * 1 * 9  # conv + compose 1x1 o pool
+    block = randomize(block.double(), _gen(13)).set_mode("auto")
+    assert_matches_chain(block, _randn(2, 8, 5, 5), 1e-10, mode="auto")
