@@ -112,20 +112,27 @@ def parallel(maps: list[ConvMap]) -> ConvMap:
     return ConvMap(weight, bias, maps[0].stride, pad)
 
 
-def concat(maps: list[ConvMap]) -> ConvMap:
+def concat(maps: list[ConvMap], split: bool = False) -> ConvMap:
     """The map ``x -> cat_channels(maps[0](x), maps[1](x), ...)`` (DBB's depth concatenation).
 
-    The maps must share input channels, stride and slack; each kernel is placed at its offset
-    in the common window and the kernels are stacked along output channels, as the biases.
+    The maps must share stride and slack; each kernel is placed at its offset in the common
+    window and the kernels are stacked along output channels, as the biases.
+
+    Args:
+        maps: the branches' maps.
+        split: the input is split along channels, ``maps[i]`` reading the ``i``-th slice: the
+            kernels are also stacked along input channels (block-diagonal). Otherwise every
+            map reads the whole input and the maps share input channels.
     """
     pad, extent = _common_window(maps)
     first = maps[0].weight
-    rows = [m.weight.shape[0] for m in maps]
-    weight = first.new_zeros(sum(rows), first.shape[1], *extent)
-    start = 0
-    for m, n in zip(maps, rows, strict=True):
-        weight[(slice(start, start + n), slice(None), *_placed(m, pad))] = m.weight
-        start += n
+    rows, cols = zip(*(m.weight.shape[:2] for m in maps), strict=True)
+    weight = first.new_zeros(sum(rows), sum(cols) if split else cols[0], *extent)
+    row = col = 0
+    for m, n, k in zip(maps, rows, cols, strict=True):
+        inputs = slice(col, col + k) if split else slice(None)
+        weight[(slice(row, row + n), inputs, *_placed(m, pad))] = m.weight
+        row, col = row + n, col + k
     return ConvMap(weight, torch.cat([m.bias for m in maps]), maps[0].stride, pad)
 
 

@@ -21,7 +21,9 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -351,13 +353,19 @@ class Parallel(Squeezable):
 class Concat(Squeezable):
     """Branches whose outputs are concatenated along channels, in order (DBB's transform IV).
 
-    The branches read the same input and share stride and output alignment, as in
-    :class:`Parallel`; each contributes its output channels (an ``Identity``, ``BatchNorm``
-    or ``AvgPool`` branch its input channels). It squeezes into one convolution with the
-    branches' kernels stacked along output channels, each at its offset in the common window.
+    The branches read the same input (or, with ``split``, consecutive slices of its channels)
+    and share stride and output alignment, as in :class:`Parallel`; each contributes its
+    output channels (an ``Identity``, ``BatchNorm`` or ``AvgPool`` branch its input channels).
+    It squeezes into one convolution with the branches' kernels stacked along output channels,
+    each at its offset in the common window; with ``split`` the kernel is block-diagonal, one
+    grouped convolution when the slices and the branches' outputs are of equal sizes.
 
     Args:
         *branches: layers, ``nn.Sequential`` chains or nested blocks.
+        split: input channels of each branch: the input is split along channels (as
+            ``torch.split``) and branch ``i`` reads slice ``i`` (channel-split designs:
+            ResNeXt-style groups, ShuffleNet-style identity halves). ``None``: every branch
+            reads the whole input.
         deployed: build the squeezed convolution directly instead of the branches.
         mode: ``"chain"``, ``"online"`` or ``"auto"``; see :meth:`Squeezable.set_mode`.
 
@@ -372,22 +380,46 @@ class Concat(Squeezable):
 
     _children_attr = "branches"
 
-    def __init__(self, *branches: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
+    def __init__(
+        self,
+        *branches: nn.Module,
+        split: Sequence[int] | None = None,
+        deployed: bool = False,
+        mode: str = "chain",
+    ) -> None:
         super().__init__()
         if not branches:
             raise ValueError("Concat needs at least one branch")
+        if split is not None and (
+            len(split) != len(branches) or not all(isinstance(c, int) and c > 0 for c in split)
+        ):
+            raise ValueError(
+                f"Concat: split={tuple(split)} must give a positive channel count for each of "
+                f"the {len(branches)} branches"
+            )
+        self.split = tuple(split) if split is not None else None
         self.branches = nn.ModuleList(branches)
         self._finalize(deployed, mode)
 
     def _combine_geometry(self, ndim: int, path: str) -> Geometry:
-        return concat_geometry(self.named_parts(), ndim, path)
+        return concat_geometry(self.named_parts(), ndim, path, self.split)
 
     def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
-        return concat([node_map(m, c_in, ndim, join(path, n), how) for n, m in self.named_parts()])
+        c_ins = self.split or (c_in,) * len(self.named_parts())
+        maps = [
+            node_map(m, c, ndim, join(path, n), how)
+            for (n, m), c in zip(self.named_parts(), c_ins, strict=True)
+        ]
+        return concat(maps, split=self.split is not None)
 
     def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
-        ys = run_branches(self.named_parts(), self.geometry(ndim).pad, x, ext, ndim, lazy)
+        border = self.geometry(ndim).pad
+        ys = run_branches(self.named_parts(), border, x, ext, ndim, lazy, self.split)
         return torch.cat(ys, dim=1)  # (N, sum of the branches' C_out, *spatial)
+
+    def extra_repr(self) -> str:
+        split = f"split={self.split}" if self.split is not None else ""
+        return ", ".join(filter(None, [split, super().extra_repr()]))
 
 
 # --- dispatch over the kinds of node: block, Sequential, single layer ------------------------
@@ -533,9 +565,25 @@ def parallel_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) 
     return replace(common, c_in=c_in, c_out=c_out)
 
 
-def concat_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> Geometry:
-    """Like :func:`parallel_geometry`; the output channels are the sum of the branches'."""
-    geos, common = aligned_geometry(parts, ndim, path, "concatenated branches")
+def concat_geometry(
+    parts: list[tuple[str, nn.Module]], ndim: int, path: str, split: tuple[int, ...] | None = None
+) -> Geometry:
+    """Like :func:`parallel_geometry`; the output channels are the sum of the branches'.
+
+    With ``split`` branch ``i`` reads ``split[i]`` channels and the input has their sum.
+    """
+    what = "concatenated branches"
+    geos, common = aligned_geometry(parts, ndim, path, what, shared_input=split is None)
+    if split is not None:
+        c_out = 0
+        for (name, g), c in zip(geos, split, strict=True):
+            if g.c_in is not None and g.c_in != c:
+                raise ValueError(
+                    f"{name} takes {g.c_in} input channels but split gives it {c}; with split, "
+                    "branch i reads split[i] channels of the input"
+                )
+            c_out += g.c_out if g.c_out is not None else c
+        return replace(common, c_in=sum(split), c_out=c_out)
     if common.c_in is None:
         where = f"Concat at {path}" if path else "Concat"
         raise ValueError(
@@ -548,7 +596,11 @@ def concat_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) ->
 
 
 def aligned_geometry(
-    parts: list[tuple[str, nn.Module]], ndim: int, path: str, what: str
+    parts: list[tuple[str, nn.Module]],
+    ndim: int,
+    path: str,
+    what: str,
+    shared_input: bool = True,
 ) -> tuple[list[tuple[str, Geometry]], Geometry]:
     """Checks that branches share stride, alignment, padding mode and input channels.
 
@@ -557,6 +609,7 @@ def aligned_geometry(
         ndim: spatial dimensionality.
         path: where the branches sit, for the messages.
         what: the branches' kind in the messages (``"parallel branches"``).
+        shared_input: the branches read the same input (else input channels are not checked).
 
     Returns:
         ``(name, geometry)`` per branch, and the common geometry (largest padding per side,
@@ -581,7 +634,7 @@ def aligned_geometry(
         if g.mode is not None:
             _check_mode(mode, mode_from, g.mode, name)
             mode, mode_from = g.mode, mode_from or name
-        if g.c_in is not None and g.c_in != c_in:
+        if shared_input and g.c_in is not None and g.c_in != c_in:
             raise ValueError(
                 f"{name} takes {g.c_in} input channels but {c_in_from} takes {c_in}; "
                 f"{what} read the same input"
@@ -600,6 +653,7 @@ def run_branches(
     ext: Pad,
     ndim: int,
     lazy: Pad | None,
+    split: tuple[int, ...] | None = None,
 ) -> list[Tensor]:
     """Runs each branch on the window it would have padded itself.
 
@@ -610,10 +664,13 @@ def run_branches(
         ext: border the outputs carry for the layers downstream.
         ndim: spatial dimensionality.
         lazy: zeros of that padding not applied to ``x`` yet.
+        split: channels of each branch's slice of ``x``; ``None``: all of ``x`` for each.
     """
     lazy = lazy or ((0, 0),) * ndim
+    starts = [0, *itertools.accumulate(split)] if split is not None else None
     outputs = []
-    for _, branch in parts:
+    for b, (_, branch) in enumerate(parts):
+        channels = slice(starts[b], starts[b + 1]) if starts is not None else slice(None)
         own = node_geometry(branch, ndim, "").pad
         # the branch needs `own` border, not the block's: crop the difference, first
         # from the zeros not yet applied, then from x itself
@@ -622,7 +679,7 @@ def run_branches(
             cl, cr = pl - bl, pr - br
             window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
             branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
-        crop = x[(slice(None), slice(None), *window)]
+        crop = x[(slice(None), channels, *window)]
         outputs.append(node_run(branch, crop, ext, ndim, tuple(branch_lazy)))
     return outputs
 

@@ -63,7 +63,8 @@ def naive(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, rs.Parallel):
         return sum(naive(b, x) for b in module.branches)
     if isinstance(module, rs.Concat):
-        return torch.cat([naive(b, x) for b in module.branches], dim=1)
+        xs = torch.split(x, module.split, 1) if module.split else [x] * len(module.branches)
+        return torch.cat([naive(b, xb) for b, xb in zip(module.branches, xs, strict=True)], 1)
     if isinstance(module, rs.SqueezableBlock):
         layers = list(module.layers)
     elif isinstance(module, nn.Sequential):

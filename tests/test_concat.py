@@ -234,7 +234,7 @@ def test_concat_of_grouped_branches_is_one_dense_conv_with_structural_zeros(bran
     """Every accepted layer reads all of its input channels, so each branch does, and a
     concatenation of two or more branches is never block-diagonal in PyTorch's group layout
     (branch 1's rows already span every group): groups=1, with the grouped branches' zeros
-    in place. A branch reading only a slice of the input is not expressible."""
+    in place. Branches reading slices of the input need ``split`` (tested below)."""
     block = randomize(rs.Concat(*branches).double(), _gen(11)).eval()
     conv = block.squeeze()
     assert conv.groups == 1
@@ -252,6 +252,97 @@ def test_concat_of_grouped_branches_is_one_dense_conv_with_structural_zeros(bran
         assert_equivalent(conv(x), block(x), 1e-10)
 
 
+# --- split input: each branch reads a slice of the channels ------------------------------------
+def _split_oracle(block: rs.Concat, plain: nn.ModuleList, x: Tensor) -> Tensor:
+    xs = torch.split(x, block.split, dim=1)
+    return torch.cat([b(xb) for b, xb in zip(plain, xs, strict=True)], dim=1)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_concat_of_per_group_convs_of_a_split_input_is_one_grouped_conv(dims):
+    """ResNeXt-style: four branches, each a 3x3-BN-1x1 chain on its quarter of the input."""
+    conv, bn = CONV_CLASS[dims], BN_CLASS[dims]
+    plain = nn.ModuleList(
+        nn.Sequential(conv(2, 3, 3, padding=1), bn(3), conv(3, 2, 1)) for _ in range(4)
+    )
+    randomize(plain.double(), _gen(14)).eval()
+    block = rs.Concat(*copy.deepcopy(list(plain)), split=(2, 2, 2, 2)).eval()
+    squeezed = block.squeeze()
+    assert squeezed.groups == 4
+    assert (squeezed.in_channels, squeezed.out_channels) == (8, 8)
+    assert squeezed.kernel_size == (3,) * dims
+    x = _randn(2, 8, *(7,) * dims)
+    with torch.no_grad():
+        ref = _split_oracle(block, plain, x)
+        assert_equivalent(block(x), ref, 1e-10)  # only the first layer pads: equal everywhere
+        assert_equivalent(squeezed(x), ref, 1e-10)
+        assert_equivalent(copy.deepcopy(block).float().squeeze()(x.float()), ref, 1e-5)
+    assert_matches_chain(block, x, 1e-10)
+
+
+def test_shufflenet_style_identity_half_squeezes_to_two_groups():
+    """Half the channels pass through, the other half go 1x1-BN-dw3x3-BN-1x1 (ShuffleNetV2's
+    unit, without its ReLUs): one conv with groups=2 and the identity as its first block."""
+    plain = nn.ModuleList(
+        [
+            nn.Identity(),
+            nn.Sequential(
+                nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+            ),
+        ]
+    )  # fmt: skip
+    randomize(plain.double(), _gen(15)).eval()
+    block = rs.Concat(*copy.deepcopy(list(plain)), split=(4, 4)).eval()
+    squeezed = block.squeeze()
+    assert squeezed.groups == 2 and squeezed.kernel_size == (3, 3)
+    centre = squeezed.weight[:4, :, 1, 1]
+    assert torch.equal(centre, torch.eye(4, dtype=F64))
+    assert squeezed.weight[:4].abs().sum() == 4
+    x = _randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = _split_oracle(block, plain, x)
+        assert_equivalent(_interior(block(x), 1), _interior(ref, 1), 1e-10)
+        assert_equivalent(squeezed(x), block(x), 1e-10)
+
+
+def test_unequal_split_is_block_diagonal_but_one_group():
+    block = rs.Concat(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(3, 2, 1), split=(1, 3))
+    block = randomize(block.double(), _gen(16))
+    squeezed = block.squeeze()
+    assert squeezed.groups == 1 and squeezed.in_channels == 4
+    mask = squeezed.weight.abs().sum((2, 3)).ne(0)
+    assert torch.equal(mask, torch.tensor([[1, 0, 0, 0]] * 2 + [[0, 1, 1, 1]] * 2).bool())
+    x = _randn(2, 4, 7, 7)
+    with torch.no_grad():
+        assert_equivalent(squeezed(x), block(x), 1e-10)
+
+
+def test_split_concat_deployed_state_dict_loads_strict():
+    def build(deployed: bool = False) -> rs.Concat:
+        return rs.Concat(
+            nn.Identity(), nn.Conv2d(4, 4, 3, padding=1, groups=2), split=(4, 4), deployed=deployed
+        )
+
+    block = randomize(build().double(), _gen(17))
+    state = rs.deploy(block).state_dict()
+    built = build(deployed=True).double()
+    assert built.conv.groups == 4  # identity half and 2-group half: 2x2 blocks on the diagonal
+    built.load_state_dict(state, strict=True)
+    x = _randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert_equivalent(built(x), block(x), 1e-10)
+
+
+def test_split_refusals():
+    with _raises(ValueError, "split=(2, 2)", "each of the 3 branches"):
+        rs.Concat(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.Identity(), split=(2, 2))
+    with _raises(ValueError, "branches.1 (Conv2d)", "3 input channels", "split gives it 2"):
+        rs.Concat(nn.Conv2d(2, 2, 1), nn.Conv2d(3, 2, 1), split=(2, 2))
+    with _raises(ValueError, "split=(2, 0)", "positive"):
+        rs.Concat(nn.Conv2d(2, 2, 1), nn.Identity(), split=(2, 0))
+
+
 # --- hypothesis: Concat nodes inside chains and parallels, and containing them ---------------
 def _fixes_channels(branches: list[nn.Module]) -> bool:
     return any(isinstance(m, (*CONVS, _BatchNorm)) for b in branches for m in b.modules())
@@ -261,24 +352,35 @@ def _slack(ctx: Ctx) -> tuple[int, ...]:
     return tuple(ctx.draw(st.sampled_from([-1, -1, -2, -3])) for _ in range(ctx.ndim))
 
 
+def _split(ctx: Ctx, c_in: int, n: int) -> tuple[int, ...] | None:
+    """``n`` positive channel counts summing to ``c_in`` (a split input), or ``None``."""
+    if c_in < n or not ctx.draw(st.booleans()):
+        return None
+    cuts = sorted(ctx.draw(st.sets(st.integers(1, c_in - 1), min_size=n - 1, max_size=n - 1)))
+    return tuple(b - a for a, b in zip([0, *cuts], [*cuts, c_in], strict=True))
+
+
 def draw_concat(ctx: Ctx, c_in: int, depth: int, stride, slack) -> tuple[rs.Concat, int]:
     """2-3 branches sharing stride and slack, any branch of ``test_equivalence`` (chains,
-    parallels, single layers) or a nested Concat node; returns it and its output channels."""
+    parallels, single layers) or a nested Concat node, reading the whole input or a split
+    of it; returns the Concat and its output channels."""
     draw = ctx.draw
+    n = draw(st.integers(2, 3))
+    split = _split(ctx, c_in, n)
     branches, c_out = [], 0
-    for _ in range(draw(st.integers(2, 3))):
+    for c_branch in split or (c_in,) * n:
         if depth < ctx.max_depth and draw(st.integers(0, 3)) == 0:
-            branch, c = draw_concat_node(ctx, c_in, depth + 1, stride, slack)
+            branch, c = draw_concat_node(ctx, c_branch, depth + 1, stride, slack)
         else:
-            c = _channels(ctx, c_in)
-            branch = draw_branch(ctx, c_in, c, stride, slack, depth)
+            c = _channels(ctx, c_branch)
+            branch = draw_branch(ctx, c_branch, c, stride, slack, depth)
         branches.append(branch)
         c_out += c
-    if not _fixes_channels(branches):  # only Identity/AvgPool: the channel count is unknown
+    if split is None and not _fixes_channels(branches):  # only Identity/AvgPool branches
         c = _channels(ctx, c_in)
         branches.append(draw_conv(ctx, c_in, c, stride, slack))
         c_out += c
-    return rs.Concat(*branches), c_out
+    return rs.Concat(*branches, split=split), c_out
 
 
 def draw_concat_node(ctx: Ctx, c_in: int, depth: int, stride, slack) -> tuple[nn.Module, int]:
