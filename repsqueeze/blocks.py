@@ -413,6 +413,11 @@ class Concat(Squeezable):
         return concat(maps, split=self.split is not None)
 
     def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
+        if self.split is not None and x.shape[1] != sum(self.split):
+            raise ValueError(
+                f"Concat: split={self.split} needs {sum(self.split)} input channels, "
+                f"got {x.shape[1]}"
+            )
         border = self.geometry(ndim).pad
         ys = run_branches(self.named_parts(), border, x, ext, ndim, lazy, self.split)
         return torch.cat(ys, dim=1)  # (N, sum of the branches' C_out, *spatial)

@@ -341,6 +341,9 @@ def test_split_refusals():
         rs.Concat(nn.Conv2d(2, 2, 1), nn.Conv2d(3, 2, 1), split=(2, 2))
     with _raises(ValueError, "split=(2, 0)", "positive"):
         rs.Concat(nn.Conv2d(2, 2, 1), nn.Identity(), split=(2, 0))
+    block = rs.Concat(nn.Conv2d(2, 2, 1), nn.Identity(), split=(2, 2))
+    with _raises(ValueError, "split=(2, 2) needs 4 input channels, got 5"):
+        block(torch.zeros(1, 5, 3, 3))
 
 
 # --- hypothesis: Concat nodes inside chains and parallels, and containing them ---------------
