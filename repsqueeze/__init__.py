@@ -1,7 +1,7 @@
 """repsqueeze: train rich convolution blocks, deploy one exact convolution per block."""
 
 from repsqueeze.algebra import ConvMap
-from repsqueeze.blocks import Parallel, Squeezable, SqueezableBlock
+from repsqueeze.blocks import Concat, Parallel, Squeezable, SqueezableBlock
 from repsqueeze.convert import (
     BorderReport,
     ExpandReport,
@@ -31,6 +31,7 @@ __all__ = [
     "BLOCKS",
     "ACBlock",
     "BorderReport",
+    "Concat",
     "ConvBN",
     "ConvMap",
     "DiverseBranchBlock",

@@ -8,7 +8,9 @@ float64, so that composition is plain arithmetic:
 
 * chain ``b(a(x))``: kernel ``conv_transpose(W_b, W_a, stride=s_a)``, stride ``s_a * s_b``,
   padding ``p_a + s_a * p_b``, bias ``b_b + sum(W_b) @ b_a``;
-* sum ``a(x) + b(x)``: kernels placed on a common window and added, biases added.
+* sum ``a(x) + b(x)``: kernels placed on a common window and added, biases added;
+* concatenation ``cat(a(x), b(x))`` along channels: kernels placed on a common window and
+  stacked along output channels, biases concatenated.
 
 :func:`to_conv` turns a map back into the smallest ``nn.ConvNd`` (dilation and groups
 recovered from the structural pattern, not from numerical zeros).
@@ -101,21 +103,55 @@ def chain(a: ConvMap, b: ConvMap) -> ConvMap:
 
 def parallel(maps: list[ConvMap]) -> ConvMap:
     """The map ``x -> sum_i maps[i](x)``; the maps must share stride and slack."""
+    pad, extent = _common_window(maps)
+    first = maps[0].weight
+    weight = first.new_zeros(*first.shape[:2], *extent)
+    for m in maps:
+        weight[(slice(None), slice(None), *_placed(m, pad))] += m.weight
+    bias = torch.stack([m.bias for m in maps]).sum(0)
+    return ConvMap(weight, bias, maps[0].stride, pad)
+
+
+def concat(maps: list[ConvMap], split: bool = False) -> ConvMap:
+    """The map ``x -> cat_channels(maps[0](x), maps[1](x), ...)`` (DBB's depth concatenation).
+
+    The maps must share stride and slack; each kernel is placed at its offset in the common
+    window and the kernels are stacked along output channels, as the biases.
+
+    Args:
+        maps: the branches' maps.
+        split: the input is split along channels, ``maps[i]`` reading the ``i``-th slice: the
+            kernels are also stacked along input channels (block-diagonal). Otherwise every
+            map reads the whole input and the maps share input channels.
+    """
+    pad, extent = _common_window(maps)
+    first = maps[0].weight
+    rows, cols = zip(*(m.weight.shape[:2] for m in maps), strict=True)
+    weight = first.new_zeros(sum(rows), sum(cols) if split else cols[0], *extent)
+    row = col = 0
+    for m, n, k in zip(maps, rows, cols, strict=True):
+        inputs = slice(col, col + k) if split else slice(None)
+        weight[(slice(row, row + n), inputs, *_placed(m, pad))] = m.weight
+        row, col = row + n, col + k
+    return ConvMap(weight, torch.cat([m.bias for m in maps]), maps[0].stride, pad)
+
+
+def _common_window(maps: list[ConvMap]) -> tuple[Pad, tuple[int, ...]]:
+    """The largest padding of aligned maps, per side, and the window it gives."""
     pad = tuple(
         (max(m.pad[d][0] for m in maps), max(m.pad[d][1] for m in maps))
         for d in range(maps[0].ndim)
     )
     extent = tuple(p[0] + p[1] - s for p, s in zip(pad, maps[0].slack, strict=True))
-    first = maps[0].weight
-    weight = first.new_zeros(*first.shape[:2], *extent)
-    for m in maps:
-        window = tuple(
-            slice(pl - ml, pl - ml + e)
-            for (pl, _), (ml, _), e in zip(pad, m.pad, m.extent, strict=True)
-        )
-        weight[(slice(None), slice(None), *window)] += m.weight
-    bias = torch.stack([m.bias for m in maps]).sum(0)
-    return ConvMap(weight, bias, maps[0].stride, pad)
+    return pad, extent
+
+
+def _placed(m: ConvMap, pad: Pad) -> tuple[slice, ...]:
+    """Where ``m``'s kernel sits in the common window of padding ``pad``."""
+    return tuple(
+        slice(pl - ml, pl - ml + e)
+        for (pl, _), (ml, _), e in zip(pad, m.pad, m.extent, strict=True)
+    )
 
 
 def largest_groups(mask: Tensor) -> int:

@@ -10,8 +10,10 @@ follows a padded layer's border); and it *is* one convolution, which
 :meth:`Squeezable.squeeze` builds.
 
 :class:`Parallel` sums branches; it pads once by the largest branch padding and hands each
-branch the window it would have padded itself. Chains nest in parallels and parallels in
-chains to any depth; ``nn.Sequential`` inside a block is a nested chain.
+branch the window it would have padded itself. :class:`Concat` does the same and
+concatenates the branch outputs along channels (DBB's depth concatenation). Chains nest in
+parallels and concatenations and those in chains to any depth; ``nn.Sequential`` inside a
+block is a nested chain.
 
 References: Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021;
 Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIPS 2020.
@@ -19,12 +21,16 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import online, primitives
-from repsqueeze.algebra import ConvMap, Pad, chain, parallel, to_conv
+from repsqueeze.algebra import ConvMap, Pad, chain, concat, parallel, to_conv
 from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = online.MODES
@@ -303,27 +309,85 @@ class Parallel(Squeezable):
         return parallel(maps)
 
     def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
-        geo = self.geometry(ndim)
-        lazy = lazy or ((0, 0),) * ndim
-        out = None
-        for _, branch in self.named_parts():
-            own = node_geometry(branch, ndim, "").pad
-            # the branch needs `own` border, not the block's: crop the difference, first
-            # from the zeros not yet applied, then from x itself
-            window, branch_lazy = [], []
-            for d, ((pl, pr), (bl, br), (zl, zr)) in enumerate(
-                zip(geo.pad, own, lazy, strict=True)
-            ):
-                cl, cr = pl - bl, pr - br
-                window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
-                branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
-            full = all(
-                w.start == 0 and w.stop == n for w, n in zip(window, x.shape[2:], strict=True)
+        ys = run_branches(self.named_parts(), self.geometry(ndim).pad, x, ext, ndim, lazy)
+        return sum(ys[1:], ys[0])
+
+
+class Concat(Squeezable):
+    """Branches whose outputs are concatenated along channels, in order (DBB's transform IV).
+
+    The branches read the same input (or, with ``split``, consecutive slices of its channels)
+    and share stride and output alignment, as in :class:`Parallel`; each contributes its
+    output channels (an ``Identity``, ``BatchNorm`` or ``AvgPool`` branch its input channels).
+    It squeezes into one convolution with the branches' kernels stacked along output channels,
+    each at its offset in the common window; with ``split`` the kernel is block-diagonal, one
+    grouped convolution when the slices and the branches' outputs are of equal sizes.
+
+    Args:
+        *branches: layers, ``nn.Sequential`` chains or nested blocks.
+        split: input channels of each branch: the input is split along channels (as
+            ``torch.split``) and branch ``i`` reads slice ``i`` (channel-split designs:
+            ResNeXt-style groups, ShuffleNet-style identity halves). ``None``: every branch
+            reads the whole input.
+        deployed: build the squeezed convolution directly instead of the branches.
+        mode: ``"chain"``, ``"online"`` or ``"auto"``; see :meth:`Squeezable.set_mode`.
+
+    Example:
+        >>> inception = Concat(
+        ...     nn.Conv2d(8, 4, 1),
+        ...     nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)),
+        ...     nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(8, 4, 1)),
+        ... )
+        >>> inception.squeeze()  # Conv2d(8, 12, kernel_size=(3, 3), padding=(1, 1))
+    """
+
+    _children_attr = "branches"
+
+    def __init__(
+        self,
+        *branches: nn.Module,
+        split: Sequence[int] | None = None,
+        deployed: bool = False,
+        mode: str = "chain",
+    ) -> None:
+        super().__init__()
+        if not branches:
+            raise ValueError("Concat needs at least one branch")
+        if split is not None and (
+            len(split) != len(branches) or not all(isinstance(c, int) and c > 0 for c in split)
+        ):
+            raise ValueError(
+                f"Concat: split={tuple(split)} must give a positive channel count for each of "
+                f"the {len(branches)} branches"
             )
-            view = x if full else x[(slice(None), slice(None), *window)]  # a view, no copy
-            y = node_run(branch, view, ext, ndim, tuple(branch_lazy))
-            out = y if out is None else out + y
-        return out
+        self.split = tuple(split) if split is not None else None
+        self.branches = nn.ModuleList(branches)
+        self._finalize(deployed, mode)
+
+    def _combine_geometry(self, ndim: int, path: str) -> Geometry:
+        return concat_geometry(self.named_parts(), ndim, path, self.split)
+
+    def _combine_maps(self, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
+        c_ins = self.split or (c_in,) * len(self.named_parts())
+        maps = [
+            node_map(m, c, ndim, join(path, n), how)
+            for (n, m), c in zip(self.named_parts(), c_ins, strict=True)
+        ]
+        return concat(maps, split=self.split is not None)
+
+    def _run(self, x: Tensor, ext: Pad, ndim: int, lazy: Pad | None) -> Tensor:
+        if self.split is not None and x.shape[1] != sum(self.split):
+            raise ValueError(
+                f"Concat: split={self.split} needs {sum(self.split)} input channels, "
+                f"got {x.shape[1]}"
+            )
+        border = self.geometry(ndim).pad
+        ys = run_branches(self.named_parts(), border, x, ext, ndim, lazy, self.split)
+        return torch.cat(ys, dim=1)  # (N, sum of the branches' C_out, *spatial)
+
+    def extra_repr(self) -> str:
+        split = f"split={self.split}" if self.split is not None else ""
+        return ", ".join(filter(None, [split, super().extra_repr()]))
 
 
 # --- dispatch over the kinds of node: block, Sequential, single layer ------------------------
@@ -508,30 +572,10 @@ def _constant_border_through(
 
 # --- parallel branches ---------------------------------------------------------------------
 def parallel_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) -> Geometry:
-    geos = [(name_of(m, join(path, n)), node_geometry(m, ndim, join(path, n))) for n, m in parts]
-    first_name, first = geos[0]
-    mode = mode_from = None
-    c_in = next((g.c_in for _, g in geos if g.c_in is not None), None)
+    geos, common = aligned_geometry(parts, ndim, path, "parallel branches")
+    c_in = common.c_in
     c_out = next((g.c_out for _, g in geos if g.c_out is not None), None)
     for name, g in geos:
-        if g.stride != first.stride:
-            raise ValueError(
-                f"{name} has stride {g.stride} but {first_name} has {first.stride}; "
-                "parallel branches must share stride"
-            )
-        if g.slack != first.slack:
-            raise ValueError(
-                f"{name} is misaligned with {first_name}: padding {g.pad} with window "
-                f"{g.extent} vs padding {first.pad} with window {first.extent}; branches must "
-                "satisfy pad_left + pad_right - window = same value so their outputs overlap"
-            )
-        if g.mode is not None:
-            _check_mode(mode, mode_from, g.mode, name)
-            mode, mode_from = g.mode, mode_from or name
-        if g.c_in is not None and g.c_in != c_in:
-            raise ValueError(
-                f"{name} takes {g.c_in} input channels but another branch takes {c_in}"
-            )
         if g.c_out is not None and g.c_out != c_out:
             raise ValueError(
                 f"{name} gives {g.c_out} output channels but another branch gives {c_out}"
@@ -541,13 +585,131 @@ def parallel_geometry(parts: list[tuple[str, nn.Module]], ndim: int, path: str) 
                 f"{name} keeps its channel count, but the other branches map {c_in} to {c_out} "
                 "channels; an identity-like branch needs equal input and output channels"
             )
+    c_in = c_in if c_in is not None else c_out
+    c_out = c_out if c_out is not None else c_in
+    return replace(common, c_in=c_in, c_out=c_out)
+
+
+def concat_geometry(
+    parts: list[tuple[str, nn.Module]], ndim: int, path: str, split: tuple[int, ...] | None = None
+) -> Geometry:
+    """Like :func:`parallel_geometry`; the output channels are the sum of the branches'.
+
+    With ``split`` branch ``i`` reads ``split[i]`` channels and the input has their sum.
+    """
+    what = "concatenated branches"
+    geos, common = aligned_geometry(parts, ndim, path, what, shared_input=split is None)
+    if split is not None:
+        c_out = 0
+        for (name, g), c in zip(geos, split, strict=True):
+            if g.c_in is not None and g.c_in != c:
+                raise ValueError(
+                    f"{name} takes {g.c_in} input channels but split gives it {c}; with split, "
+                    "branch i reads split[i] channels of the input"
+                )
+            c_out += g.c_out if g.c_out is not None else c
+        return replace(common, c_in=sum(split), c_out=c_out)
+    if common.c_in is None:
+        where = f"Concat at {path}" if path else "Concat"
+        raise ValueError(
+            f"{where}: no branch fixes the number of input channels (only Identity/AvgPool "
+            "branches), so the number of output channels is unknown; add a convolution or a "
+            "BatchNorm to one branch"
+        )
+    c_out = sum(g.c_out if g.c_out is not None else common.c_in for _, g in geos)
+    return replace(common, c_out=c_out)
+
+
+def aligned_geometry(
+    parts: list[tuple[str, nn.Module]],
+    ndim: int,
+    path: str,
+    what: str,
+    shared_input: bool = True,
+) -> tuple[list[tuple[str, Geometry]], Geometry]:
+    """Checks that branches share stride, alignment, padding mode and input channels.
+
+    Args:
+        parts: the named branches.
+        ndim: spatial dimensionality.
+        path: where the branches sit, for the messages.
+        what: the branches' kind in the messages (``"parallel branches"``).
+        shared_input: the branches read the same input (else input channels are not checked).
+
+    Returns:
+        ``(name, geometry)`` per branch, and the common geometry (largest padding per side,
+        its window, the mode, the input channels or ``None``; output channels ``None``).
+    """
+    geos = [(name_of(m, join(path, n)), node_geometry(m, ndim, join(path, n))) for n, m in parts]
+    first_name, first = geos[0]
+    mode = mode_from = None
+    c_in, c_in_from = next(((g.c_in, n) for n, g in geos if g.c_in is not None), (None, None))
+    for name, g in geos:
+        if g.stride != first.stride:
+            raise ValueError(
+                f"{name} has stride {g.stride} but {first_name} has {first.stride}; "
+                f"{what} must share stride"
+            )
+        if g.slack != first.slack:
+            raise ValueError(
+                f"{name} is misaligned with {first_name}: padding {g.pad} with window "
+                f"{g.extent} vs padding {first.pad} with window {first.extent}; {what} must "
+                "satisfy pad_left + pad_right - window = same value so their outputs overlap"
+            )
+        if g.mode is not None:
+            _check_mode(mode, mode_from, g.mode, name)
+            mode, mode_from = g.mode, mode_from or name
+        if shared_input and g.c_in is not None and g.c_in != c_in:
+            raise ValueError(
+                f"{name} takes {g.c_in} input channels but {c_in_from} takes {c_in}; "
+                f"{what} read the same input"
+            )
     pad = tuple(
         (max(g.pad[d][0] for _, g in geos), max(g.pad[d][1] for _, g in geos)) for d in range(ndim)
     )
     extent = tuple(p[0] + p[1] - s for p, s in zip(pad, first.slack, strict=True))
-    c_in = c_in if c_in is not None else c_out
-    c_out = c_out if c_out is not None else c_in
-    return Geometry(first.stride, pad, extent, mode, c_in, c_out)
+    return geos, Geometry(first.stride, pad, extent, mode, c_in, None)
+
+
+def run_branches(
+    parts: list[tuple[str, nn.Module]],
+    border: Pad,
+    x: Tensor,
+    ext: Pad,
+    ndim: int,
+    lazy: Pad | None,
+    split: tuple[int, ...] | None = None,
+) -> list[Tensor]:
+    """Runs each branch on the window it would have padded itself.
+
+    Args:
+        parts: the named branches.
+        border: the border ``x`` carries for them (the largest branch padding, per side).
+        x: the input, padded by ``border`` plus what ``ext`` needs (``lazy`` of it not yet).
+        ext: border the outputs carry for the layers downstream.
+        ndim: spatial dimensionality.
+        lazy: zeros of that padding not applied to ``x`` yet.
+        split: channels of each branch's slice of ``x``; ``None``: all of ``x`` for each.
+    """
+    lazy = lazy or ((0, 0),) * ndim
+    starts = [0, *itertools.accumulate(split)] if split is not None else None
+    outputs = []
+    for b, (_, branch) in enumerate(parts):
+        channels = slice(starts[b], starts[b + 1]) if starts is not None else slice(None)
+        own = node_geometry(branch, ndim, "").pad
+        # the branch needs `own` border, not the block's: crop the difference, first
+        # from the zeros not yet applied, then from x itself
+        window, branch_lazy = [], []
+        for d, ((pl, pr), (bl, br), (zl, zr)) in enumerate(zip(border, own, lazy, strict=True)):
+            cl, cr = pl - bl, pr - br
+            window.append(slice(max(cl - zl, 0), x.shape[d + 2] - max(cr - zr, 0)))
+            branch_lazy.append((max(zl - cl, 0), max(zr - cr, 0)))
+        full = starts is None and all(
+            w.start == 0 and w.stop == n for w, n in zip(window, x.shape[2:], strict=True)
+        )
+        crop = x if full else x[(slice(None), channels, *window)]  # a view; none when full
+        outputs.append(node_run(branch, crop, ext, ndim, tuple(branch_lazy)))
+    return outputs
 
 
 def _check_mode(mode: str | None, mode_from: str | None, new: str, where: str) -> None:

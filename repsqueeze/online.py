@@ -554,9 +554,11 @@ def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
             total += sum(compose_macs([p], ndim) for p in m.named_parts())
         elif nested:
             total += compose_macs(blocks._parts(m), ndim)
+        # layers that keep their channel count (pool, identity) get them from the next layer
+        c_mid = acc.c_out if acc is not None and acc.c_out is not None else g.c_in
         if acc is not None and g.c_out is not None:
             total += (
-                g.c_out * acc.c_out * (acc.c_in or 1) * math.prod(g.extent) * math.prod(acc.extent)
+                g.c_out * c_mid * (acc.c_in or c_mid) * math.prod(g.extent) * math.prod(acc.extent)
             )
         if acc is None:
             acc = g
@@ -565,7 +567,7 @@ def compose_macs(parts: list[tuple[str, nn.Module]], ndim: int) -> float:
                 a + s * (e - 1) for a, s, e in zip(acc.extent, acc.stride, g.extent, strict=True)
             )
             stride = tuple(a * b for a, b in zip(acc.stride, g.stride, strict=True))
-            acc = Geometry(stride, acc.pad, extent, None, acc.c_in, g.c_out)
+            acc = Geometry(stride, acc.pad, extent, None, acc.c_in or c_mid, g.c_out)
     return total
 
 

@@ -105,7 +105,7 @@ def geometry(layer: nn.Module, ndim: int, path: str) -> Geometry:
         return identity_geometry(ndim)
     raise TypeError(
         f"{name_of(layer, path)} is not a linear layer a squeezable block accepts "
-        f"({ACCEPTED}, Sequential, SqueezableBlock, Parallel); put non-linearities between blocks"
+        f"({ACCEPTED}, Sequential, SqueezableBlock, Parallel, Concat); put non-linearities between blocks"
     )
 
 

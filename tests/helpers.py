@@ -66,6 +66,9 @@ def naive(module: nn.Module, x: Tensor) -> Tensor:
     """The same layers run the ordinary way: every layer with its own padding."""
     if isinstance(module, rs.Parallel):
         return sum(naive(b, x) for b in module.branches)
+    if isinstance(module, rs.Concat):
+        xs = torch.split(x, module.split, 1) if module.split else [x] * len(module.branches)
+        return torch.cat([naive(b, xb) for b, xb in zip(module.branches, xs, strict=True)], 1)
     if isinstance(module, rs.SqueezableBlock):
         layers = list(module.layers)
     elif isinstance(module, nn.Sequential):
@@ -93,7 +96,7 @@ def expected_stride(module: nn.Module, ndim: int) -> tuple[int, ...]:
     """Stride of the composite: product along chains, shared across branches."""
     if isinstance(module, rs.Squeezable) and module.deployed:
         return tuple(module.conv.stride)
-    if isinstance(module, rs.Parallel):
+    if isinstance(module, (rs.Parallel, rs.Concat)):
         return expected_stride(module.branches[0], ndim)
     parts = _parts(module)
     if parts is not None:
@@ -123,8 +126,8 @@ def layer_pad(module: nn.Module, ndim: int) -> tuple[tuple[int, int], ...]:
 
 
 def expected_pad(module: nn.Module, ndim: int) -> tuple[tuple[int, int], ...]:
-    """Total border ``P = sum_i p_i * prod_{j<i} s_j`` (max over parallel branches)."""
-    if isinstance(module, rs.Parallel):
+    """Total border ``P = sum_i p_i * prod_{j<i} s_j`` (max over parallel/concat branches)."""
+    if isinstance(module, (rs.Parallel, rs.Concat)):
         pads = [expected_pad(b, ndim) for b in module.branches]
         return tuple((max(p[d][0] for p in pads), max(p[d][1] for p in pads)) for d in range(ndim))
     parts = _parts(module)
@@ -175,7 +178,7 @@ def receptive_window(module: nn.Module, ndim: int) -> tuple[tuple[int, int], ...
     """
     if isinstance(module, rs.Squeezable) and module.deployed:
         return receptive_window(module.conv, ndim)
-    if isinstance(module, rs.Parallel):
+    if isinstance(module, (rs.Parallel, rs.Concat)):
         wins = [receptive_window(b, ndim) for b in module.branches]
         return tuple((min(w[d][0] for w in wins), max(w[d][1] for w in wins)) for d in range(ndim))
     parts = _parts(module)

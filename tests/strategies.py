@@ -1,4 +1,4 @@
-"""Hypothesis strategies shared by the equivalence and online tests: blocks over the whole
+"""Hypothesis strategies shared by the equivalence, online and Concat tests: blocks over the whole
 accepted space.
 
 Chains of 1-4 layers (convs with rectangular and even kernels, stride, dilation, groups,
@@ -28,6 +28,7 @@ from helpers import (
 from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
 
@@ -341,3 +342,90 @@ def fit_sizes(block: nn.Module, ndim: int, c_in: int, sizes, mode: str = "zeros"
             return tuple(sizes)
         sizes = [n + 2 for n in sizes]
     assume(False)
+
+
+# --- Concat nodes inside chains and parallels, and containing them --------------------------
+def _fixes_channels(branches: list[nn.Module]) -> bool:
+    return any(isinstance(m, (*CONVS, _BatchNorm)) for b in branches for m in b.modules())
+
+
+def _slack(ctx: Ctx) -> tuple[int, ...]:
+    return tuple(ctx.draw(st.sampled_from([-1, -1, -2, -3])) for _ in range(ctx.ndim))
+
+
+def _split(ctx: Ctx, c_in: int, n: int) -> tuple[int, ...] | None:
+    """``n`` positive channel counts summing to ``c_in`` (a split input), or ``None``."""
+    if c_in < n or not ctx.draw(st.booleans()):
+        return None
+    cuts = sorted(ctx.draw(st.sets(st.integers(1, c_in - 1), min_size=n - 1, max_size=n - 1)))
+    return tuple(b - a for a, b in zip([0, *cuts], [*cuts, c_in], strict=True))
+
+
+def draw_concat(ctx: Ctx, c_in: int, depth: int, stride, slack) -> tuple[rs.Concat, int]:
+    """2-3 branches sharing stride and slack, any branch of ``test_equivalence`` (chains,
+    parallels, single layers) or a nested Concat node, reading the whole input or a split
+    of it; returns the Concat and its output channels."""
+    draw = ctx.draw
+    n = draw(st.integers(2, 3))
+    split = _split(ctx, c_in, n)
+    branches, c_out = [], 0
+    for c_branch in split or (c_in,) * n:
+        if depth < ctx.max_depth and draw(st.integers(0, 3)) == 0:
+            branch, c = draw_concat_node(ctx, c_branch, depth + 1, stride, slack)
+        else:
+            c = _channels(ctx, c_branch)
+            branch = draw_branch(ctx, c_branch, c, stride, slack, depth)
+        branches.append(branch)
+        c_out += c
+    if split is None and not _fixes_channels(branches):  # only Identity/AvgPool branches
+        c = _channels(ctx, c_in)
+        branches.append(draw_conv(ctx, c_in, c, stride, slack))
+        c_out += c
+    return rs.Concat(*branches, split=split), c_out
+
+
+def draw_concat_node(ctx: Ctx, c_in: int, depth: int, stride, slack) -> tuple[nn.Module, int]:
+    """A Concat alone, summed with an aligned branch in a Parallel, or followed by a centred
+    conv in a Sequential; the node has ``stride`` and ``slack``."""
+    concat, c = draw_concat(ctx, c_in, depth, stride, slack)
+    kind = ctx.draw(st.sampled_from(["concat", "parallel", "seq"]))
+    if kind == "parallel":
+        other = draw_branch(ctx, c_in, c, stride, slack, depth + 1)
+        return rs.Parallel(*ctx.draw(st.permutations([concat, other]))), c
+    if kind == "seq":
+        after = draw_conv(ctx, c, None, (1,) * ctx.ndim, (-1,) * ctx.ndim)
+        return nn.Sequential(concat, after), after.out_channels
+    return concat, c
+
+
+@st.composite
+def concat_examples(draw) -> Example:
+    """A Concat at the top, a Concat node inside a chain, or one summed in a Parallel."""
+    ndim = draw(st.sampled_from([1, 2, 2, 3]))
+    tiny = ndim == 3
+    ctx = Ctx(
+        draw=draw,
+        ndim=ndim,
+        mode=draw(st.sampled_from(MODES)),
+        max_c=3 if tiny else 4,
+        max_k=3,
+        max_len=2,
+        max_depth=1 if tiny else 2,
+    )
+    c_in = draw(st.integers(1, ctx.max_c))
+    stride, slack = _stride(ctx), _slack(ctx)
+    top = draw(st.sampled_from(["concat", "chain", "parallel"]))
+    if top == "concat":
+        block, _ = draw_concat(ctx, c_in, 0, stride, slack)
+    elif top == "parallel":
+        node, c = draw_concat_node(ctx, c_in, 1, stride, slack)
+        block = rs.Parallel(node, draw_branch(ctx, c_in, c, stride, slack, 1))
+    else:
+        before, c = draw_chain(ctx, c_in, depth=1) if draw(st.booleans()) else ([], c_in)
+        node, c = draw_concat_node(ctx, c, 1, stride, slack)
+        after, _ = draw_chain(ctx, c, depth=1) if draw(st.booleans()) else ([], c)
+        block = rs.SqueezableBlock(*before, node, *after)
+    seed = draw(st.integers(0, 2**31 - 1))
+    randomize(block.double(), torch.Generator().manual_seed(seed)).eval()
+    sizes = [draw(st.integers(2, 3 if tiny else 5)) * 2 + 1 for _ in range(ndim)]  # odd
+    return Example(block, ndim, c_in, fit_sizes(block, ndim, c_in, sizes, ctx.mode), seed)
