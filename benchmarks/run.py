@@ -84,7 +84,7 @@ def interleaved(
     number = {}
     for k, timer in timers.items():
         timer.timeit(2)
-        number[k] = max(1, round(block_s / max(timer.timeit(1).median, 1e-9)))
+        number[k] = max(1, round(block_s / timer.timeit(1).median)) if block_s > 0 else 1
     runs: dict[str, list[Measurement]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, timer in timers.items():
@@ -240,7 +240,7 @@ def bench_latency(args: argparse.Namespace) -> list[dict]:
                 timm.create_model("repvgg_a0", pretrained=False)
             ).eval()
         forms = {k: m.to(args.device) for k, m in forms.items()}
-        for batch in (1, 32):
+        for batch in (1, 4 if args.quick else 32):
             x = torch.randn(batch, 3, size, size, device=args.device)
             calls = {k: module_calls(m, x) for k, m in forms.items()}
             rounds = args.repeats if batch == 1 else max(3, args.repeats // 4)
