@@ -19,10 +19,10 @@
 #   python benchmarks/run.py --plot-only           # redraw PNGs from the JSON files, if wanted
 #   then replace the "not measured" GPU rows of README.md's Benchmarks section with them.
 #
-# Debug anywhere without a GPU (every stage runs, tiny sizes, on the CPU):
-#   GPU_SH_DEVICE=cpu GPU_SH_QUICK=1 OUT=/tmp/gpu-sh bash benchmarks/gpu.sh
+# Debug anywhere without a GPU (every stage runs, tiny sizes, on the CPU; stage timeouts x4):
+#   GPU_SH_DEVICE=cpu GPU_SH_QUICK=1 GPU_SH_BUDGET=2400 OUT=/tmp/gpu-sh bash benchmarks/gpu.sh
 # GPU_SH_BUDGET (seconds, default 540) bounds the whole script: the benchmark stage gets
-# what the earlier stages left.
+# what the earlier stages left. GPU_SH_TIMEOUT_SCALE multiplies the other stages' timeouts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that receives the logs and results}
@@ -30,13 +30,15 @@ DEVICE=${GPU_SH_DEVICE:-cuda}
 QUICK=${GPU_SH_QUICK:-0}
 BUDGET=${GPU_SH_BUDGET:-540}
 PY=${PYTHON:-python3}
+if [[ $DEVICE == cpu ]]; then SCALE=${GPU_SH_TIMEOUT_SCALE:-4}; else SCALE=${GPU_SH_TIMEOUT_SCALE:-1}; fi
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 START=$SECONDS
 SUMMARY=$OUT/summary.txt
 
 stage() {  # stage NAME TIMEOUT LOG COMMAND...: runs, appends to LOG, records status and time
-    local name=$1 limit=$2 log=$3
+    local name=$1 limit=$(($2 * SCALE)) log=$3
     shift 3
     local t0=$SECONDS
     echo "=== $name: $* (timeout ${limit}s)" | tee -a "$log"
@@ -82,8 +84,8 @@ LEFT=$((BUDGET - (SECONDS - START)))
 ((LEFT < 60)) && LEFT=60
 BENCH=(--device "$DEVICE" --out "$OUT/results_cuda")
 if [[ $QUICK == 1 ]]; then BENCH+=(--quick); fi
-if [[ $DEVICE == cpu ]]; then BENCH+=(--only latency,training); fi
-stage "benchmarks/run.py" "$LEFT" "$OUT/bench.log" $PY benchmarks/run.py "${BENCH[@]}"
+if [[ $DEVICE == cpu ]]; then BENCH+=(--only latency,training --threads 1); fi
+stage "benchmarks/run.py" "$((LEFT / SCALE))" "$OUT/bench.log" $PY benchmarks/run.py "${BENCH[@]}"
 
 echo "total $((SECONDS - START))s" | tee -a "$SUMMARY"
 rm -rf "$WORK"
