@@ -56,7 +56,7 @@ from repsqueeze.tables import table
 from repsqueeze.zoo import BLOCKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from floor import FloorRepVGG  # noqa: E402
+import floor  # noqa: E402
 
 KINDS = list(BLOCKS)
 HERE = Path(__file__).resolve().parent
@@ -328,7 +328,7 @@ def training_variants(model_name: str, quick: bool, gpu: bool) -> dict[str, Buil
             import timm
 
             variants["timm repvgg_a0 training form"] = lambda: timm.create_model("repvgg_a0")
-        variants["floor: hand-written OREPA-style"] = lambda: FloorRepVGG(num_classes)
+        variants["floor: hand-written OREPA-style"] = lambda: floor.FloorRepVGG(num_classes)
     if quick:
         keep = ["plain (ConvBN)", "repvgg chain", "repvgg online (OREPA-style norm)"]
         variants = {k: variants[k] for k in keep if k in variants}

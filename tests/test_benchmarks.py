@@ -146,7 +146,7 @@ def test_floor_block_equals_its_three_branches():
     """The four-op kernel composition equals running the 3x3, 1x1 and identity branches
     with their channel scales separately (float64), then the BatchNorm."""
     bench = _load_benchmarks()
-    block = bench.FloorRepVGGBlock(6, 6, 1).double().eval()
+    block = bench.floor.FloorRepVGGBlock(6, 6, 1).double().eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in (block.s3, block.s1, block.s_id):
@@ -159,9 +159,9 @@ def test_floor_block_equals_its_three_branches():
         + x * s(block.s_id)
     )
     torch.testing.assert_close(block(x), block.bn(branches), rtol=1e-12, atol=1e-12)
-    net = bench.FloorRepVGG(num_classes=5, widths=(8, 8, 16, 16, 32), depths=(1, 2, 2, 2, 1))
+    net = bench.floor.FloorRepVGG(num_classes=5, widths=(8, 8, 16, 16, 32), depths=(1, 2, 2, 2, 1))
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, 5)
-    strided = bench.FloorRepVGGBlock(6, 8, 2)
+    strided = bench.floor.FloorRepVGGBlock(6, 8, 2)
     assert strided.s_id is None and strided(torch.randn(1, 6, 9, 9)).shape == (1, 8, 5, 5)
 
 
