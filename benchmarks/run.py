@@ -198,8 +198,17 @@ def module_calls(model: nn.Module, x: torch.Tensor) -> int:
     return calls[0]
 
 
-def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` captured once into a CUDA graph; the returned function replays it."""
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
+    """``fn`` captured once into a CUDA graph; the returned function replays it (``None``
+    when ``fn`` cannot be captured, e.g. it synchronises with the host)."""
+    try:
+        return _capture(fn)
+    except RuntimeError as err:
+        print(f"CUDA graph capture failed: {err}", file=sys.stderr)
+        return None
+
+
+def _capture(fn: Callable[[], object]) -> Callable[[], object]:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -246,7 +255,8 @@ def bench_latency(args: argparse.Namespace) -> list[dict]:
             rounds = args.repeats if batch == 1 else max(3, args.repeats // 4)
             fns = {k: (lambda m=m, x=x: m(x)) for k, m in forms.items()}
             times = interleaved(fns, rounds, block_s=0.05 if cuda else 0.0)
-            graphs = interleaved({k: cuda_graph(f) for k, f in fns.items()}, rounds) if cuda else {}
+            replays = {k: cuda_graph(f) for k, f in fns.items()} if cuda else {}
+            graphs = interleaved({k: f for k, f in replays.items() if f is not None}, rounds)
             base = times[PLAIN].median
             for name, m in times.items():
                 ms, iqr = _ms(m)
@@ -260,8 +270,9 @@ def bench_latency(args: argparse.Namespace) -> list[dict]:
                     "module calls": calls[name],
                 }
                 if cuda:
-                    row["graph ms"] = graphs[name].median * 1e3
-                    row["graph vs plain"] = graphs[name].median / graphs[PLAIN].median
+                    graph, plain = graphs.get(name), graphs.get(PLAIN)
+                    row["graph ms"] = graph.median * 1e3 if graph else None
+                    row["graph vs plain"] = graph.median / plain.median if graph and plain else None
                 row["params"] = count_params(forms[name])
                 rows.append(row)
     return rows
