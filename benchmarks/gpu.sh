@@ -60,7 +60,7 @@ cat "$SUMMARY"
 
 # 1. GPU tests (collected and skipped without CUDA)
 stage "pytest -m gpu" 170 "$OUT/pytest.log" \
-    $PY -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider -x --durations=10
+    $PY -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider --durations=10
 
 # 2. short training runs on the GPU, fp32 and bf16-mixed; the deploy check must pass
 if [[ $DEVICE == cuda ]]; then TRAINER=(trainer=gpu); else TRAINER=(trainer=cpu); fi
