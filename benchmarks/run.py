@@ -1,33 +1,44 @@
-"""Benchmarks of repsqueeze: one command, a markdown table and a JSON file.
+"""Benchmarks of repsqueeze: one command, markdown and JSON results, PNG charts.
 
-    python benchmarks/run.py                 # full run, CPU (about 15 minutes on 2 cores)
-    python benchmarks/run.py --quick         # tiny sizes: the CI smoke test
+    python benchmarks/run.py                  # CPU, 2 threads: results.{md,json} (~15 min)
+    python benchmarks/run.py --device cuda    # GPU: results_cuda.{md,json} (~5 min on an H200)
+    python benchmarks/run.py --quick          # tiny sizes, the CI smoke test (temp folder)
     python benchmarks/run.py --only latency,exactness
+    python benchmarks/run.py --plot-only      # redraw the PNGs from the committed JSON files
 
-Every comparison runs side by side in this one process, interleaved, with a fixed number of
-threads; timings are medians over many repetitions, reported with their ratios. Figures:
+Every comparison runs in this one process with a fixed number of threads, interleaved
+(round after round, every variant once per round, so drift hits all alike), timed with
+``torch.utils.benchmark.Timer`` (which synchronises the device); figures are medians with
+their interquartile range, and ratios to the plain network. Sections:
 
-1. inference latency (batch 1 and 32): training form vs deployed vs a hand-written plain
-   network of the same shapes (and timm's ``repvgg_a0`` after ``reparameterize_model``);
-2. training step time and activation memory: plain vs chain mode vs online mode;
-3. squeeze time of a whole RepVGG-B0;
-4. exactness: largest relative error per block kind, float32 and float64;
-5. accuracy on the embedded digits set per block kind, over several seeds.
-
-With ``--device cuda`` the latency and training-step figures are timed on the GPU with CUDA
-events; the default is the CPU. Memory is the bytes autograd saves for backward, which
-is what over-parameterized training multiplies, on any device.
+1. ``latency``: deployed inference (batch 1 and 32): training form, deployed, deployed with
+   ``unwrap=True``, hand-written plain networks (one with the model's module nesting, one
+   flat ``nn.Sequential``) and timm's reparameterized ``repvgg_a0``, all deployed forms with
+   the same weights; ``module calls`` counts the ``nn.Module`` calls of one forward (host-side
+   Python that a launch-bound GPU forward pays on top of identical kernels). On CUDA,
+   ``graph ms`` replays a captured CUDA graph of the forward: kernel time alone.
+2. ``training``: one SGD step. CPU: resnet20_cifar, batch 64, 32x32, fp32, memory = bytes
+   autograd saves for backward. CUDA: repvgg_a0 224x224, batch 64 and 256, fp32 and bf16
+   autocast, every block kind in chain and online form, timm's ``repvgg_a0`` training form,
+   the hand-written OREPA-style floor (``floor.py``) and compiled rows; memory = peak
+   ``torch.cuda.max_memory_allocated`` of the step above what was allocated before the
+   variant was built (its parameters, gradients, optimizer state and activations).
+3. ``squeeze``: time to deploy a whole RepVGG-B0 (CPU).
+4. ``exactness``: largest relative error per block kind, float32 and float64 (CPU).
+5. ``accuracy``: digits accuracy per block kind over several seeds (CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,41 +46,55 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.benchmark import Measurement, Timer
+from tqdm import tqdm
 
 import repsqueeze as rs
 from repsqueeze.export import count_params, relative_error
 from repsqueeze.models import create_model
+from repsqueeze.tables import table
 from repsqueeze.zoo import BLOCKS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floor  # noqa: E402
+
 KINDS = list(BLOCKS)
+HERE = Path(__file__).resolve().parent
+PLAIN = "hand-written plain"
 
 
 # --- timing ----------------------------------------------------------------------------------
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu", warmup: int = 2
-) -> dict[str, float]:
-    """Median milliseconds of each function, timed in turn so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_time_once(fn, device))
-    return {k: statistics.median(v) for k, v in times.items()}
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, block_s: float = 0.05
+) -> dict[str, Measurement]:
+    """Times each function with ``torch.utils.benchmark.Timer``, interleaved.
+
+    Each function is warmed up (cuDNN autotuning, allocator, compilation) and calibrated to
+    ``number`` calls per block of about ``block_s`` seconds; then ``rounds`` rounds time one
+    block of every function in turn.
+
+    Returns:
+        One :class:`Measurement` per function (``.median``, ``.iqr`` in seconds per call).
+    """
+    threads = torch.get_num_threads()  # Timer would otherwise pin 1 thread
+    timers = {
+        k: Timer("fn()", globals={"fn": fn}, description=k, num_threads=threads)
+        for k, fn in fns.items()
+    }
+    number = {}
+    for k, timer in timers.items():
+        timer.timeit(2)
+        number[k] = max(1, round(block_s / timer.timeit(1).median)) if block_s > 0 else 1
+    runs: dict[str, list[Measurement]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, timer in timers.items():
+            runs[k].append(timer.timeit(number[k]))
+    return {k: Measurement.merge(v)[0] for k, v in runs.items()}
 
 
-def _time_once(fn: Callable[[], object], device: str) -> float:
-    if device.startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+def _ms(m: Measurement) -> tuple[float, float]:
+    """``(median, IQR)`` in milliseconds."""
+    return m.median * 1e3, m.iqr * 1e3
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -84,6 +109,10 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.data.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
                 m.bias.data.copy_(torch.rand(n, generator=gen) * 2 - 1)
     return model
+
+
+def _progress(items: list, desc: str) -> tqdm:
+    return tqdm(items, desc=desc, file=sys.stderr, mininterval=5, leave=False)
 
 
 # --- 1. inference latency --------------------------------------------------------------------
@@ -107,13 +136,89 @@ class PlainNet(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def plain_twin(deployed: nn.Module, num_classes: int) -> PlainNet:
-    convs = [
-        (m.in_channels, m.out_channels, m.stride[0])
-        for m in deployed.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    return PlainNet(convs, num_classes)
+class NestedPlainNet(nn.Module):
+    """The same layers with repsqueeze's model nesting (stem, stages of conv + ReLU units):
+    what ``deploy(model, unwrap=True)`` holds, written with torch modules only.
+
+    Args:
+        stages: per stage, ``(in_channels, out_channels, stride)`` of each unit.
+        num_classes: outputs of the head.
+    """
+
+    def __init__(self, stages: list[list[tuple[int, int, int]]], num_classes: int) -> None:
+        super().__init__()
+
+        def unit(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.ReLU(inplace=True))
+
+        stem, *rest = stages
+        self.stem = nn.Sequential(*(unit(*u) for u in stem))
+        self.stages = nn.Sequential(*(nn.Sequential(*(unit(*u) for u in s)) for s in rest))
+        self.head = nn.Linear(rest[-1][-1][1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(self.stages(x).flatten(2).mean(-1))
+
+
+def _shapes(convs: list[nn.Conv2d]) -> list[tuple[int, int, int]]:
+    return [(m.in_channels, m.out_channels, m.stride[0]) for m in convs]
+
+
+@torch.no_grad()
+def plain_twins(unwrapped: nn.Module, num_classes: int) -> tuple[PlainNet, NestedPlainNet]:
+    """Hand-written networks with the layers of ``deploy(model, unwrap=True)`` (flat and with
+    the model's nesting), holding the same weights: the same arithmetic on the same values."""
+    convs = [m for m in unwrapped.modules() if isinstance(m, nn.Conv2d)]
+    stages = [[m for m in s.modules() if isinstance(m, nn.Conv2d)] for s in unwrapped.stages]
+    stem = [m for m in unwrapped.stem.modules() if isinstance(m, nn.Conv2d)]
+    nested = NestedPlainNet([_shapes(stem), *map(_shapes, stages)], num_classes)
+    nested.load_state_dict(unwrapped.state_dict(), strict=True)
+    flat = PlainNet(_shapes(convs), num_classes)
+    twins = [m for m in flat.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    originals = [m for m in unwrapped.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for twin, original in zip(twins, originals, strict=True):
+        twin.load_state_dict(original.state_dict())
+    return flat, nested
+
+
+def module_calls(model: nn.Module, x: torch.Tensor) -> int:
+    """``nn.Module`` calls in one forward: each costs a few microseconds of Python on the
+    host, which a launch-bound GPU forward pays on top of identical kernels."""
+    calls = [0]
+
+    def count(module: nn.Module, args: tuple) -> None:
+        calls[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
+    """``fn`` captured once into a CUDA graph; the returned function replays it (``None``
+    when ``fn`` cannot be captured, e.g. it synchronises with the host)."""
+    try:
+        return _capture(fn)
+    except RuntimeError as err:
+        print(f"CUDA graph capture failed: {err}", file=sys.stderr)
+        return None
+
+
+def _capture(fn: Callable[[], object]) -> Callable[[], object]:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 @torch.no_grad()
@@ -123,11 +228,19 @@ def bench_latency(args: argparse.Namespace) -> list[dict]:
         ("repvgg_a0", {"num_classes": 1000}, size224),
         ("repvgg_a0 (CIFAR stem)", {"num_classes": 10, "cifar_stem": True}, 32),
     ]
+    cuda = args.device.startswith("cuda")
     rows = []
     for label, kw, size in cases:
         model = randomize_bn(create_model("repvgg_a0", block="repvgg", **kw)).eval()
-        forms = {"training form": model, "deployed": rs.deploy(model), "hand-written plain": None}
-        forms["hand-written plain"] = plain_twin(forms["deployed"], kw["num_classes"]).eval()
+        unwrapped = rs.deploy(model, unwrap=True)
+        flat, nested = plain_twins(unwrapped, kw["num_classes"])
+        forms = {
+            "training form": model,
+            "deployed": rs.deploy(model),
+            "deployed, unwrap=True": unwrapped,
+            PLAIN: flat.eval(),
+            f"{PLAIN} (model's nesting)": nested.eval(),
+        }
         if label == "repvgg_a0" and _has_timm():
             import timm
             from timm.utils import reparameterize_model
@@ -136,22 +249,32 @@ def bench_latency(args: argparse.Namespace) -> list[dict]:
                 timm.create_model("repvgg_a0", pretrained=False)
             ).eval()
         forms = {k: m.to(args.device) for k, m in forms.items()}
-        for batch in (1, 32):
+        for batch in (1, 4 if args.quick else 32):
             x = torch.randn(batch, 3, size, size, device=args.device)
-            repeats = args.repeats if batch == 1 else max(3, args.repeats // 4)
+            calls = {k: module_calls(m, x) for k, m in forms.items()}
+            rounds = args.repeats if batch == 1 else max(3, args.repeats // 4)
             fns = {k: (lambda m=m, x=x: m(x)) for k, m in forms.items()}
-            ms = interleaved_medians(fns, repeats, args.device)
-            for name, t in ms.items():
-                rows.append(
-                    {
-                        "model": f"{label} {size}x{size}",
-                        "batch": batch,
-                        "form": name,
-                        "ms": t,
-                        "vs plain": t / ms["hand-written plain"],
-                        "params": count_params(forms[name]),
-                    }
-                )
+            times = interleaved(fns, rounds, block_s=0.05 if cuda else 0.0)
+            replays = {k: cuda_graph(f) for k, f in fns.items()} if cuda else {}
+            graphs = interleaved({k: f for k, f in replays.items() if f is not None}, rounds)
+            base = times[PLAIN].median
+            for name, m in times.items():
+                ms, iqr = _ms(m)
+                row = {
+                    "model": f"{label} {size}x{size}",
+                    "batch": batch,
+                    "form": name,
+                    "ms": ms,
+                    "iqr ms": iqr,
+                    "vs plain": m.median / base,
+                    "module calls": calls[name],
+                }
+                if cuda:
+                    graph, plain = graphs.get(name), graphs.get(PLAIN)
+                    row["graph ms"] = graph.median * 1e3 if graph else None
+                    row["graph vs plain"] = graph.median / plain.median if graph and plain else None
+                row["params"] = count_params(forms[name])
+                rows.append(row)
     return rows
 
 
@@ -183,56 +306,168 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     return sum(storages.values())
 
 
-def training_variants(quick: bool) -> list[tuple[str, str, dict, str]]:
-    """``(label, block kind, block kwargs, mode)`` for the training-step comparison."""
-    variants = [("plain (ConvBN)", "plain", {}, "chain")]
-    for kind, kw in (
-        ("expand_ck", {"expansion": 4}),
-        ("expand_cl", {"expansion": 4}),
-        ("dbb", {}),
-        ("repvgg", {}),
-    ):
-        variants.append((f"{kind} chain", kind, kw, "chain"))
-        online_kw = kw if kind.startswith("expand") else {**kw, "online_norm": True}
-        suffix = "" if kind.startswith("expand") else " (OREPA-style norm)"
-        variants.append((f"{kind} online{suffix}", kind, online_kw, "online"))
-    return variants[:3] if quick else variants
+Builder = Callable[[], nn.Module]
+
+
+def training_variants(model_name: str, quick: bool, gpu: bool) -> dict[str, Builder]:
+    """Label -> builder of the network, for the training-step comparison.
+
+    Chain and online form of every block kind (online with the OREPA-style norm, one
+    BatchNorm after the block, except ExpandNets blocks, which fold without it); on the GPU
+    also timm's ``repvgg_a0`` training form and the hand-written OREPA-style floor.
+    """
+    num_classes = 1000 if gpu else 10
+
+    def build(kind: str, mode: str, **kw) -> Builder:
+        return lambda: rs.set_mode(
+            create_model(model_name, block=kind, num_classes=num_classes, **kw), mode
+        )
+
+    variants = {"plain (ConvBN)": build("plain", "chain")}
+    kinds = (
+        [k for k in KINDS if k != "plain"] if gpu else ["expand_ck", "expand_cl", "dbb", "repvgg"]
+    )
+    for kind in kinds:
+        kw = {"expansion": 4} if kind.startswith("expand") else {}
+        variants[f"{kind} chain"] = build(kind, "chain", **kw)
+        if kind.startswith("expand"):
+            variants[f"{kind} online"] = build(kind, "online", **kw)
+        else:
+            variants[f"{kind} online (OREPA-style norm)"] = build(kind, "online", online_norm=True)
+    if gpu:
+        if _has_timm():
+            import timm
+
+            variants["timm repvgg_a0 training form"] = lambda: timm.create_model("repvgg_a0")
+        variants["floor: hand-written OREPA-style"] = lambda: floor.FloorRepVGG(num_classes)
+    if quick:
+        keep = ["plain (ConvBN)", "repvgg chain", "repvgg online (OREPA-style norm)"]
+        variants = {k: variants[k] for k in keep if k in variants}
+    return variants
+
+
+COMPILED = {
+    "compiled plain": "plain (ConvBN)",
+    "compiled repvgg online": "repvgg online (OREPA-style norm)",
+}
+
+
+def _step_fn(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None
+) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    device = x.device.type
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        mixed = torch.autocast(device, autocast) if autocast else contextlib.nullcontext()
+        with mixed:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def bench_training(args: argparse.Namespace) -> list[dict]:
+    if args.device.startswith("cuda"):
+        return bench_training_cuda(args)
     batch, size = (8, 16) if args.quick else (64, 32)
-    x = torch.randn(batch, 3, size, size, device=args.device)
-    y = torch.randint(0, 10, (batch,), device=args.device)
-    steps: dict[str, Callable[[], object]] = {}
-    memory: dict[str, int] = {}
-    params: dict[str, int] = {}
-    for label, kind, kw, mode in training_variants(args.quick):
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    steps, memory, params = {}, {}, {}
+    for label, build in training_variants("resnet20_cifar", args.quick, gpu=False).items():
         torch.manual_seed(0)
-        model = create_model("resnet20_cifar", block=kind, num_classes=10, **kw)
-        model = rs.set_mode(model, mode).to(args.device).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model=model, opt=opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        steps[label] = step
+        model = build().train()
+        steps[label] = _step_fn(model, x, y, None)
         memory[label] = saved_activation_bytes(model, x, y)
         params[label] = count_params(model)
-    ms = interleaved_medians(steps, max(3, args.repeats // 2), args.device)
+    times = interleaved(steps, max(3, args.repeats // 2), block_s=0.0)
     base = "plain (ConvBN)"
-    return [
-        {
-            "variant": k,
-            "step ms": ms[k],
-            "time vs plain": ms[k] / ms[base],
-            "activations MiB": memory[k] / 2**20,
-            "memory vs plain": memory[k] / memory[base],
-            "params": params[k],
-        }
-        for k in steps
-    ]
+    rows = []
+    for k, m in times.items():
+        ms, iqr = _ms(m)
+        rows.append(
+            {
+                "variant": k,
+                "step ms": ms,
+                "iqr ms": iqr,
+                "time vs plain": m.median / times[base].median,
+                "activations MiB": memory[k] / 2**20,
+                "memory vs plain": memory[k] / memory[base],
+                "params": params[k],
+            }
+        )
+    return rows
+
+
+def bench_training_cuda(args: argparse.Namespace) -> list[dict]:
+    """repvgg_a0 224x224 on the GPU: every variant at every (precision, batch), interleaved."""
+    size = 64 if args.quick else 224
+    batches = (8,) if args.quick else tuple(args.batches)
+    variants = training_variants("repvgg_a0", args.quick, gpu=True)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        autocast = torch.bfloat16 if precision == "bf16" else None
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, device=args.device)
+            y = torch.randint(0, 1000, (batch,), device=args.device)
+            steps, peak, models = {}, {}, {}
+            labels = [
+                *variants,
+                *(
+                    COMPILED
+                    if args.compile
+                    and batch in args.compile_batches
+                    and precision in args.compile_precisions
+                    else ()
+                ),
+            ]
+            for label in _progress(labels, f"training {precision} b{batch}"):
+                torch.manual_seed(0)
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    model = variants[COMPILED.get(label, label)]().to(args.device).train()
+                    models[label] = model
+                    if label in COMPILED:
+                        model = torch.compile(model)
+                    step = _step_fn(model, x, y, autocast)
+                    step()  # compiles, autotunes, creates the optimizer state
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    step()
+                    torch.cuda.synchronize()
+                except torch.cuda.OutOfMemoryError:
+                    models.pop(label, None)
+                    peak[label] = None
+                    torch.cuda.empty_cache()
+                    continue
+                peak[label] = torch.cuda.max_memory_allocated() - base
+                steps[label] = step
+            times = interleaved(steps, max(3, args.repeats // 4), block_s=0.1)
+            plain = "plain (ConvBN)"
+            for label in labels:
+                m = times.get(label)
+                ms, iqr = _ms(m) if m else (None, None)
+                ref = times[plain].median
+                rows.append(
+                    {
+                        "precision": precision,
+                        "batch": batch,
+                        "variant": label,
+                        "step ms": ms,
+                        "iqr ms": iqr,
+                        "time vs plain": m.median / ref if m else None,
+                        "peak MiB": peak[label] / 2**20 if peak[label] is not None else None,
+                        "memory vs plain": peak[label] / peak[plain] if peak[label] else None,
+                        "params": count_params(models[label]) if label in models else None,
+                    }
+                )
+            del steps, models
+            torch.cuda.empty_cache()
+    return rows
 
 
 # --- 3. squeeze time ---------------------------------------------------------------------------
@@ -258,7 +493,7 @@ def bench_squeeze(args: argparse.Namespace) -> list[dict]:
 def bench_exactness(args: argparse.Namespace) -> list[dict]:
     size = 16 if args.quick else 33  # odd: borders and strides do not line up
     rows = []
-    for kind in KINDS:
+    for kind in _progress(KINDS, "exactness"):
         model = randomize_bn(
             create_model("resnet20_cifar", block=kind, num_classes=10), seed=1
         ).eval()
@@ -283,12 +518,12 @@ def bench_accuracy(args: argparse.Namespace) -> list[dict]:
     epochs = 1 if args.quick else 8
     kinds = KINDS[:2] if args.quick else KINDS
     rows = []
-    for kind in kinds:
+    for kind in _progress(kinds, "accuracy"):
         accs, deployed_accs = [], []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             model = create_model("digits_net", block=kind, num_classes=10, in_channels=1)
-            _fit(model, data, epochs, seed)
+            _fit(model, data, epochs)
             accs.append(_accuracy(model, data))
             deployed_accs.append(_accuracy(rs.deploy(model), data))
         rows.append(
@@ -304,7 +539,7 @@ def bench_accuracy(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _fit(model: nn.Module, data, epochs: int, seed: int) -> None:
+def _fit(model: nn.Module, data, epochs: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, 3e-3, total_steps=epochs * len(data.train_dataloader())
@@ -330,37 +565,27 @@ def _accuracy(model: nn.Module, data) -> float:
 
 
 # --- output ----------------------------------------------------------------------------------
-SECTIONS = {
-    "latency": ("Inference latency (ms, median)", bench_latency),
-    "training": ("Training step on resnet20_cifar (batch 64, 32x32)", bench_training),
+SECTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], list[dict]]]] = {
+    "latency": ("Inference latency (ms, median of interleaved rounds)", bench_latency),
+    "training": ("Training step", bench_training),
     "squeeze": ("Squeeze time", bench_squeeze),
     "exactness": ("Exactness: largest relative error, deployed vs training form", bench_exactness),
     "accuracy": ("Accuracy on the embedded digits set", bench_accuracy),
 }
+DEFAULT_SECTIONS = {"cpu": list(SECTIONS), "cuda": ["latency", "training"]}
 
 
-def markdown_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no rows)\n"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "NO"
-    if isinstance(v, float):
-        if v == 0 or (1e-3 <= abs(v) < 1e5):
-            return f"{v:.3f}" if abs(v) < 100 else f"{v:,.1f}"
-        return f"{v:.1e}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+def _title(key: str, args: argparse.Namespace) -> str:
+    title = SECTIONS[key][0]
+    if key == "training":
+        if args.device.startswith("cuda"):
+            return f"{title} on repvgg_a0 (224x224; fp32 and bf16 autocast; SGD)"
+        return f"{title} on resnet20_cifar (batch 64, 32x32; fp32; SGD)"
+    return title
 
 
 def environment(args: argparse.Namespace) -> dict:
+    cuda = args.device.startswith("cuda")
     return {
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
@@ -368,43 +593,95 @@ def environment(args: argparse.Namespace) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "tf32": torch.backends.cudnn.allow_tf32 if cuda else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "quick": args.quick,
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", *sys.argv]) if sys.argv[0].endswith("run.py") else None,
     }
+
+
+def default_out(device: str, quick: bool) -> Path:
+    """``benchmarks/results[_cuda]``; quick runs go to a temporary folder, never over the
+    committed results."""
+    name = "results_cuda" if device.startswith("cuda") else "results"
+    root = Path(tempfile.gettempdir()) / "repsqueeze-bench-quick" if quick else HERE
+    return root / name
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--only", default=None, help="comma-separated sections")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (pinned)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (latency and training)")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=20, help="timing rounds (sections scale it)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results", help="writes OUT.md and OUT.json")
+    parser.add_argument("--batches", default="64,256", help="GPU training batch sizes")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compiled rows in the GPU training table (default: on with CUDA)")  # fmt: skip
+    parser.add_argument("--compile-batches", default="64", help="batch sizes of compiled rows")
+    parser.add_argument("--compile-precisions", default="fp32", help="precisions of compiled rows")
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.backends.cudnn.benchmark (autotuned algorithms; all variants alike)")  # fmt: skip
+    parser.add_argument("--out", default=None, help="writes OUT.md, OUT.json and OUT_*.png")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the PNGs of benchmarks/results*.json (or --out) and exit")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.plot_only:
+        outs = [Path(args.out)] if args.out else [HERE / "results", HERE / "results_cuda"]
+        for out in outs:
+            if out.with_suffix(".json").is_file():
+                for png in plot(json.loads(out.with_suffix(".json").read_text()), out):
+                    print(png)
+        return {}
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.compile_batches = [int(b) for b in args.compile_batches.split(",")]
+    args.compile = cuda if args.compile is None else args.compile
+    args.compile_precisions = args.compile_precisions.split(",")
+    if cuda:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    only = args.only.split(",") if args.only else DEFAULT_SECTIONS["cuda" if cuda else "cpu"]
+    unknown = [k for k in only if k not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
     if args.quick:
         args.repeats, args.seeds = min(args.repeats, 3), min(args.seeds, 1)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    started = time.perf_counter()
     results = {"environment": environment(args)}
     env = results["environment"]
-    where = f"GPU: {env['gpu']}" if env["gpu"] else f"CPU only, {args.threads} threads"
-    md = [f"# repsqueeze benchmarks\n\n`{env['command']}`; torch {torch.__version__}; {where}.\n"]
-    for key in args.only.split(","):
-        title, fn = SECTIONS[key]
-        start = time.perf_counter()
-        rows = fn(args)
-        results[key] = rows
-        md.append(f"\n## {title}\n\n{markdown_table(rows)}")
-        print(f"[{key}] {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    out = Path(args.out)
+    where = (
+        f"GPU: {env['gpu']}, TF32 {'on' if env['tf32'] else 'off'} (PyTorch default)"
+        if cuda
+        else f"CPU only, {args.threads} threads"
+    )
+    command = env["command"] or "benchmarks.run.main()"
+    md = [f"# repsqueeze benchmarks\n\n`{command}`; torch {torch.__version__}; {where}.\n"]
+    out = Path(args.out) if args.out else default_out(args.device, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for key in only:
+        start = time.perf_counter()
+        rows = SECTIONS[key][1](args)
+        results[key] = rows
+        md.append(f"\n## {_title(key, args)}\n\n{table(rows)}\n")
+        print(f"[{key}] {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        env["seconds"] = round(time.perf_counter() - started, 1)
+        _write(results, md, out)  # after every section: a run cut short keeps what it measured
+    pngs = plot(results, out)
+    print("".join(md))
+    print(f"wrote {out}.md, {out}.json, {', '.join(map(str, pngs))}", file=sys.stderr)
+    return results
+
+
+def _write(results: dict, md: list[str], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False))
     out.with_suffix(".md").write_text("".join(md))
-    print("".join(md))
-    return results
 
 
 def _finite(v: object) -> object:
@@ -414,6 +691,86 @@ def _finite(v: object) -> object:
     if isinstance(v, list):
         return [_finite(x) for x in v]
     return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+
+# --- pictures --------------------------------------------------------------------------------
+def plot(results: dict, out: Path) -> list[Path]:
+    """PNG charts next to ``out``: ``OUT_training.png`` (time and memory vs plain per
+    variant) and ``OUT_latency.png`` (each form vs the hand-written plain network)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no charts (pip install -e .[dev])", file=sys.stderr)
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = results.get("environment", {})
+    where = env.get("gpu") or f"CPU, {env.get('threads', '?')} threads"
+    written = []
+    training = [r for r in results.get("training", []) if _number(r.get("time vs plain"))]
+    if training:
+        groups = sorted({(r.get("precision", "fp32"), r.get("batch", 64)) for r in training})
+        variants = list(dict.fromkeys(r["variant"] for r in training))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 0.42 * len(variants) * len(groups) ** 0.5 + 2))
+        for ax, key, name in zip(axes, ("time vs plain", "memory vs plain"), ("step time", "memory"), strict=True):  # fmt: skip
+            _bars(ax, training, variants, groups, key)
+            ax.set_title(f"Training {name} / plain ({where})")
+        fig.tight_layout()
+        written.append(_save(fig, out, "training"))
+    latency = [r for r in results.get("latency", []) if _number(r.get("vs plain"))]
+    if latency:
+        forms = list(dict.fromkeys(r["form"] for r in latency))
+        groups = list(dict.fromkeys((r["model"], r["batch"]) for r in latency))
+        fig, ax = plt.subplots(figsize=(11, 0.35 * len(forms) * len(groups) ** 0.5 + 2))
+        rows = [{**r, "variant": r["form"], "precision": r["model"]} for r in latency]
+        _bars(ax, rows, forms, groups, "vs plain")
+        ax.set_title(f"Inference latency / hand-written plain ({where})")
+        fig.tight_layout()
+        written.append(_save(fig, out, "latency"))
+    plt.close("all")
+    return written
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bars(ax, rows: list[dict], variants: list[str], groups: list, key: str) -> None:
+    """Horizontal bars, labelled with their value: one row per variant, one bar per group
+    ``(precision or model, batch)``, a line at 1 (plain); log scale when ratios span > 3x."""
+    from matplotlib.ticker import FuncFormatter
+
+    height = 0.8 / len(groups)
+    top = 1.0
+    for g, group in enumerate(groups):
+        values = {
+            r["variant"]: r[key]
+            for r in rows
+            if (r.get("precision", "fp32"), r.get("batch", 64)) == group and _number(r.get(key))
+        }
+        ys = [i + g * height for i, v in enumerate(variants) if v in values]
+        label = f"{group[0]}, batch {group[1]}"
+        bars = ax.barh(ys, [values[v] for v in variants if v in values], height, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        top = max(top, *values.values()) if values else top
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(variants))], variants)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    if top > 3:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlim(right=top * (1.5 if top > 3 else 1.12))
+    ax.set_xlabel("ratio to plain" + (" (log scale)" if top > 3 else ""))
+    if len(groups) > 1:
+        ax.legend(fontsize="small", loc="lower right")
+
+
+def _save(fig, out: Path, name: str) -> Path:
+    path = out.parent / f"{out.name}_{name}.png"
+    fig.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ FOREIGN_HOOKS = ("reparameterize", "switch_to_deploy", "fuse")
 
 
 @torch.no_grad()
-def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+def deploy(model: nn.Module, inplace: bool = False, unwrap: bool = False) -> nn.Module:
     """Collapses every squeezable block of ``model`` into one convolution.
 
     Our blocks are deployed with :meth:`Squeezable.deploy`; blocks of other libraries that
@@ -34,14 +34,29 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
         model: any module.
         inplace: mutate ``model``; by default a deep copy is deployed and ``model`` is
             left untouched.
+        unwrap: replace each deployed block of ours by its bare ``nn.ConvNd``, so the model
+            holds only torch modules (no repsqueeze import needed to load its ``state_dict``:
+            keys lose the block's ``.conv``), and no block's ``forward`` runs per call.
 
     Returns:
         The deployed model (``model`` itself when ``inplace``, unless a hook of ``model``
-        itself returned a replacement).
+        itself returned a replacement; with ``unwrap``, the bare convolution when ``model`` is
+        itself a block).
     """
     if not inplace:
         model = copy.deepcopy(model)
-    return _deploy_tree(model, "")
+    model = _deploy_tree(model, "")
+    return _unwrap(model) if unwrap else model
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    if isinstance(module, Squeezable):
+        return module.conv
+    for name, child in list(module.named_children()):
+        bare = _unwrap(child)
+        if bare is not child:
+            setattr(module, name, bare)
+    return module
 
 
 def _deploy_tree(module: nn.Module, path: str, hooked: set[int] | None = None) -> nn.Module:

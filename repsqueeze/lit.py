@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from repsqueeze.convert import deploy, set_mode
 from repsqueeze.models import create_model
+from repsqueeze.numerics import describe_fp32, strict_fp32
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -37,6 +39,9 @@ class Classifier(LightningModule):
     the deployed copy built in :meth:`on_test_start`, ``test/acc_deployed`` and
     ``test/max_logit_diff``: the largest absolute logit difference over the test set divided by
     the largest absolute logit. A difference above ``deploy_tolerance`` raises ``RuntimeError``.
+    The check runs both forms eagerly, autocast off and TF32 off
+    (:func:`repsqueeze.numerics.strict_fp32`): on Ampere and later GPUs cuDNN would otherwise
+    round float32 convolutions to TF32 (about 1e-4 relative), which is not a deploy error.
 
     Args:
         net: the network, or its ``create_model`` config (then saved as ``net_config``).
@@ -51,6 +56,11 @@ class Classifier(LightningModule):
         mode: how every block runs while training: ``"chain"``, ``"online"`` (compose the
             kernel in the forward pass, one convolution per block) or ``"auto"``; ``None``
             keeps the blocks' own setting. See :meth:`repsqueeze.Squeezable.set_mode`.
+        compile: ``True`` runs the network through ``torch.compile`` for training and
+            validation; a mapping gives ``torch.compile``'s keyword arguments (e.g.
+            ``{"mode": "max-autotune"}`` or ``{"backend": "eager"}``). The parameters stay
+            in the uncompiled ``net`` (clean ``state_dict`` keys, no ``_orig_mod.``), and the
+            test-time deploy check runs the uncompiled network.
     """
 
     def __init__(
@@ -63,6 +73,7 @@ class Classifier(LightningModule):
         deploy_tolerance: float = 1e-4,
         net_config: Mapping[str, Any] | None = None,
         mode: str | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         if isinstance(net, Mapping):
@@ -87,10 +98,12 @@ class Classifier(LightningModule):
                 "label_smoothing": label_smoothing,
                 "deploy_tolerance": deploy_tolerance,
                 "mode": mode,
+                "compile": compile,
             }
         )
         self.net = set_mode(net, mode) if mode is not None else net
         self.optimizer_factory = optimizer
+        self.compile_options = compile  # also here: a callable backend is not a hyperparameter
         self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = _accuracies(num_classes, "train/")
@@ -98,11 +111,21 @@ class Classifier(LightningModule):
         self.test_metrics = _accuracies(num_classes, "test/")
         self.test_acc_deployed = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
-        # Built in on_test_start; a plain attribute, so it stays out of state_dict and checkpoints.
+        # Plain attributes, so they stay out of state_dict and checkpoints: the deployed copy
+        # (built in on_test_start) and the compiled network (built in configure_model).
         self.__dict__["deployed"] = None
+        self.__dict__["compiled_net"] = None
+
+    def configure_model(self) -> None:
+        """Compiles ``net`` when ``compile`` is set (once; Lightning calls this per stage)."""
+        options = self.compile_options
+        if options and self.compiled_net is None:
+            kwargs = dict(options) if isinstance(options, Mapping) else {}
+            self.__dict__["compiled_net"] = torch.compile(self.net, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)  # (N, num_classes)
+        net = self.compiled_net if self.compiled_net is not None else self.net
+        return net(x)  # (N, num_classes)
 
     def _step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection) -> Tensor:
         x, y = batch
@@ -136,14 +159,22 @@ class Classifier(LightningModule):
     def on_test_start(self) -> None:
         deployed = deploy(self.net).eval().requires_grad_(False)
         self.__dict__["deployed"] = deployed
+        with strict_fp32():
+            precision = describe_fp32()
+        dtype = _dtype_of(self.net)
+        if dtype != torch.float32:
+            precision = f"parameters in {dtype}"
+        rank_zero_info(f"Deploy check (training vs deployed form): autocast off, {precision}")
         self._max_diff = torch.zeros((), device=self.device)
         self._max_logit = torch.zeros((), device=self.device)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        # Both forms in the parameters' own precision: mixed-precision noise is not a deploy error.
-        with torch.autocast(x.device.type, enabled=False):
-            logits = self(x)
+        # Both forms eagerly, in the parameters' own precision, TF32 off: mixed-precision and
+        # TF32 noise is not a deploy error.
+        x = x.to(_dtype_of(self.net)) if x.is_floating_point() else x
+        with strict_fp32(), torch.autocast(x.device.type, enabled=False):
+            logits = self.net(x)
             logits_deployed = self.deployed(x)
         self.test_metrics(logits, y)
         self._log_stage(self.test_metrics, self.criterion(logits, y))
@@ -180,6 +211,11 @@ class Classifier(LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
         }
+
+
+def _dtype_of(net: nn.Module) -> torch.dtype:
+    """The dtype of ``net``'s first floating-point parameter (float32 when it has none)."""
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _accuracies(num_classes: int, prefix: str) -> MetricCollection:

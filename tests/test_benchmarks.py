@@ -1,7 +1,9 @@
-"""Smoke test of ``benchmarks/run.py --quick``: every section runs and its figures are sane.
+"""Smoke test of ``benchmarks/run.py --quick``: every section runs and its figures are sane;
+the charts, ``--plot-only``, the fairness of the latency comparison (same weights, module
+calls), and the OREPA-style floor against an explicit three-branch oracle.
 
 The script is run in-process (``benchmarks/`` is not a package, so it is loaded from its
-file). About 30 s on 2 CPU cores, most of it the latency section (repvgg_a0 at 64x64).
+file). About 40 s on 2 CPU cores, most of it the latency section (repvgg_a0 at 64x64).
 """
 
 import importlib.util
@@ -103,6 +105,97 @@ def test_quick_run_squeeze_counts_every_block(quick_run):
     (row,) = quick_run[0]["squeeze"]
     assert row["blocks"] == 1 + 2 + 4 + 14 + 1  # RepVGG-A0: stem and stages of 2, 4, 14, 1
     assert 0 < row["squeeze s"] < 60
+
+
+def test_quick_run_latency_forms_differ_only_in_module_calls(quick_run):
+    """The unwrapped model and the hand-written twin with the model's nesting make the same
+    module calls; the wrapped deployed model adds exactly one call per block."""
+    bench = _load_benchmarks()
+    blocks = sum(
+        isinstance(m, bench.rs.Squeezable)
+        for m in bench.create_model("repvgg_a0", block="repvgg").modules()
+    )
+    for (model, batch), rows in _group(quick_run[0]["latency"]).items():
+        calls = {r["form"]: r["module calls"] for r in rows}
+        nested = calls[f"{bench.PLAIN} (model's nesting)"]
+        assert calls["deployed, unwrap=True"] == nested, (model, batch)
+        assert calls["deployed"] == nested + blocks, (model, batch)
+        assert calls[bench.PLAIN] < nested  # flat: no unit/stage containers
+
+
+def _group(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["batch"]), []).append(r)
+    return groups
+
+
+def test_quick_run_writes_charts_and_plot_only_redraws_them(quick_run):
+    results, out = quick_run
+    pngs = [out.parent / f"{out.name}_{name}.png" for name in ("training", "latency")]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        png.unlink()
+    threads = torch.get_num_threads()
+    try:
+        _load_benchmarks().main(["--plot-only", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(png.is_file() and png.stat().st_size > 1000 for png in pngs)
+
+
+def test_quick_never_writes_the_committed_results():
+    bench = _load_benchmarks()
+    for device in ("cpu", "cuda"):
+        out = bench.default_out(device, quick=True)
+        assert ROOT not in out.parents, out
+        assert bench.default_out(device, quick=False).parent == ROOT / "benchmarks"
+    assert bench.default_out("cuda", quick=False).name == "results_cuda"
+
+
+@torch.no_grad()
+def test_plain_twins_hold_the_deployed_weights():
+    bench = _load_benchmarks()
+    model = bench.randomize_bn(bench.create_model("repvgg_a0", block="acb", num_classes=7))
+    unwrapped = bench.rs.deploy(model.eval(), unwrap=True)
+    flat, nested = bench.plain_twins(unwrapped, 7)
+    x = torch.randn(2, 3, 32, 32)
+    expected = unwrapped(x)
+    torch.testing.assert_close(nested.eval()(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(flat.eval()(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_floor_block_equals_its_three_branches():
+    """The four-op kernel composition equals running the 3x3, 1x1 and identity branches
+    with their channel scales separately (float64), then the BatchNorm."""
+    bench = _load_benchmarks()
+    block = bench.floor.FloorRepVGGBlock(6, 6, 1).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (block.s3, block.s1, block.s_id):
+            p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) + 0.5)
+    x = torch.randn(2, 6, 9, 11, generator=gen, dtype=torch.float64)
+    s = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
+    branches = (
+        torch.nn.functional.conv2d(x, block.w3, padding=1) * s(block.s3)
+        + torch.nn.functional.conv2d(x, block.w1) * s(block.s1)
+        + x * s(block.s_id)
+    )
+    torch.testing.assert_close(block(x), block.bn(branches), rtol=1e-12, atol=1e-12)
+    net = bench.floor.FloorRepVGG(num_classes=5, widths=(8, 8, 16, 16, 32), depths=(1, 2, 2, 2, 1))
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+    strided = bench.floor.FloorRepVGGBlock(6, 8, 2)
+    assert strided.s_id is None and strided(torch.randn(1, 6, 9, 9)).shape == (1, 8, 5, 5)
+
+
+def test_gpu_training_variants_cover_every_kind_and_mode():
+    bench = _load_benchmarks()
+    labels = list(bench.training_variants("repvgg_a0", quick=False, gpu=True))
+    for kind in bench.KINDS[1:]:
+        assert sum(label.startswith(f"{kind} ") for label in labels) == 2, (kind, labels)
+    assert "floor: hand-written OREPA-style" in labels
+    assert "timm repvgg_a0 training form" in labels
+    assert set(bench.COMPILED.values()) <= set(labels)
 
 
 def test_non_finite_figures_are_written_as_strict_json(tmp_path, monkeypatch):
