@@ -342,6 +342,7 @@ def training_variants(model_name: str, quick: bool, gpu: bool) -> dict[str, Buil
         variants["floor: hand-written OREPA-style"] = lambda: floor.FloorRepVGG(num_classes)
     if quick:
         keep = ["plain (ConvBN)", "repvgg chain", "repvgg online (OREPA-style norm)"]
+        keep += ["expand_ck chain", "expand_ck online"]  # the largest chain/online gap
         variants = {k: variants[k] for k in keep if k in variants}
     return variants
 
