@@ -50,7 +50,7 @@ def measure(
     model = create_model(
         model_name, block=kind, num_classes=data.num_classes, in_channels=data.in_channels
     )
-    _fit(model, data, args.epochs, seed)
+    _fit(model, data, args.epochs)
     deployed = rs.deploy(model.eval())
     out = {"worst range ratio": max(r["range_ratio"] for r in quant.weight_ranges(deployed))}
     for cle in (False, True):

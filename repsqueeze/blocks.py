@@ -553,6 +553,7 @@ def _constant_border_through(
         return y, fill
     if isinstance(layer, _BatchNorm) and not primitives.syncs(layer):
         if primitives.uses_batch_stats(layer):
+            primitives.check_values_per_channel(layer, x, ((0, 0),) * ndim)
             # the statistics bn(x) normalises with, kept differentiable for the border
             var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
             scale = torch.rsqrt(var + layer.eps)

@@ -269,7 +269,7 @@ def batch_norm(bn: _BatchNorm, x: Tensor, ext: Pad) -> Tensor:
     batch_stats = uses_batch_stats(bn)
     sync = syncs(bn)
     if batch_stats and not sync:
-        _check_values_per_channel(bn, x, ext)
+        check_values_per_channel(bn, x, ext)
     if not batch_stats or not (sync or any(map(any, ext))):
         return bn(x)
     inner = x[
@@ -297,7 +297,7 @@ def batch_norm(bn: _BatchNorm, x: Tensor, ext: Pad) -> Tensor:
     return y
 
 
-def _check_values_per_channel(bn: _BatchNorm, x: Tensor, ext: Pad) -> None:
+def check_values_per_channel(bn: _BatchNorm, x: Tensor, ext: Pad) -> None:
     """``nn.BatchNorm``'s own refusal of batch statistics over one value per channel (batch 1,
     a single interior position), which would normalise with variance 0; shapes only, no sync."""
     inner = (*x.shape[:2], *(n - l - r for n, (l, r) in zip(x.shape[2:], ext, strict=True)))

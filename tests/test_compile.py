@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"),
 ]
 
-BN_INSIDE = ("repvgg", "acb", "dbb", "mobileone")
+BN_INSIDE = ("repvgg", "acb", "dbb", "mobileone", "qarepvgg")
 
 
 def _compiled(module: torch.nn.Module) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from torch import nn
 import repsqueeze as rs
 from repsqueeze import export
 from repsqueeze.lit import Classifier
-from repsqueeze.models import register_model
+from repsqueeze.models import register_model, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = {"deployed.pt", "model.pt2", "model.onnx", "report.json"}
@@ -53,7 +53,6 @@ DeployError = deploy_script.DeployError
 Compose = Callable[..., DictConfig]
 
 
-@register_model
 def deploy_test_plain_cnn(num_classes: int = 10, in_channels: int = 1, deployed: bool = False):
     """What ``rs.contract`` gives back: torch layers only, no re-parameterizable block."""
     return nn.Sequential(
@@ -64,6 +63,15 @@ def deploy_test_plain_cnn(num_classes: int = 10, in_channels: int = 1, deployed:
         nn.Flatten(),
         nn.Linear(8, num_classes),
     )
+
+
+@pytest.fixture
+def plain_cnn_registered():
+    """``deploy_test_plain_cnn`` in the model registry for one test (other tests check that
+    every registered model is one of the library's)."""
+    register_model(deploy_test_plain_cnn)
+    yield
+    registry._MODELS.pop("deploy_test_plain_cnn")
 
 
 class CreatesMarker:
@@ -563,7 +571,7 @@ def test_a_gpu_checkpoint_loads_on_the_cpu(checkpoint, tmp_path, monkeypatch):
         torch.testing.assert_close(net(x), reference(x), rtol=0, atol=0)
 
 
-def test_a_network_without_blocks_deploys_as_is(compose_deploy, tmp_path):
+def test_a_network_without_blocks_deploys_as_is(compose_deploy, tmp_path, plain_cnn_registered):
     """What ``rs.contract`` returns (torch layers only): nothing to squeeze, still verified
     and exported."""
     config = {"name": "deploy_test_plain_cnn", "num_classes": 4, "in_channels": 1}
