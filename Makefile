@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install train test lint format bench clean
+.PHONY: install train test test-all lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The default run (CI's) leaves out the slow end-to-end tests; test-all runs everything.
 test: lint
+	$(VENV)/bin/pytest -m "not slow"
+
+test-all: lint
 	$(VENV)/bin/pytest
 
 format: install

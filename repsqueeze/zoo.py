@@ -160,18 +160,34 @@ def _take_over(main: nn.Module, conv: nn.Module, bn: _BatchNorm) -> None:
     load_norm(main[1], bn, conv.bias)
 
 
-@torch.no_grad()
-def _parallel_from(cls: type, conv: nn.Module, bn: _BatchNorm, kwargs: dict) -> Parallel:
-    """Branch 0 takes over ``bn(conv(x))``; every other branch ends in a BatchNorm with zero
+class _BranchesFromConvBN:
+    """``from_conv_bn`` of the blocks whose branch 0 is conv -> BN (ACNet, DBB, MobileOne):
+    branch 0 takes over ``bn(conv(x))``; every other branch ends in a BatchNorm with zero
     scale and shift, so it adds zero in eval and in training mode alike."""
-    block = _built_like(cls, conv, bn, kwargs)
-    main, *others = block.branches
-    _take_over(main, conv, bn)
-    for branch in others:
-        last = [m for m in branch.modules() if isinstance(m, _BatchNorm)][-1]
-        last.weight.zero_()
-        last.bias.zero_()
-    return block
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> Parallel:
+        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
+        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
+        momentum on the main path; the other branches end in a BatchNorm with zero scale and shift.
+
+        Args:
+            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
+            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
+            **kwargs: further constructor arguments (``mode``, ``internal_channels``, ...).
+
+        Raises:
+            ValueError: a pair the block cannot take over, with the reason.
+        """
+        block = _built_like(cls, conv, bn, kwargs)
+        main, *others = block.branches
+        _take_over(main, conv, bn)
+        for branch in others:
+            last = [m for m in branch.modules() if isinstance(m, _BatchNorm)][-1]
+            last.weight.zero_()
+            last.bias.zero_()
+        return block
 
 
 def _embed_chain(convs: list[nn.Module], weight: torch.Tensor) -> None:
@@ -288,7 +304,7 @@ class ConvBN(SqueezableBlock):
         return block
 
 
-class ACBlock(Parallel):
+class ACBlock(_BranchesFromConvBN, Parallel):
     """k x k conv-BN plus one asymmetric conv-BN per spatial axis, summed (ACNet).
 
     The asymmetric branch of axis ``d`` has kernel ``k`` along ``d`` and 1 elsewhere (1 x k
@@ -344,24 +360,8 @@ class ACBlock(Parallel):
                 )
         super().__init__(*branches, deployed=deployed, mode=mode)
 
-    @classmethod
-    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> ACBlock:
-        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
-        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
-        momentum on the main path; the other branches end in a BatchNorm with zero scale and shift.
 
-        Args:
-            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
-            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
-            **kwargs: further constructor arguments (``mode``, ...).
-
-        Raises:
-            ValueError: a pair the block cannot take over, with the reason.
-        """
-        return _parallel_from(cls, conv, bn, kwargs)
-
-
-class DiverseBranchBlock(Parallel):
+class DiverseBranchBlock(_BranchesFromConvBN, Parallel):
     """k x k, 1x1, 1x1 -> k x k and 1x1 -> average-pool branches, each with BN, summed (DBB).
 
     As in DBB, the 1x1 branch and the 1x1 conv of the pooling branch are left out for a
@@ -442,24 +442,8 @@ class DiverseBranchBlock(Parallel):
                 weight[(idx, idx % weight.shape[1], *([0] * dims))] = 1
         super().__init__(*branches, deployed=deployed, mode=mode)
 
-    @classmethod
-    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> DiverseBranchBlock:
-        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
-        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
-        momentum on the main path; the other branches end in a BatchNorm with zero scale and shift.
 
-        Args:
-            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
-            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
-            **kwargs: further constructor arguments (``internal_channels``, ...).
-
-        Raises:
-            ValueError: a pair the block cannot take over, with the reason.
-        """
-        return _parallel_from(cls, conv, bn, kwargs)
-
-
-class MobileOneBlock(Parallel):
+class MobileOneBlock(_BranchesFromConvBN, Parallel):
     """``n`` k x k conv-BN + 1x1 conv-BN (scale) + identity BN (when shapes allow), summed.
 
     Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023.
@@ -521,22 +505,6 @@ class MobileOneBlock(Parallel):
             if use_identity:
                 branches.append((norm_layer or _NORMS[dims])(out_channels))
         super().__init__(*branches, deployed=deployed, mode=mode)
-
-    @classmethod
-    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs) -> MobileOneBlock:
-        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
-        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
-        momentum on the main path; the other branches end in a BatchNorm with zero scale and shift.
-
-        Args:
-            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
-            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
-            **kwargs: further constructor arguments (``num_conv_branches``, ...).
-
-        Raises:
-            ValueError: a pair the block cannot take over, with the reason.
-        """
-        return _parallel_from(cls, conv, bn, kwargs)
 
 
 class RepVGGBlock(MobileOneBlock):
