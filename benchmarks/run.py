@@ -599,7 +599,8 @@ def environment(args: argparse.Namespace) -> dict:
         "tf32": torch.backends.cudnn.allow_tf32 if cuda else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "quick": args.quick,
-        "command": " ".join(["python", *sys.argv]) if sys.argv[0].endswith("run.py") else None,
+        # the script run from the command line (run.py, int8.py); None when called as a library
+        "command": " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else None,
     }
 
 
