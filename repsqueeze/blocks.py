@@ -544,10 +544,8 @@ def _constant_border_through(
             return None
         y = primitives.CONV_FN[ndim](x, layer.weight, layer.bias, 1, 0, 1, layer.groups)
         if fill is not None:
-            taps = layer.weight.flatten(1)  # (C_out, C_in / groups)
-            per_group = taps.reshape(layer.groups, -1, taps.shape[1])
-            fill = torch.einsum("goi,gi->go", per_group, fill.reshape(layer.groups, -1))
-            fill = fill.reshape(-1) if layer.bias is None else fill.reshape(-1) + layer.bias
+            fill = online.bias_through(layer.weight, layer.groups, fill)
+            fill = fill if layer.bias is None else fill + layer.bias
         else:
             fill = layer.bias
         return y, fill

@@ -230,7 +230,7 @@ def _scale_inputs(w: Tensor, scale: Tensor, groups: int) -> Tensor:
     return (_grouped(w, groups) * per_group).flatten(0, 1)
 
 
-def _bias_through(w: Tensor, groups: int, bias: Tensor) -> Tensor:
+def bias_through(w: Tensor, groups: int, bias: Tensor) -> Tensor:
     """The output of kernel ``w`` on a constant input ``bias`` (per input channel)."""
     taps = w.sum(dim=tuple(range(2, w.dim())))  # (C_out, C_in/g)
     if groups == 1:
@@ -255,7 +255,7 @@ def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
         return replace(a, weight=a.weight * b.scale, bias=_add(bias, b.bias))
     bias = b.bias
     if a.bias is not None:
-        bias = _add(bias, _bias_through(b.weight, b.groups, a.bias))
+        bias = _add(bias, bias_through(b.weight, b.groups, a.bias))
     if a.weight is None:  # per-channel before a kernel
         weight = b.weight if a.scale is None else _scale_inputs(b.weight, a.scale, b.groups)
         return replace(b, weight=weight, bias=bias)
