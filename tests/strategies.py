@@ -328,11 +328,15 @@ def examples(draw, dims=(1, 2, 2, 3), top=("block", "block", "parallel"), bn=Tru
         block = rs.SqueezableBlock(*layers)
     else:
         block = draw_parallel(ctx, c_in, _channels(ctx, c_in), 0, first_conv=True)
-    seed = draw(st.integers(0, 2**31 - 1))
+    return _example(ctx, block, c_in, hi=7 if tiny else 13)
+
+
+def _example(ctx: Ctx, block: nn.Module, c_in: int, hi: int) -> Example:
+    """The drawn block randomized (float64, eval) with odd input sizes 5..``hi`` it fits."""
+    seed = ctx.draw(st.integers(0, 2**31 - 1))
     randomize(block.double(), torch.Generator().manual_seed(seed)).eval()
-    hi = 7 if tiny else 13
-    sizes = [draw(st.integers(2, hi // 2)) * 2 + 1 for _ in range(ndim)]  # odd, 5..hi
-    return Example(block, ndim, c_in, fit_sizes(block, ndim, c_in, sizes, ctx.mode), seed)
+    sizes = [ctx.draw(st.integers(2, hi // 2)) * 2 + 1 for _ in range(ctx.ndim)]  # odd
+    return Example(block, ctx.ndim, c_in, fit_sizes(block, ctx.ndim, c_in, sizes, ctx.mode), seed)
 
 
 def fit_sizes(block: nn.Module, ndim: int, c_in: int, sizes, mode: str = "zeros"):
@@ -425,7 +429,4 @@ def concat_examples(draw) -> Example:
         node, c = draw_concat_node(ctx, c, 1, stride, slack)
         after, _ = draw_chain(ctx, c, depth=1) if draw(st.booleans()) else ([], c)
         block = rs.SqueezableBlock(*before, node, *after)
-    seed = draw(st.integers(0, 2**31 - 1))
-    randomize(block.double(), torch.Generator().manual_seed(seed)).eval()
-    sizes = [draw(st.integers(2, 3 if tiny else 5)) * 2 + 1 for _ in range(ndim)]  # odd
-    return Example(block, ndim, c_in, fit_sizes(block, ndim, c_in, sizes, ctx.mode), seed)
+    return _example(ctx, block, c_in, hi=7 if tiny else 11)
