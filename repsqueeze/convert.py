@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, SqueezableBlock
+from repsqueeze.blocks import Squeezable, SqueezableBlock, check_inner_hooks
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.
@@ -55,6 +55,7 @@ def deploy(model: nn.Module, inplace: bool = False, unwrap: bool = False) -> nn.
         itself a block).
     """
     model = _without_wrappers(model)
+    _check_blocks(model)
     _warn_if_training(model)
     if not inplace:
         model = copy.deepcopy(model)
@@ -73,6 +74,17 @@ def _without_wrappers(model: nn.Module) -> nn.Module:
         if attr is None:
             return model
         model = getattr(model, attr)
+
+
+def _check_blocks(model: nn.Module) -> None:
+    """Refuses, before anything is copied, hooks on layers inside blocks that deploying would
+    ignore (old-style weight norms cannot even be deep-copied)."""
+    for path, m in model.named_modules():
+        if isinstance(m, Squeezable) and not m.deployed:
+            try:
+                check_inner_hooks(m, "deploy")
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}" if path else str(err)) from err
 
 
 TRAINING_WARNING = (

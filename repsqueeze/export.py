@@ -250,9 +250,9 @@ def _read_deployed(path: str | Path, map_location: str | torch.device) -> object
     try:
         with zipfile.ZipFile(path) as archive:  # torch.save's format; every entry has a CRC
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError) as err:
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as err:
         raise ValueError(
-            f"{path}: not a complete deployed model file ({err}): truncated, or not written by "
+            f"{path}: not a complete deployed model file ({err}): truncated, damaged, or not written by "
             "save_deployed"
         ) from err
     if damaged is not None:
