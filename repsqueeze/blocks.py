@@ -261,6 +261,7 @@ class Squeezable(nn.Module):
         geo = self.geometry(ndim)
         self._deployed_geometry = geo
         delattr(self, self._children_attr)
+        self._inner_layers = ()
         self.conv = conv
         self.deployed = True
 

@@ -54,6 +54,7 @@ def deploy(model: nn.Module, inplace: bool = False, unwrap: bool = False) -> nn.
         itself returned a replacement; with ``unwrap``, the bare convolution when ``model`` is
         itself a block).
     """
+    _check_module("deploy", model)
     model = _without_wrappers(model)
     _check_blocks(model)
     _warn_if_training(model)
@@ -63,14 +64,24 @@ def deploy(model: nn.Module, inplace: bool = False, unwrap: bool = False) -> nn.
     return _unwrap(model, {}) if unwrap else model
 
 
-def _without_wrappers(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / ``torch.compile`` wrappers, nested or not."""
+def _check_module(what: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be an nn.Module, got {type(model).__name__}")
+
+
+def _wrappers() -> list[tuple[type, str]]:
+    """``(class, attribute holding the wrapped module)`` of DDP, DataParallel, compile."""
     wrappers = [(nn.parallel.DistributedDataParallel, "module"), (nn.DataParallel, "module")]
     dynamo = sys.modules.get("torch._dynamo.eval_frame")  # no compiled module without it
     if dynamo is not None:
         wrappers.append((dynamo.OptimizedModule, "_orig_mod"))
+    return wrappers
+
+
+def _without_wrappers(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers, nested or not."""
     while True:
-        attr = next((a for cls, a in wrappers if isinstance(model, cls)), None)
+        attr = next((a for cls, a in _wrappers() if isinstance(model, cls)), None)
         if attr is None:
             return model
         model = getattr(model, attr)
@@ -397,6 +408,13 @@ def expand(
     if block_kwargs.get("online_norm"):
         raise ValueError(
             "expand: online_norm=True blocks have no BatchNorm to take over the old one"
+        )
+    _check_module("expand", model)
+    wrapper = next((cls for cls, _ in _wrappers() if isinstance(model, cls)), None)
+    if wrapper is not None:
+        raise ValueError(
+            f"expand: the model is wrapped in {wrapper.__name__}; expand the module inside "
+            "before wrapping it (the wrapper holds on to the parameters it was built with)"
         )
     if not inplace:
         model = copy.deepcopy(model)

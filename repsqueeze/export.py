@@ -247,6 +247,11 @@ def load_deployed(path: str | Path, map_location: str | torch.device = "cpu") ->
 def _read_deployed(path: str | Path, map_location: str | torch.device) -> object:
     """``torch.load(path, weights_only=True)``; a file that is cut short, damaged or holds
     anything but tensors and plain data is one ``ValueError`` naming the file."""
+    if isinstance(map_location, str):
+        try:
+            torch.device(map_location)
+        except RuntimeError as err:
+            raise ValueError(f"load_deployed: map_location={map_location!r}: {err}") from err
     try:
         with zipfile.ZipFile(path) as archive:  # torch.save's format; every entry has a CRC
             damaged = archive.testzip()

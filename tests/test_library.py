@@ -6,8 +6,10 @@ refused with one line that names what is wrong."""
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import warnings
+import weakref
 import zipfile
 
 import pytest
@@ -336,3 +338,40 @@ def test_create_model_refuses_non_positive_counts(kwargs):
         ValueError, match=rf"^digits_net: {arg} must be a positive integer, got {value!r}$"
     ):
         rs.create_model("digits_net", **kwargs)
+
+
+@pytest.mark.parametrize("arg", ["in_channels", "out_channels"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_make_block_refuses_non_positive_channels(arg, value):
+    kwargs = {"in_channels": 3, "out_channels": 3, arg: value}
+    with pytest.raises(ValueError, match=rf"^make_block: {arg} must be a positive integer"):
+        rs.make_block("repvgg", **kwargs)
+
+
+# --- entry checks of deploy / expand / load_deployed -------------------------------------------
+@pytest.mark.parametrize("convert", [rs.deploy, rs.expand])
+def test_deploy_and_expand_refuse_what_is_not_a_module(convert):
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got NoneType$"):
+        convert(None)
+
+
+def test_expand_refuses_a_wrapped_model():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match=r"wrapped in DataParallel; expand the module inside"):
+        rs.expand(nn.DataParallel(model))
+
+
+def test_load_deployed_names_a_bad_map_location(deployed_bytes, tmp_path):
+    path = tmp_path / "deployed.pt"
+    path.write_bytes(deployed_bytes)
+    assert isinstance(rs.load_deployed(path), nn.Module)  # the intact file loads
+    with pytest.raises(ValueError, match=r"^load_deployed: map_location='gpu7': "):
+        rs.load_deployed(path, map_location="gpu7")
+
+
+def test_deploy_frees_the_training_branches():
+    block = rs.RepVGGBlock(3, 3)
+    layer = weakref.ref(block.branches[0][0])
+    block.deploy()
+    gc.collect()
+    assert layer() is None
