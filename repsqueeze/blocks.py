@@ -28,6 +28,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from repsqueeze import online, primitives
 from repsqueeze.algebra import ConvMap, Pad, chain, concat, parallel, to_conv
@@ -160,8 +163,9 @@ class Squeezable(nn.Module):
         return y.squeeze(0) if unbatched else y
 
     def __prepare_scriptable__(self) -> Squeezable:
-        """``torch.jit.script`` calls this first: a deployed block scripts as its conv; the
-        training form composes kernels in Python, which TorchScript cannot compile."""
+        """``torch.jit.script`` calls this first: a deployed block scripts (its forward is
+        its conv); the training form composes kernels in Python, which TorchScript cannot
+        compile."""
         if not self.deployed:
             raise TypeError(
                 f"torch.jit.script: {type(self).__name__} is in training form, which "
@@ -261,7 +265,7 @@ class Squeezable(nn.Module):
         geo = self.geometry(ndim)
         self._deployed_geometry = geo
         delattr(self, self._children_attr)
-        self._inner_layers = ()
+        del self._inner_layers  # they are freed with the branches
         self.conv = conv
         self.deployed = True
 
@@ -425,8 +429,8 @@ class Concat(Squeezable):
 # torch.nn.utils functions that recompute a layer's weight in a forward pre-hook, and their
 # replacements, parametrizations, which recompute it on every read of ``layer.weight``.
 _WEIGHT_PRE_HOOKS = {
-    "WeightNorm": ("weight_norm", "torch.nn.utils.parametrizations.weight_norm"),
-    "SpectralNorm": ("spectral_norm", "torch.nn.utils.parametrizations.spectral_norm"),
+    WeightNorm: ("weight_norm", "torch.nn.utils.parametrizations.weight_norm"),
+    SpectralNorm: ("spectral_norm", "torch.nn.utils.parametrizations.spectral_norm"),
 }
 
 
@@ -468,19 +472,18 @@ def inner_layers(node: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 
 
 def _hook_problem(layer: nn.Module, path: str, when: str) -> str:
-    from torch.nn.utils import prune
-
     where = name_of(layer, path)
     ignored = "a block never calls its layers' hooks (it runs them as functions)"
     for hook in layer._forward_pre_hooks.values():
         if isinstance(hook, prune.BasePruningMethod):
             return (
                 f"{where} is pruned with torch.nn.utils.prune, whose forward pre-hook "
-                f"recomputes the weight, and {ignored}: call prune.remove({path}, "
-                f"'{hook._tensor_name}') first, or prune the deployed convolution"
+                f"recomputes the {hook._tensor_name}, and {ignored}: make the pruning "
+                f"permanent first (prune.remove(layer, '{hook._tensor_name}')), or prune the "
+                "deployed convolution"
             )
-        if type(hook).__name__ in _WEIGHT_PRE_HOOKS:
-            old, new = _WEIGHT_PRE_HOOKS[type(hook).__name__]
+        if type(hook) in _WEIGHT_PRE_HOOKS:
+            old, new = _WEIGHT_PRE_HOOKS[type(hook)]
             return (
                 f"{where} has torch.nn.utils.{old}, whose forward pre-hook recomputes the "
                 f"weight, and {ignored}: use {new} (a parametrization, which the block reads)"

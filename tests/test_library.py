@@ -191,7 +191,10 @@ def test_hooks_on_the_block_itself_run(generator):
     [
         (torch.nn.utils.spectral_norm, "parametrizations.spectral_norm"),
         (torch.nn.utils.weight_norm, "parametrizations.weight_norm"),
-        (lambda conv: prune.l1_unstructured(conv, "weight", 0.5), r"prune.remove\(layers.0"),
+        (
+            lambda conv: prune.l1_unstructured(conv, "weight", 0.5),
+            r"prune.remove\(layer, 'weight'\)",
+        ),
     ],
 )
 def test_weight_recomputing_pre_hooks_are_refused_at_build_forward_and_deploy(apply, fix):
