@@ -23,7 +23,7 @@ import repsqueeze as rs
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:torch.nn.utils.weight_norm is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning"),
 ]
 
 
@@ -65,7 +65,7 @@ def test_deploy_replaces_every_use_of_a_shared_foreign_block():
             return self.conv
 
     shared = Fusable()
-    out = rs.deploy(nn.Sequential(shared, nn.ReLU(), shared))
+    out = rs.deploy(nn.Sequential(shared, nn.ReLU(), shared).eval())
     assert type(out[0]) is nn.Conv2d and out[0] is out[2]
 
 
@@ -172,7 +172,7 @@ def test_a_hook_on_an_inner_layer_is_refused_at_forward(kind):
         block(torch.randn(2, 3, 5, 5))
     assert "register it on the block itself" in _one_line(err)
     if kind == "full_backward":  # nothing to lose at deploy: the values do not depend on it
-        assert rs.deploy(block).deployed
+        assert rs.deploy(block.eval()).deployed
     else:
         with pytest.raises(ValueError, match=r"branches\.0\.0 \(Conv2d\) has a forward"):
             rs.deploy(block)
@@ -200,7 +200,7 @@ def test_hooks_on_the_block_itself_run(generator):
 def test_weight_recomputing_pre_hooks_are_refused_at_build_forward_and_deploy(apply, fix):
     with pytest.raises(ValueError, match=rf"SqueezableBlock: layers\.0 \(Conv2d\) .*{fix}"):
         rs.SqueezableBlock(apply(nn.Conv2d(3, 4, 3, padding=1)), nn.BatchNorm2d(4))
-    block = _chain()
+    block = _chain().eval()
     apply(block.layers[0])  # after the block was built
     for run in (lambda: block(torch.randn(2, 3, 5, 5)), lambda: rs.deploy(block)):
         with pytest.raises(ValueError, match=fix) as err:
