@@ -105,9 +105,15 @@ TRAINING_WARNING = (
 
 
 def _warn_if_training(model: nn.Module) -> None:
+    """One warning when a block (ours, or one with a foreign hook) left to deploy trains."""
     for m in model.modules():
-        foreign = any(_is_hook(getattr(m, h, None)) for h in FOREIGN_HOOKS)
-        if m.training and (not m.deployed if isinstance(m, Squeezable) else foreign):
+        if not m.training:
+            continue
+        if isinstance(m, Squeezable):
+            pending = not m.deployed
+        else:
+            pending = any(_is_hook(getattr(m, h, None)) for h in FOREIGN_HOOKS)
+        if pending:
             warnings.warn(TRAINING_WARNING, UserWarning, stacklevel=4)  # deploy's caller
             return
 
