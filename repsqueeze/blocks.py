@@ -28,6 +28,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from repsqueeze import online, primitives
 from repsqueeze.algebra import ConvMap, Pad, chain, concat, parallel, to_conv
@@ -43,13 +46,14 @@ class Squeezable(nn.Module):
     end of ``__init__``. After :meth:`deploy` the block holds only ``self.conv``.
     """
 
-    deployed: bool = False
-    mode: str = "chain"
-    _children_attr: str = ""
+    # Class defaults without annotations: TorchScript cannot read postponed (string) ones.
+    deployed = False
+    mode = "chain"
+    _children_attr = ""
     # How the children combine: "chain" (in order) and "sum" (parallel branches) have fast
     # online rules; any other value (a subclass with its own _combine_maps) is composed
     # through _combine_maps, exactly but with dense kernels.
-    _combine: str = "generic"
+    _combine = "generic"
 
     def _finalize(self, deployed: bool = False, mode: str = "chain") -> None:
         """Validates the structure (errors name the layer) and builds the deployed form.
@@ -58,6 +62,9 @@ class Squeezable(nn.Module):
             deployed: build the single convolution directly (its weights left at their
                 default initialisation, for a state dict to fill) and drop the branches.
         """
+        check_inner_hooks(self, "build")
+        # the modules the training form runs as functions (hooks checked at each forward)
+        self._inner_layers = tuple(m for _, m in inner_layers(self, ""))
         self._geometry_cache: dict[int, Geometry] = {}
         self._plans: dict[int, online.Plan] = {}
         self._auto_cache: dict[tuple, str] = {}
@@ -135,11 +142,37 @@ class Squeezable(nn.Module):
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return self.conv(x)
+            return self.conv(x)  # (N, C_out, *spatial), or (C_out, *spatial) unbatched
+        return self._forward_training(x)
+
+    @torch.jit.unused  # not annotated: TorchScript cannot resolve postponed annotations here
+    def _forward_training(self, x):
+        check_inner_hooks(self, "forward")
         ndim = self._ndim or x.dim() - 2
+        unbatched = x.dim() == ndim + 1  # (C, *spatial), as torch's convolutions take it
+        if not unbatched and x.dim() != ndim + 2:
+            raise ValueError(
+                f"{type(self).__name__}: a {ndim}-D block takes (N, C, *spatial) or unbatched "
+                f"(C, *spatial) input ({ndim + 2} or {ndim + 1} dims), got shape {tuple(x.shape)}"
+            )
+        x = x.unsqueeze(0) if unbatched else x  # (N, C, *spatial)
         if online.pick_mode(self, x, ndim) == "online":
-            return online.forward(self, x, ndim)
-        return self._run_chain(x, ndim)
+            y = online.forward(self, x, ndim)
+        else:
+            y = self._run_chain(x, ndim)
+        return y.squeeze(0) if unbatched else y
+
+    def __prepare_scriptable__(self) -> Squeezable:
+        """``torch.jit.script`` calls this first: a deployed block scripts (its forward is
+        its conv); the training form composes kernels in Python, which TorchScript cannot
+        compile."""
+        if not self.deployed:
+            raise TypeError(
+                f"torch.jit.script: {type(self).__name__} is in training form, which "
+                "TorchScript cannot compile; script rs.deploy(model) or, for a model of torch "
+                "modules only, rs.deploy(model, unwrap=True)"
+            )
+        return self
 
     # --- modes: chain, online (repsqueeze.online), auto ------------------------------------------
     def set_mode(self, mode: str) -> Squeezable:
@@ -192,6 +225,7 @@ class Squeezable(nn.Module):
         cast overflows (float16) is a ``ValueError``. On the ``meta`` device the result is
         the deployed architecture with no values.
         """
+        check_inner_hooks(self, "deploy")
         if self.deployed:
             conv = type(self.conv)(**_conv_kwargs(self.conv))
             conv.load_state_dict(self.conv.state_dict())
@@ -231,6 +265,7 @@ class Squeezable(nn.Module):
         geo = self.geometry(ndim)
         self._deployed_geometry = geo
         delattr(self, self._children_attr)
+        del self._inner_layers  # they are freed with the branches
         self.conv = conv
         self.deployed = True
 
@@ -388,6 +423,83 @@ class Concat(Squeezable):
     def extra_repr(self) -> str:
         split = f"split={self.split}" if self.split is not None else ""
         return ", ".join(filter(None, [split, super().extra_repr()]))
+
+
+# --- hooks on the layers inside a block ----------------------------------------------------
+# torch.nn.utils functions that recompute a layer's weight in a forward pre-hook, and their
+# replacements, parametrizations, which recompute it on every read of ``layer.weight``.
+_WEIGHT_PRE_HOOKS = {
+    WeightNorm: ("weight_norm", "torch.nn.utils.parametrizations.weight_norm"),
+    SpectralNorm: ("spectral_norm", "torch.nn.utils.parametrizations.spectral_norm"),
+}
+
+
+def check_inner_hooks(block: Squeezable, when: str) -> None:
+    """``ValueError`` naming the first layer inside ``block`` that has a hook the block
+    would ignore.
+
+    A block runs its layers as functions (on an input it padded once, or composed into one
+    kernel), never as ``layer(x)``, so a layer's hooks are never called. Forward pre-hooks
+    and forward hooks can change values: refused when ``when`` is ``"build"``, ``"deploy"``
+    or ``"forward"``; backward hooks only at ``"forward"``. Parametrizations
+    (``torch.nn.utils.parametrize``) are no hooks: the block reads them through
+    ``layer.weight``.
+    """
+    forward = when == "forward"
+    layers = block._inner_layers if forward else [m for _, m in inner_layers(block, "")]
+    for m in layers:
+        if (
+            m._forward_pre_hooks
+            or m._forward_hooks
+            or forward
+            and (m._backward_pre_hooks or m._backward_hooks)
+        ):
+            name = next((n for n, other in inner_layers(block, "") if other is m), "?")
+            raise ValueError(f"{type(block).__name__}: {_hook_problem(m, name, when)}")
+
+
+def inner_layers(node: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """Every module below a block or ``nn.Sequential`` that it runs as a function (layers,
+    nested blocks and chains, a nested deployed block's conv), with its path."""
+    if isinstance(node, Squeezable) and node.deployed:
+        return [(join(path, "conv"), node.conv)] if path else []
+    out = []
+    for name, child in _parts(node):
+        out.append((join(path, name), child))
+        if isinstance(child, (Squeezable, nn.Sequential)):
+            out += inner_layers(child, join(path, name))
+    return out
+
+
+def _hook_problem(layer: nn.Module, path: str, when: str) -> str:
+    where = name_of(layer, path)
+    ignored = "a block never calls its layers' hooks (it runs them as functions)"
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            return (
+                f"{where} is pruned with torch.nn.utils.prune, whose forward pre-hook "
+                f"recomputes the {hook._tensor_name}, and {ignored}: make the pruning "
+                f"permanent first (prune.remove(layer, '{hook._tensor_name}')), or prune the "
+                "deployed convolution"
+            )
+        if type(hook) in _WEIGHT_PRE_HOOKS:
+            old, new = _WEIGHT_PRE_HOOKS[type(hook)]
+            return (
+                f"{where} has torch.nn.utils.{old}, whose forward pre-hook recomputes the "
+                f"weight, and {ignored}: use {new} (a parametrization, which the block reads)"
+            )
+    kinds = [("forward pre-hook", layer._forward_pre_hooks), ("forward hook", layer._forward_hooks)]
+    if when == "forward":
+        kinds += [
+            ("backward pre-hook", layer._backward_pre_hooks),
+            ("backward hook", layer._backward_hooks),
+        ]
+    kind, hook = next((k, next(iter(h.values()))) for k, h in kinds if h)
+    what = getattr(hook, "__qualname__", type(hook).__name__)
+    return (
+        f"{where} has a {kind} ({what}), and {ignored}: register it on the block itself, or "
+        "keep the layer outside the block"
+    )
 
 
 # --- dispatch over the kinds of node: block, Sequential, single layer ------------------------

@@ -35,7 +35,8 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
             ``deployed``, ...) and of its blocks (``norm_layer``, ...).
 
     Raises:
-        ValueError: an unknown name, or ``pretrained=True``.
+        ValueError: an unknown name, ``pretrained=True``, or ``num_classes`` /
+            ``in_channels`` not a positive integer.
         TypeError: an argument that neither the model nor its blocks take; the message
             names the model and the arguments it takes.
     """
@@ -46,6 +47,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
             f"{name}: no weights ship with repsqueeze (pretrained=True); use rs.from_timm to "
             "convert a pretrained timm RepVGG or MobileOne, or load your own checkpoint"
         )
+    for arg in ("num_classes", "in_channels"):
+        value = kwargs.get(arg, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
     try:
         return _MODELS[name](**kwargs)
     except TypeError as err:
