@@ -2,8 +2,12 @@
 
     python deploy.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [output_dir=DIR] [data=digits]
 
-1. checks the output folder first (a file, or not writable: one line, before any work) and
-   removes the staging folders of killed runs beside it;
+1. checks the output folder first, before any work (:mod:`repsqueeze.folders`): it must be
+   new, empty, or a folder deploy.py wrote (its marker file says so); a folder holding the
+   checkpoint or the current folder is refused, and so is any other folder unless
+   ``overwrite=true`` (then only deploy.py's own file names are replaced there); a link is
+   followed. It removes the staging folders of killed deploy.py runs beside it, known by
+   their marker and dead owner, never by name;
 2. loads the Lightning checkpoint with ``torch.load(weights_only=True, map_location="cpu")``
    (no pickled code runs; a GPU checkpoint loads on a CPU-only machine), refuses NaN/Inf
    weights and negative running variances, and rebuilds the network from its ``net_config``;
@@ -26,11 +30,7 @@ import functools
 import json
 import os
 import pickle
-import re
-import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +40,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repsqueeze import export
+from repsqueeze import export, folders
+from repsqueeze.cli import runs  # noqa: F401  (registers ${run_id:} for the run folder)
 from repsqueeze.convert import deploy
+from repsqueeze.folders import Target
 from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32
 from repsqueeze.tables import table
 
-STAGING = ".deploy-"  # staging and trash folders beside the output folder: .deploy-<pid>-...
-_STAGING_NAME = re.compile(r"^\.deploy-(\d+)-(old-[0-9a-f]{8}-(.*)|.*)$")
+OWNER = "deploy.py"
 
 
 class DeployError(Exception):
@@ -61,71 +62,22 @@ def output_folder(cfg: DictConfig, ckpt_path: Path) -> Path:
     return ckpt_path.resolve().parent.parent / "deployed"
 
 
-def prepare_output(out_dir: Path) -> Path:
-    """Checks ``out_dir`` can be replaced, cleans up after killed runs, and returns a new
-    empty staging folder beside it. Runs before any other work.
+def prepare_output(out_dir: Path, ckpt_path: Path, overwrite: bool) -> tuple[Target, Path]:
+    """Checks that ``out_dir`` may receive the export (see :mod:`repsqueeze.folders`), cleans
+    up after killed runs, and returns the target and a new staging folder beside it. Runs
+    before any other work.
 
     Raises:
-        DeployError: ``out_dir`` (or an ancestor) is a file, or a folder is not writable.
+        DeployError: ``out_dir`` (or an ancestor) is a file, holds the checkpoint or the
+            current folder, is a folder deploy.py did not write (without ``overwrite``), or
+            nothing can be written there.
     """
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "output_dir" if existing == out_dir else f"{existing}, a parent of output_dir,"
-        raise DeployError(f"{what} {out_dir} is a file, not a folder")
-    if out_dir.is_dir() and not os.access(out_dir, os.W_OK | os.X_OK):
-        raise DeployError(f"output folder {out_dir} is not writable")
+    protect = [("the checkpoint", ckpt_path), ("the current folder", Path.cwd())]
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out_dir)
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out_dir.parent))
-    except OSError as err:
-        raise DeployError(
-            f"cannot write beside output folder {out_dir}: {err.strerror or err} "
-            f"({err.filename or out_dir.parent})"
-        ) from err
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700 folders
-    return staging
-
-
-def remove_stale(out_dir: Path) -> None:
-    """Removes the staging and trash folders of runs that no longer exist beside ``out_dir``;
-    a trash folder of ``out_dir`` itself (a run killed between its two renames) is put back
-    first when ``out_dir`` is missing."""
-    for path in sorted(out_dir.parent.glob(f"{STAGING}*")):
-        match = _STAGING_NAME.match(path.name)
-        if match and _alive(int(match.group(1))):
-            continue
-        if match and match.group(3) == out_dir.name and not out_dir.exists():
-            os.rename(path, out_dir)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process has none in progress while it prepares a new one
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def swap_in(staging: Path, out_dir: Path) -> None:
-    """Renames the old ``out_dir`` away, ``staging`` onto ``out_dir``, then deletes the old."""
-    trash = None
-    if out_dir.exists():
-        trash = out_dir.parent / f"{STAGING}{os.getpid()}-old-{uuid.uuid4().hex[:8]}-{out_dir.name}"
-        os.rename(out_dir, trash)
-    os.rename(staging, out_dir)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+        target = folders.check_target(out_dir, OWNER, protect, overwrite)
+        return target, folders.stage(target, OWNER)
+    except folders.FolderError as err:
+        raise DeployError(str(err)) from err
 
 
 # --- the checkpoint --------------------------------------------------------------------------
@@ -301,6 +253,9 @@ ARTIFACTS = [
     Artifact("model.onnx", "onnx", write_onnx, "tol_onnx"),
     Artifact("model.ts", "torchscript", write_torchscript, "tol_export"),
 ]
+# the files deploy.py writes: with overwrite=true in a folder it did not make, only these
+# names are replaced (or deleted when this export has no such file)
+OWN_FILES = [a.name for a in ARTIFACTS] + ["model.int8.onnx", "report.json"]
 
 
 @torch.no_grad()
@@ -371,7 +326,7 @@ def run(cfg: DictConfig) -> dict:
     if not ckpt_path.is_file():  # before the default output folder beside it is made
         raise DeployError(f"checkpoint not found: {ckpt_path}")
     out_dir = output_folder(cfg, ckpt_path)
-    staging = prepare_output(out_dir)
+    target, staging = prepare_output(out_dir, ckpt_path, bool(cfg.get("overwrite")))
     try:
         if cfg.onnx:
             try:
@@ -389,11 +344,15 @@ def run(cfg: DictConfig) -> dict:
             report.update(int8_artifact(cfg, net, ckpt_path, staging))
         report["notes"] = notes
         report["checkpoint"] = str(ckpt_path)
-        report["files"] = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+        report["files"] = {
+            p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != folders.MARKER
+        }
         (staging / "report.json").write_text(json.dumps(report, indent=2))
-        swap_in(staging, out_dir)
+        folders.publish(staging, target, OWNER, OWN_FILES)
+    except folders.FolderError as err:
+        raise DeployError(str(err)) from err
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        folders.discard(staging, OWNER)
     report["output_dir"] = str(out_dir)
     print_report(report)
     return report

@@ -40,6 +40,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from repsqueeze.cli import runs  # also registers ${run_id:} for the run folder
 from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, latency_ms, save_deployed
@@ -307,12 +308,16 @@ def one_line(err: BaseException) -> str:
 
 
 def remove_if_empty(run_dir: Path, log_dir: Path | None = None) -> bool:
-    """Removes a run folder that holds only Hydra's own files (``.hydra/``, ``*.log``) and
-    empty folders; anything else (a checkpoint, metrics) keeps it. Then removes the folders
-    above it that it leaves empty, up to ``log_dir`` (kept). Returns whether it removed it."""
+    """Removes a run folder that this run named (its name ends in this process's
+    :func:`~repsqueeze.cli.runs.run_id`: a folder given with ``hydra.run.dir`` is never
+    removed) and that holds only Hydra's own files (``.hydra/``, ``*.log``) and empty
+    folders; anything else (a checkpoint, metrics) keeps it. Then removes the folders above it
+    that it leaves empty, up to ``log_dir`` (kept). Returns whether it removed it."""
     run_dir = run_dir.resolve()
     cwd = Path.cwd().resolve()
     if not run_dir.is_dir() or run_dir in (cwd, *cwd.parents):
+        return False
+    if not runs.named_by_this_run(run_dir):
         return False
     for path in run_dir.rglob("*"):
         relative = path.relative_to(run_dir)

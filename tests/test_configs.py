@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from repsqueeze.cli import runs
 from repsqueeze.lit import Classifier
 from repsqueeze.models import list_models
 
@@ -87,6 +88,8 @@ def test_default_config(compose_train):
 def test_hydra_run_dir_under_log_dir(compose_train, tmp_path):
     cfg = compose_train(hydra=True)
     assert cfg.hydra.run.dir.startswith(f"{tmp_path}/train/runs/")
+    assert cfg.hydra.run.dir.endswith(f"_{runs.run_id()}")
+    assert cfg.hydra.sweep.dir.endswith(f"_{runs.run_id()}")
     assert not cfg.hydra.job.chdir
 
 

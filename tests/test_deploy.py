@@ -7,10 +7,12 @@ others pass ``onnx=false``. The ``slow`` ones train digits for a few epochs with
 ``train(cfg)`` and run ``python deploy.py`` in a subprocess, as a user would.
 """
 
+import dataclasses
 import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze import export
+from repsqueeze import export, folders
 from repsqueeze.lit import Classifier
 from repsqueeze.models import register_model, registry
 
@@ -87,7 +89,14 @@ class CreatesMarker:
 def _no_outputs(out_dir: Path) -> None:
     """Nothing in the output folder and no staging folder left beside it."""
     assert not out_dir.exists() or not any(out_dir.iterdir())
-    assert not list(out_dir.parent.glob(".deploy-*"))
+    assert not list(out_dir.parent.glob(f"{folders.PREFIX}*"))
+
+
+def _listing(out_dir: Path) -> set[str]:
+    """The files of an export folder deploy.py made: its marker is there, and the rest."""
+    names = {p.name for p in out_dir.iterdir()}
+    assert folders.MARKER in names
+    return names - {folders.MARKER}
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -165,8 +174,8 @@ def test_run_with_an_explicit_data_config(compose_deploy, dbb_checkpoint, tmp_pa
         "latency_min_run_time=0.01",
     )
     report = deploy_script.run(cfg)
-    assert {p.name for p in out.iterdir()} == ARTIFACTS
-    assert not list(tmp_path.glob(".deploy-*"))
+    assert _listing(out) == ARTIFACTS
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
     _check_report(report, {"random", "data"}, ARTIFACTS)
     assert report["notes"] == []
     assert report["net_config"] == NET_CONFIG
@@ -195,7 +204,7 @@ def test_run_without_data_verifies_on_random_input_only(compose_deploy, checkpoi
     report = deploy_script.run(cfg)
     files = ARTIFACTS - {"model.onnx"}
     _check_report(report, {"random"}, files)
-    assert {p.name for p in out.iterdir()} == files
+    assert _listing(out) == files
 
 
 def test_run_default_output_dir_is_beside_the_run(compose_deploy, checkpoint):
@@ -203,7 +212,7 @@ def test_run_default_output_dir_is_beside_the_run(compose_deploy, checkpoint):
     report = deploy_script.run(cfg)
     out = checkpoint.parent.parent / "deployed"
     assert report["output_dir"] == str(out)
-    assert {p.name for p in out.iterdir()} == {"deployed.pt", "report.json"}
+    assert _listing(out) == {"deployed.pt", "report.json"}
     shutil.rmtree(out)  # the checkpoint fixture is shared
 
 
@@ -218,7 +227,7 @@ def test_torchscript_only_when_asked(compose_deploy, checkpoint, tmp_path):
         *FAST,
     )
     report = deploy_script.run(cfg)
-    assert {p.name for p in out.iterdir()} == {"deployed.pt", "model.ts", "report.json"}
+    assert _listing(out) == {"deployed.pt", "model.ts", "report.json"}
     assert report["checks"]["model.ts"]["relative_diff"] <= 1e-5
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
@@ -300,14 +309,14 @@ def test_a_later_export_leaves_no_stale_file(compose_deploy, checkpoint, checkpo
     deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
     assert (out / "model.pt2").exists()
     report = deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common, "pt2=false"))
-    assert {p.name for p in out.iterdir()} == {"deployed.pt", "report.json"}
+    assert _listing(out) == {"deployed.pt", "report.json"}
     assert json.loads((out / "report.json").read_text())["net_config"]["block"] == "plain"
     assert report["checkpoint"] == str(checkpoint_b)
     net_b, _ = deploy_script.load_checkpoint(checkpoint_b)
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(export.load_deployed(out / "deployed.pt")(x), net_b(x))
-    assert not list(tmp_path.glob(".deploy-*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 @pytest.mark.parametrize("stage", ["torch.export.save", "report"])
@@ -333,7 +342,7 @@ def test_a_crash_mid_write_keeps_the_previous_export(
     with pytest.raises((OSError, ZeroDivisionError)):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common))
     assert _snapshot(out) == before
-    assert not list(tmp_path.glob(".deploy-*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 def test_failed_file_check_keeps_the_previous_export(
@@ -346,7 +355,7 @@ def test_failed_file_check_keeps_the_previous_export(
     with pytest.raises(DeployError, match="deployed.pt: its output differs.*tol_export"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common, "tol_export=-1"))
     assert _snapshot(out) == before
-    assert not list(tmp_path.glob(".deploy-*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 def _dead_pid() -> int:
@@ -355,34 +364,185 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def _leftover(folder: Path, pid: int, state: str = "staging", **extra) -> Path:
+    """A folder as a deploy.py process ``pid`` leaves it: marked with its owner and state."""
+    folder.mkdir()
+    marker = {"owner": "deploy.py", "state": state, "pid": pid, "host": socket.gethostname()}
+    (folder / folders.MARKER).write_text(json.dumps({**marker, "start": None, **extra}))
+    (folder / "model.onnx").write_bytes(b"\0" * 1000)
+    return folder
+
+
 def test_leftovers_of_killed_runs_are_removed(compose_deploy, checkpoint, tmp_path):
-    """Staging folders of dead processes (and of the older unnumbered naming) go; a live
-    process's staging folder stays."""
+    """Marked staging and trash folders of dead processes go; a live process's staging folder
+    stays, and so does every folder without deploy.py's marker, whatever its name."""
     dead, live = _dead_pid(), os.getppid()
-    leftovers = [f".deploy-{dead}-x1y2z3", f".deploy-{dead}-old-0123abcd-other", ".deploy-k2j3h4"]
-    for name in [*leftovers, f".deploy-{live}-inprogress"]:
+    _leftover(tmp_path / f"{folders.PREFIX}{dead}-x1y2z3", dead)
+    _leftover(tmp_path / f"{folders.PREFIX}{dead}-old-0123abcd", dead, "trash", of="other")
+    _leftover(tmp_path / f"{folders.PREFIX}{live}-inprogress", live)
+    users = [f"{folders.PREFIX}{dead}-mine", ".deploy-k2j3h4", f".deploy-{dead}-old-0-x"]
+    for name in users:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "model.onnx").write_bytes(b"\0" * 1000)
+        (tmp_path / name / "notes.txt").write_text("mine")
+    (tmp_path / users[0] / folders.MARKER).write_text(json.dumps({"owner": "someone else"}))
     out = tmp_path / "out"
     cfg = compose_deploy(
         f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", "pt2=false", *FAST
     )
     deploy_script.run(cfg)
-    assert sorted(p.name for p in tmp_path.glob(".deploy-*")) == [f".deploy-{live}-inprogress"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("out", "run"))
+    assert left == sorted([f"{folders.PREFIX}{live}-inprogress", *users])
+    for name in users:
+        assert (tmp_path / name / "notes.txt").read_text() == "mine"
 
 
 def test_an_export_killed_between_its_renames_is_put_back(compose_deploy, tmp_path):
     """Killed after renaming the old folder away and before renaming the new one in: the
     next run (even one that fails) puts the old export back in place."""
-    trash = tmp_path / f".deploy-{_dead_pid()}-old-0123abcd-out"
-    trash.mkdir()
+    trash = _leftover(
+        tmp_path / f"{folders.PREFIX}{_dead_pid()}-old-0123abcd", 0, "trash", of="out"
+    )
+    (trash / folders.MARKER).write_text(
+        (trash / folders.MARKER).read_text().replace('"pid": 0', f'"pid": {_dead_pid()}')
+    )
     (trash / "deployed.pt").write_bytes(b"old export")
     not_a_checkpoint = _bad_file("random_bytes", tmp_path)
     cfg = compose_deploy(f"ckpt_path={not_a_checkpoint}", f"output_dir={tmp_path / 'out'}")
     with pytest.raises(DeployError, match="cannot be loaded safely"):
         deploy_script.run(cfg)
     assert (tmp_path / "out" / "deployed.pt").read_bytes() == b"old export"
-    assert not list(tmp_path.glob(".deploy-*"))
+    assert folders.is_ours(tmp_path / "out", "deploy.py")
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
+
+
+# --- a user's own files are never deleted ---------------------------------------------------
+def _user_files(folder: Path) -> dict[str, str]:
+    """A user's files in ``folder``: a note and a source tree."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "src").mkdir()
+    files = {"notes.txt": "my notes", "src/main.py": "print('mine')"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return files
+
+
+def _survived(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        assert (folder / name).read_text() == text, name
+
+
+@pytest.mark.usefixtures("no_work")
+def test_a_folder_of_the_users_is_refused(compose_deploy, checkpoint, tmp_path):
+    out = tmp_path / "mine"
+    files = _user_files(out)
+    with pytest.raises(
+        DeployError, match=r"holds files deploy.py did not write \(notes.txt, src\)"
+    ):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
+    _survived(out, files)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "src"]
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
+
+
+def test_overwrite_puts_only_deploy_files_into_a_users_folder(
+    compose_deploy, checkpoint, checkpoint_b, tmp_path
+):
+    """overwrite=true: deploy.py's files land beside the user's, which stay; a second export
+    replaces deploy.py's files (a file this export lacks goes) and still no other; the folder
+    never becomes one deploy.py would replace whole."""
+    out = tmp_path / "mine"
+    files = _user_files(out)
+    common = [f"output_dir={out}", "input_shape=[1,8,8]", "overwrite=true", *FAST]
+    deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
+    names = {p.name for p in out.iterdir()}
+    assert names == {"notes.txt", "src", "deployed.pt", "model.pt2", "report.json"}
+    deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common, "pt2=false"))
+    assert {p.name for p in out.iterdir()} == {"notes.txt", "src", "deployed.pt", "report.json"}
+    assert json.loads((out / "report.json").read_text())["checkpoint"] == str(checkpoint_b)
+    _survived(out, files)
+    assert not folders.is_ours(out, "deploy.py")
+    with pytest.raises(DeployError, match="did not write"):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}", *FAST))
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("where", ["run folder", "checkpoints folder", "cwd", "cwd parent"])
+def test_a_folder_holding_the_checkpoint_or_cwd_is_refused(
+    compose_deploy, tmp_path, monkeypatch, where
+):
+    run = tmp_path / "runs" / "run"
+    ckpt = run / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    (run / "metrics.json").write_text("{}")
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    out = {
+        "run folder": run,
+        "checkpoints folder": ckpt.parent,
+        "cwd": Path("."),
+        "cwd parent": tmp_path,
+    }[where]
+    what = "the current folder" if where == "cwd" else "the checkpoint"
+    for overwrite in ("false", "true"):
+        cfg = compose_deploy(f"ckpt_path={ckpt}", f"output_dir={out}", f"overwrite={overwrite}")
+        with pytest.raises(DeployError, match=f"holds {what}"):
+            deploy_script.run(cfg)
+    assert ckpt.read_bytes() == b"weights"
+    assert (run / "metrics.json").read_text() == "{}"
+
+
+def test_a_link_is_followed_and_kept(compose_deploy, checkpoint, tmp_path):
+    """output_dir a link to a folder: the export lands in the link's target, the link stays a
+    link, and nothing else is left beside either."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    common = [f"output_dir={link}", "input_shape=[1,8,8]", "pt2=false", *FAST]
+    for _ in range(2):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
+        assert link.is_symlink() and link.resolve() == real.resolve()
+        assert _listing(real) == {"deployed.pt", "report.json"}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+@pytest.mark.usefixtures("no_work")
+def test_a_dangling_link_is_refused(compose_deploy, checkpoint, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone", target_is_directory=True)
+    with pytest.raises(DeployError, match="is a link to .*gone, which is missing"):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={link}"))
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_an_empty_folder_is_taken_over(compose_deploy, checkpoint, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    common = [f"output_dir={out}", "input_shape=[1,8,8]", "pt2=false", *FAST]
+    deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
+    assert _listing(out) == {"deployed.pt", "report.json"}
+
+
+def test_files_that_appear_while_deploying_are_kept(
+    compose_deploy, checkpoint, tmp_path, monkeypatch
+):
+    """An empty folder that receives a user's file while deploy.py works is not replaced."""
+    out = tmp_path / "empty"
+    out.mkdir()
+    write = deploy_script.write_deployed_pt
+
+    def and_a_user_writes(job, path):
+        (out / "notes.txt").write_text("mine")
+        return write(job, path)
+
+    first = dataclasses.replace(deploy_script.ARTIFACTS[0], write=and_a_user_writes)
+    monkeypatch.setattr(deploy_script, "ARTIFACTS", [first, *deploy_script.ARTIFACTS[1:]])
+    common = [f"output_dir={out}", "input_shape=[1,8,8]", "pt2=false", *FAST]
+    with pytest.raises(DeployError, match="received files while deploy.py ran"):
+        deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 # --- the output folder is checked before any work -------------------------------------------
@@ -405,7 +565,7 @@ def test_output_dir_that_is_a_file(compose_deploy, checkpoint, tmp_path, where):
     with pytest.raises(DeployError, match="is a file, not a folder"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
     assert file.read_text() == "keep me"
-    assert not list(tmp_path.glob(".deploy-*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 @pytest.mark.usefixtures("no_work")
@@ -413,7 +573,7 @@ def test_unwritable_output_parent(compose_deploy, checkpoint, tmp_path, monkeypa
     def mkdtemp(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(deploy_script.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(folders.tempfile, "mkdtemp", mkdtemp)
     cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}")
     with pytest.raises(DeployError, match="cannot write beside output folder .*Permission denied"):
         deploy_script.run(cfg)
@@ -429,7 +589,7 @@ def test_unwritable_output_folder(compose_deploy, checkpoint, tmp_path, monkeypa
     )
     with pytest.raises(DeployError, match=f"output folder {out} is not writable"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
-    assert not list(tmp_path.glob(".deploy-*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -583,7 +743,7 @@ def test_a_network_without_blocks_deploys_as_is(compose_deploy, tmp_path, plain_
     report = deploy_script.run(cfg)
     assert report["notes"] == ["nothing to squeeze: the network has no re-parameterizable block"]
     assert report["verification"]["random"]["float64"] == 0
-    assert {p.name for p in out.iterdir()} == {"deployed.pt", "model.pt2", "report.json"}
+    assert _listing(out) == {"deployed.pt", "model.pt2", "report.json"}
     m = report["measurements"]
     assert (
         m["deployed"]["macs_per_sample"] == m["training"]["macs_per_sample"] == 8 * 9 * 64 + 8 * 4
@@ -831,13 +991,13 @@ def deployed_dir(trained, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert f"written to {out}" in result.stdout
-    assert not list(tmp.glob(".deploy-*"))
+    assert not list(tmp.glob(f"{folders.PREFIX}*"))
     return out
 
 
 @pytest.mark.slow
 def test_script_writes_verified_artifacts(trained, deployed_dir):
-    assert {p.name for p in deployed_dir.iterdir()} == ARTIFACTS
+    assert _listing(deployed_dir) == ARTIFACTS
     report = json.loads((deployed_dir / "report.json").read_text())
     _check_report(report, {"random", "data"}, ARTIFACTS)  # "data": from the run's .hydra config
     assert report["notes"] == []

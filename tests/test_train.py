@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 import repsqueeze.lit
+from repsqueeze.cli import runs
 from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, load_deployed
@@ -292,7 +293,7 @@ def test_corrupt_image_is_named(compose_train, tmp_path):
 def test_remove_if_empty(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     logs = tmp_path / "logs"
-    run = logs / "train" / "runs" / "2026-01-01_00-00-00"
+    run = logs / "train" / "runs" / f"2026-01-01_00-00-00_{runs.run_id()}"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("a: 1\n")
     (run / "train.log").write_text("")
@@ -307,6 +308,42 @@ def test_remove_if_empty(tmp_path, monkeypatch):
     assert not (logs / "train" / "runs").exists()  # left empty: removed
     assert (logs / "train" / "multiruns").is_dir()  # not ours
     assert not train_script.remove_if_empty(tmp_path)  # the working directory: never
+
+
+@pytest.mark.parametrize("where", ["named by the user", "named by another run", "sweep job"])
+def test_remove_if_empty_keeps_a_folder_this_run_did_not_name(tmp_path, monkeypatch, where):
+    """``hydra.run.dir=<a folder of mine>``: a failed run leaves the folder and its files."""
+    monkeypatch.chdir(tmp_path)
+    run = {
+        "named by the user": tmp_path / "mine",
+        "named by another run": tmp_path / "2026-01-01_00-00-00_1-abcdef",
+        "sweep job": tmp_path / "my-sweep" / "0",
+    }[where]
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("mine: 1\n")
+    (run / "notes.log").write_text("my log")
+    assert not train_script.remove_if_empty(run, tmp_path)
+    assert (run / "notes.log").read_text() == "my log"
+    assert (run / ".hydra" / "config.yaml").read_text() == "mine: 1\n"
+    sweep = tmp_path / f"sweep_{runs.run_id()}" / "3"
+    sweep.mkdir(parents=True)
+    assert train_script.remove_if_empty(sweep, tmp_path)  # a job folder of this run's sweep
+
+
+def test_run_folders_are_unique_per_run(tmp_path):
+    """Two processes started in the same second name two folders."""
+    code = (
+        "from omegaconf import OmegaConf; import repsqueeze.cli.runs; "
+        "print(OmegaConf.create({'d': 'x_${run_id:}'}).d)"
+    )
+    names = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert len(set(names)) == 2 and all(n.startswith("x_") for n in names)
+    assert runs.run_id() == runs.run_id()
 
 
 def test_one_line_of_a_worker_error():
