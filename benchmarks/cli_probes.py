@@ -10,8 +10,8 @@ user would, and is put in one class:
 - ``clear``: what the probe expects (a refusal: exit status 1 and one line
   ``<script>: error: ...`` naming the setting or file, no traceback; a run that should work:
   exit 0 and its check holds);
-- ``traceback``: a Python traceback, a crash (exit status other than 0 or 1), or more than
-  ``NOISE`` lines of output before the error line;
+- ``traceback``: a Python traceback, a crash (exit status other than 0 or 1), or an error
+  that is not one last line ``<script>: error: ...``;
 - ``silent-wrong``: exit 0 where the run should fail, or a run whose check does not hold
   (``last.ckpt`` not the last epoch, best forgotten on resume, exit 0 after SIGTERM, ...);
 - ``data-loss``: a file placed in the folder by the probe (a user's) is gone afterwards.
@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NOISE = 3  # lines of output allowed before the one error line (e.g. a seed notice)
 SHORT = [
     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1", "callbacks.progress_bar.refresh_rate=0", "logger=none",
@@ -211,12 +210,29 @@ TRAIN = [
     Probe("train ckpt_path=truncated", "train.py", SHORT, setup=_truncated),
     Probe("train ckpt_path=pickle", "train.py", SHORT, setup=_pickle),
     Probe("train ckpt_path=other block", "train.py", SHORT, setup=_ckpt("dbb")),
-    Probe("train precision=64", "train.py", [*SHORT, "trainer.precision=64"], fails=False, check=_precision64),  # fmt: skip
-    Probe("train mode=online dbb", "train.py", [*SHORT, "model.mode=online", "model.net.block=dbb"]),  # fmt: skip
-    Probe("train mode=online qarepvgg", "train.py", [*SHORT, "model.mode=online", "model.net.block=qarepvgg"]),  # fmt: skip
+    Probe(
+        "train precision=64",
+        "train.py",
+        [*SHORT, "trainer.precision=64"],
+        fails=False,
+        check=_precision64,
+    ),  # fmt: skip
+    Probe(
+        "train mode=online dbb", "train.py", [*SHORT, "model.mode=online", "model.net.block=dbb"]
+    ),  # fmt: skip
+    Probe(
+        "train mode=online qarepvgg",
+        "train.py",
+        [*SHORT, "model.mode=online", "model.net.block=qarepvgg"],
+    ),  # fmt: skip
     Probe("train trainer=ddp on CPU", "train.py", [*SHORT, "trainer=ddp"], check=_no_half_folder),
     Probe("train optimizer.lr=0", "train.py", [*SHORT, "optimizer.lr=0"]),
-    Probe("train imagefolder val_fraction=0", "train.py", [*SHORT, "data=imagefolder", "data.val_fraction=0"], setup=_images),  # fmt: skip
+    Probe(
+        "train imagefolder val_fraction=0",
+        "train.py",
+        [*SHORT, "data=imagefolder", "data.val_fraction=0"],
+        setup=_images,
+    ),  # fmt: skip
     Probe("train devices=abc", "train.py", ["trainer.devices=abc"]),
     Probe("train accelerator=tpu", "train.py", ["trainer.accelerator=tpu"]),
     Probe("train precision=7", "train.py", ["trainer.precision=7"]),
@@ -227,42 +243,131 @@ TRAIN = [
     Probe("train limit_val_batches=-1", "train.py", ["trainer.limit_val_batches=-1"]),
     Probe("train weight_decay=abc", "train.py", ["optimizer.weight_decay=abc"]),
     Probe("train sgd momentum=-1", "train.py", ["optimizer=sgd", "optimizer.momentum=-1"]),
-    Probe("train scheduler step_size=0", "train.py", [*SHORT, "scheduler=step", "scheduler.step_size=0"]),  # fmt: skip
+    Probe(
+        "train scheduler step_size=0",
+        "train.py",
+        [*SHORT, "scheduler=step", "scheduler.step_size=0"],
+    ),  # fmt: skip
     Probe("train +trainer.foo=1", "train.py", ["+trainer.foo=1"]),
     Probe("train model.compile=abc", "train.py", [*SHORT, "model.compile=abc"]),
     Probe("train model.mode=fast", "train.py", ["model.mode=fast"]),
     Probe("train test=maybe", "train.py", [*SHORT, "test=maybe"]),
     Probe("train model.net.name=nope", "train.py", ["model.net.name=nope"]),
-    Probe("train monitor=val/nope", "train.py", [*SHORT, "callbacks.model_checkpoint.monitor=val/nope"], check=_no_half_folder),  # fmt: skip
-    Probe("train min_epochs > max_epochs", "train.py", ["trainer.min_epochs=9", "trainer.max_epochs=2"]),  # fmt: skip
+    Probe(
+        "train monitor=val/nope",
+        "train.py",
+        [*SHORT, "callbacks.model_checkpoint.monitor=val/nope"],
+        check=_no_half_folder,
+    ),  # fmt: skip
+    Probe(
+        "train min_epochs > max_epochs",
+        "train.py",
+        ["trainer.min_epochs=9", "trainer.max_epochs=2"],
+    ),  # fmt: skip
     Probe("train optimized_metric=val/nope", "train.py", [*SHORT, "optimized_metric=val/nope"]),
     Probe("train num_workers=abc", "train.py", ["data.num_workers=abc"]),
     Probe("train disk full", "train.py", SHORT, setup=_full_disk, root_only=True),
     Probe("train read-only run folder", "train.py", SHORT, setup=_read_only, root_only=True),
-    Probe("train failing run in a user folder", "train.py", ["trainer.max_epochs=abc"], setup=_user_folder, user_file="mine/notes.txt"),  # fmt: skip
-    Probe("train last.ckpt every epoch", "train.py", [*SHORT[1:], "trainer.max_epochs=3", "test=false", "deploy=false"], fails=False, check=_last_is_last),  # fmt: skip
-    Probe("train resume=last in place", "train.py", [*SHORT[1:], "trainer.max_epochs=4", "trainer.limit_train_batches=4", "ckpt_path=last", "test=false", "deploy=false"], fails=False, setup=_resume, check=_resumed_in_place),  # fmt: skip
-    Probe("train SIGTERM", "train.py", ["trainer.max_epochs=200", "callbacks.progress_bar.refresh_rate=0"], fails=False, signal_after=25, check=_interrupted),  # fmt: skip
+    Probe(
+        "train failing run in a user folder",
+        "train.py",
+        ["trainer.max_epochs=abc"],
+        setup=_user_folder,
+        user_file="mine/notes.txt",
+    ),  # fmt: skip
+    Probe(
+        "train last.ckpt every epoch",
+        "train.py",
+        [*SHORT[1:], "trainer.max_epochs=3", "test=false", "deploy=false"],
+        fails=False,
+        check=_last_is_last,
+    ),  # fmt: skip
+    Probe(
+        "train resume=last in place",
+        "train.py",
+        [
+            *SHORT[1:],
+            "trainer.max_epochs=4",
+            "trainer.limit_train_batches=4",
+            "ckpt_path=last",
+            "test=false",
+            "deploy=false",
+        ],
+        fails=False,
+        setup=_resume,
+        check=_resumed_in_place,
+    ),  # fmt: skip
+    Probe(
+        "train SIGTERM",
+        "train.py",
+        ["trainer.max_epochs=200", "callbacks.progress_bar.refresh_rate=0"],
+        fails=False,
+        signal_after=25,
+        check=_interrupted,
+    ),  # fmt: skip
     Probe("train train.log", "train.py", SHORT, fails=False, check=_train_log),
-    Probe("train sweep first job fails", "train.py", [*SHORT, "seed=abc,0"], flags=["-m"], fails=False, check=_sweep_goes_on),  # fmt: skip
+    Probe(
+        "train sweep first job fails",
+        "train.py",
+        [*SHORT, "seed=abc,0"],
+        flags=["-m"],
+        fails=False,
+        check=_sweep_goes_on,
+    ),  # fmt: skip
 ]
 DEPLOY = [
     Probe("deploy batch_size=0", "deploy.py", ["batch_size=0"], setup=_ckpt("repvgg")),
     Probe("deploy batch_size=-1", "deploy.py", ["batch_size=-1"], setup=_ckpt("repvgg")),
     Probe("deploy batch_size=abc", "deploy.py", ["batch_size=abc"], setup=_ckpt("repvgg")),
-    Probe("deploy int8_calibration_batches=-2", "deploy.py", ["int8=true", "data=digits", "int8_calibration_batches=-2"], setup=_ckpt("repvgg")),  # fmt: skip
-    Probe("deploy onnx_opset=7", "deploy.py", ["onnx_opset=7", "measure=false"], setup=_ckpt("repvgg")),  # fmt: skip
-    Probe("deploy onnx_opset=99", "deploy.py", ["onnx_opset=99", "measure=false"], setup=_ckpt("repvgg")),  # fmt: skip
-    Probe("deploy +model.net.block", "deploy.py", ["+model.net.block=dbb", "measure=false", "onnx=false"], setup=_ckpt("repvgg")),  # fmt: skip
+    Probe(
+        "deploy int8_calibration_batches=-2",
+        "deploy.py",
+        ["int8=true", "data=digits", "int8_calibration_batches=-2"],
+        setup=_ckpt("repvgg"),
+    ),  # fmt: skip
+    Probe(
+        "deploy onnx_opset=7", "deploy.py", ["onnx_opset=7", "measure=false"], setup=_ckpt("repvgg")
+    ),  # fmt: skip
+    Probe(
+        "deploy onnx_opset=99",
+        "deploy.py",
+        ["onnx_opset=99", "measure=false"],
+        setup=_ckpt("repvgg"),
+    ),  # fmt: skip
+    Probe(
+        "deploy +model.net.block",
+        "deploy.py",
+        ["+model.net.block=dbb", "measure=false", "onnx=false"],
+        setup=_ckpt("repvgg"),
+    ),  # fmt: skip
     Probe("deploy tol_float32=-1", "deploy.py", ["tol_float32=-1"], setup=_ckpt("repvgg")),
     Probe("deploy device=tpu", "deploy.py", ["device=tpu"], setup=_ckpt("repvgg")),
     Probe("deploy seed=abc", "deploy.py", ["seed=abc"], setup=_ckpt("repvgg")),
-    Probe("deploy latency_min_run_time=0", "deploy.py", ["latency_min_run_time=0", "onnx=false"], setup=_ckpt("repvgg")),  # fmt: skip
-    Probe("deploy int8_max_drop=2", "deploy.py", ["int8=true", "data=digits", "int8_max_drop=2"], setup=_ckpt("repvgg")),  # fmt: skip
-    Probe("deploy int8_calibration_method=foo", "deploy.py", ["int8=true", "data=digits", "int8_calibration_method=foo"], setup=_ckpt("repvgg")),  # fmt: skip
+    Probe(
+        "deploy latency_min_run_time=0",
+        "deploy.py",
+        ["latency_min_run_time=0", "onnx=false"],
+        setup=_ckpt("repvgg"),
+    ),  # fmt: skip
+    Probe(
+        "deploy int8_max_drop=2",
+        "deploy.py",
+        ["int8=true", "data=digits", "int8_max_drop=2"],
+        setup=_ckpt("repvgg"),
+    ),  # fmt: skip
+    Probe(
+        "deploy int8_calibration_method=foo",
+        "deploy.py",
+        ["int8=true", "data=digits", "int8_calibration_method=foo"],
+        setup=_ckpt("repvgg"),
+    ),  # fmt: skip
     Probe("deploy pt2=maybe", "deploy.py", ["pt2=maybe"], setup=_ckpt("repvgg")),
-    Probe("deploy input_shape=[1,0,8]", "deploy.py", ["input_shape=[1,0,8]"], setup=_ckpt("repvgg")),  # fmt: skip
-    Probe("deploy disk full", "deploy.py", ["measure=false"], setup=_full_disk_deploy, root_only=True),  # fmt: skip
+    Probe(
+        "deploy input_shape=[1,0,8]", "deploy.py", ["input_shape=[1,0,8]"], setup=_ckpt("repvgg")
+    ),  # fmt: skip
+    Probe(
+        "deploy disk full", "deploy.py", ["measure=false"], setup=_full_disk_deploy, root_only=True
+    ),  # fmt: skip
 ]
 
 
@@ -290,7 +395,7 @@ def classify(probe: Probe, tmp: Path, result: subprocess.CompletedProcess) -> st
     if result.returncode == 1 and probe.signal_after is None:
         errors = [i for i, line in enumerate(result.stderr.splitlines()) if ": error: " in line]
         lines = result.stderr.strip().splitlines()
-        if not errors or errors[0] != len(lines) - 1 or len(lines) > NOISE + 1:
+        if not errors or errors[0] != len(lines) - 1:
             return "traceback"
         return "clear" if probe.fails or probe.check is not None else "silent-wrong"
     return "clear"
