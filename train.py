@@ -216,7 +216,7 @@ def _route_lightning_logs() -> None:
     own console handler when it was imported, before Hydra set logging up."""
     if not HydraConfig.initialized():
         return
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             if type(handler) is logging.StreamHandler:
