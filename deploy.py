@@ -18,7 +18,8 @@
    optionally ``model.ts``), each reloaded and checked against PyTorch, plus ``report.json``
    into a staging folder beside the output folder, then swaps the folders: a reader sees
    the previous export or the new one, never a mix, and no file of an older export survives;
-6. prints parameters, multiply-accumulates, CPU latency (batch 1 and 32), errors and sizes.
+6. prints parameters and multiply-accumulates (CPU latency at batch 1 and 32 with
+   ``latency=true``), errors, sizes and the seconds each stage took (also in report.json).
 
 Every failure is one line ``deploy.py: error: ...`` and exit status 1; ``HYDRA_FULL_ERROR=1``
 shows the traceback.
@@ -26,12 +27,14 @@ shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import pickle
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,9 +266,11 @@ def build_artifacts(
     cfg: DictConfig, net: torch.nn.Module, net_config: dict, inputs: dict, folder: Path
 ) -> dict:
     """Deploys, verifies, writes every artifact into ``folder`` and returns the report."""
-    deployed = deploy(net).eval()
+    timings: dict[str, float] = {}
+    with timed(timings, "deploy"):
+        deployed = deploy(net).eval()
     device = torch.device(cfg.device)
-    with strict_fp32():
+    with timed(timings, "verify"), strict_fp32():
         numerics = describe_fp32()
         try:
             errors = export.verify(
@@ -284,7 +289,9 @@ def build_artifacts(
     for artifact in ARTIFACTS:
         if artifact.flag is not None and not cfg[artifact.flag]:
             continue
-        diff = export.max_abs_diff(artifact.write(job, folder / artifact.name), reference)
+        with timed(timings, artifact.name):
+            output = artifact.write(job, folder / artifact.name)
+        diff = export.max_abs_diff(output, reference)
         tol = cfg[artifact.tolerance]
         checks[artifact.name] = {"max_abs_diff": diff, "relative_diff": diff / scale}
         if not diff / scale <= tol:
@@ -292,41 +299,63 @@ def build_artifacts(
                 f"{artifact.name}: its output differs from PyTorch by {diff / scale:.2e} "
                 f"(relative) > {artifact.tolerance}={tol:.0e}; nothing written"
             )
+    measurements = None
+    if cfg.measure:
+        with timed(timings, "measure"):
+            latency = cfg.latency_min_run_time if cfg.latency else None
+            measurements = measure(net, deployed, x.shape[1:], latency)
     return {
         "net_config": net_config,
         "verification": errors,
         "numerics": f"float64 and {numerics}, on {device}",
         "checks": checks,
-        "measurements": (
-            measure(net, deployed, x.shape[1:], cfg.latency_min_run_time) if cfg.measure else None
-        ),
+        "measurements": measurements,
+        "timings_s": timings,
     }
 
 
 def measure(
-    net: torch.nn.Module, deployed: torch.nn.Module, shape: torch.Size, min_run_time: float
+    net: torch.nn.Module, deployed: torch.nn.Module, shape: torch.Size, min_run_time: float | None
 ) -> dict:
+    """Parameters and multiply-accumulates of both forms, and their CPU latency at batch 1
+    and 32 (``min_run_time`` seconds each) unless ``min_run_time`` is ``None``."""
     out = {}
     for name, model in (("training", net), ("deployed", deployed)):
         x1, x32 = torch.randn(1, *shape), torch.randn(32, *shape)
         out[name] = {
             "params": export.count_params(model),
             "macs_per_sample": export.count_macs(model, x1),
-            "latency_b1": export.latency(lambda m=model, x=x1: m(x), min_run_time),
-            "latency_b32": export.latency(lambda m=model, x=x32: m(x), min_run_time),
         }
+        if min_run_time is not None:
+            out[name]["latency_b1"] = export.latency(lambda m=model, x=x1: m(x), min_run_time)
+            out[name]["latency_b32"] = export.latency(lambda m=model, x=x32: m(x), min_run_time)
     return out
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the wall seconds of the ``with`` body to ``timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 3)
 
 
 def run(cfg: DictConfig) -> dict:
     """The whole deploy step; returns the report. Raises :class:`DeployError`."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise DeployError("give the checkpoint: python deploy.py ckpt_path=PATH")
+    started = time.perf_counter()
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():  # before the default output folder beside it is made
         raise DeployError(f"checkpoint not found: {ckpt_path}")
     out_dir = output_folder(cfg, ckpt_path)
-    target, staging = prepare_output(out_dir, ckpt_path, bool(cfg.get("overwrite")))
+    timings: dict[str, float] = {}
+    with timed(timings, "output folder"):
+        target, staging = prepare_output(out_dir, ckpt_path, bool(cfg.get("overwrite")))
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     try:
         if cfg.onnx:
             try:
@@ -334,19 +363,25 @@ def run(cfg: DictConfig) -> dict:
             except ImportError as err:
                 raise DeployError(export.ONNX_HINT) from err
         torch.manual_seed(cfg.seed)
-        net, net_config = load_checkpoint(ckpt_path)
+        with timed(timings, "load"):
+            net, net_config = load_checkpoint(ckpt_path)
         notes: list[str] = []
         if not export.has_blocks(net):
             notes.append("nothing to squeeze: the network has no re-parameterizable block")
-        inputs = verification_inputs(cfg, ckpt_path, net, notes)
+        with timed(timings, "inputs"):
+            inputs = verification_inputs(cfg, ckpt_path, net, notes)
         report = build_artifacts(cfg, net, net_config, inputs, staging)
+        report["timings_s"] = {**timings, **report["timings_s"]}
         if cfg.get("int8"):
-            report.update(int8_artifact(cfg, net, ckpt_path, staging))
+            with timed(report["timings_s"], "int8"):
+                report.update(int8_artifact(cfg, net, ckpt_path, staging))
         report["notes"] = notes
         report["checkpoint"] = str(ckpt_path)
         report["files"] = {
             p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != folders.MARKER
         }
+        report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+        report["threads"] = torch.get_num_threads()
         (staging / "report.json").write_text(json.dumps(report, indent=2))
         folders.publish(staging, target, OWNER, OWN_FILES)
     except folders.FolderError as err:
@@ -398,10 +433,17 @@ def print_report(report: dict) -> None:
         rows = [
             ("parameters", *(m[k]["params"] for k in forms)),
             ("MACs / sample", *(m[k]["macs_per_sample"] for k in forms)),
-            ("CPU latency, batch 1", *(ms("latency_b1", k) for k in forms)),
-            ("CPU latency, batch 32", *(ms("latency_b32", k) for k in forms)),
         ]
-        lines += [table(rows, ["", "training form", "deployed"], markdown=False), ""]
+        if "latency_b1" in m["training"]:
+            threads = f"{report['threads']} thread{'s' if report['threads'] > 1 else ''}"
+            rows += [
+                (f"CPU latency, batch 1 ({threads})", *(ms("latency_b1", k) for k in forms)),
+                (f"CPU latency, batch 32 ({threads})", *(ms("latency_b32", k) for k in forms)),
+            ]
+        lines += [table(rows, ["", "training form", "deployed"], markdown=False)]
+        if "latency_b1" not in m["training"]:
+            lines += ["CPU latency: not measured (latency=true measures it)"]
+        lines += [""]
     errors = [(name, e["float64"], e["float32"]) for name, e in report["verification"].items()]
     files = [
         (n, f"{size / 1024:.1f} KiB", report["checks"].get(n, {}).get("relative_diff"))
@@ -413,6 +455,7 @@ def print_report(report: dict) -> None:
         "",
         table(files, ["file", "size", "rel. diff vs PyTorch"], markdown=False),
         *(f"note: {n}" for n in report["notes"]),
+        "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings_s"].items()),
         f"written to {report['output_dir']}",
     ]
     print("\n".join(lines))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session for repsqueeze (issue 11): GPU tests, a short GPU training run in
+# One prepared GPU session for repsqueeze: GPU tests, a short GPU training run in
 # fp32 and bf16-mixed, deploy.py on that GPU checkpoint in a CPU-only process, and the CUDA
 # benchmarks. About 8 minutes on one H200; every stage has its own timeout, a failing stage
 # does not stop the others, and everything lands in $OUT (8 files, flat):
@@ -17,7 +17,7 @@
 # Back here, commit the measured results (never edit the numbers by hand):
 #   cp <files_at>/results_cuda.{md,json} <files_at>/results_cuda_*.png benchmarks/
 #   python benchmarks/run.py --plot-only           # redraw PNGs from the JSON files, if wanted
-#   then replace the "not measured" GPU rows of README.md's Benchmarks section with them.
+#   then link results_cuda.md from the GPU section of docs/benchmarks.md.
 #
 # Debug anywhere without a GPU (every stage runs, tiny sizes, on the CPU; stage timeouts x4):
 #   GPU_SH_DEVICE=cpu GPU_SH_QUICK=1 GPU_SH_BUDGET=2400 OUT=/tmp/gpu-sh bash benchmarks/gpu.sh

@@ -37,7 +37,7 @@ ARTIFACTS = {"deployed.pt", "model.pt2", "model.onnx", "report.json"}
 NET_CONFIG = {"name": "digits_net", "block": "dbb", "num_classes": 10, "in_channels": 1}
 REPVGG = {**NET_CONFIG, "block": "repvgg"}
 TOL64, TOL32 = 1e-10, 1e-5
-MEASURED = ["latency_min_run_time=0.01", "onnx=false"]
+MEASURED = ["latency=true", "latency_min_run_time=0.01", "onnx=false"]
 FAST = ["measure=false", "onnx=false"]
 
 # One intra-op thread: several times faster for these tiny models on a busy 2-core machine.
@@ -205,6 +205,34 @@ def test_run_without_data_verifies_on_random_input_only(compose_deploy, checkpoi
     files = ARTIFACTS - {"model.onnx"}
     _check_report(report, {"random"}, files)
     assert _listing(out) == files
+    for form in ("training", "deployed"):
+        for batch in ("latency_b1", "latency_b32"):
+            assert report["measurements"][form][batch]["median_ms"] > 0
+
+
+def test_latency_is_opt_in_and_every_stage_is_timed(compose_deploy, checkpoint, tmp_path, capsys):
+    """By default deploy.py counts parameters and MACs, skips latency (and says so), runs on
+    one thread, and times each stage in its printout and report."""
+    out = tmp_path / "out"
+    cfg = compose_deploy(
+        f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", "onnx=false"
+    )
+    threads = torch.get_num_threads()
+    try:
+        report = deploy_script.run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(report["measurements"]["deployed"]) == {"params", "macs_per_sample"}
+    assert report["threads"] == 1
+    stages = ["output folder", "load", "inputs", "deploy", "verify", "deployed.pt", "model.pt2"]
+    timings = report["timings_s"]
+    assert list(timings) == [*stages, "measure", "total"]
+    assert all(t >= 0 for t in timings.values())
+    assert timings["total"] >= sum(timings[k] for k in stages)
+    assert json.loads((out / "report.json").read_text())["timings_s"] == timings
+    printed = capsys.readouterr().out
+    assert "seconds: output folder " in printed
+    assert "CPU latency: not measured (latency=true measures it)" in printed
 
 
 def test_run_default_output_dir_is_beside_the_run(compose_deploy, checkpoint):

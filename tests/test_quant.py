@@ -402,8 +402,8 @@ def _check_rows(rows: list[dict]) -> None:
 
 
 def test_committed_int8_results_cover_every_block_kind():
-    """benchmarks/results_int8.json is the measured table in the README: it must not go stale
-    when a block kind is added."""
+    """benchmarks/results_int8.json is the measured INT8 table (benchmarks/results_int8.md,
+    linked from docs/int8.md): it must not go stale when a block kind is added."""
     import json
 
     results = json.loads((ROOT / "benchmarks" / "results_int8.json").read_text())
