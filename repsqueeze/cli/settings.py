@@ -42,7 +42,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise SettingError(f"no such checkpoint file: {path}")
+        raise SettingError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -159,7 +159,12 @@ def _nothing_trained(cfg: DictConfig) -> tuple[str, str] | None:
 
 def _epochs_in_order(cfg: DictConfig) -> tuple[str, str] | None:
     low, high = cfg.trainer.get("min_epochs"), cfg.trainer.get("max_epochs")
-    if not cfg.trainer.get("fast_dev_run") and low is not None and high not in (None, -1) and low > high:
+    if (
+        not cfg.trainer.get("fast_dev_run")
+        and low is not None
+        and high not in (None, -1)
+        and low > high
+    ):
         return "trainer.min_epochs", f"must be <= trainer.max_epochs={high}"
     return None
 
@@ -295,7 +300,7 @@ def _device(value: Any, cfg: DictConfig) -> str | None:
 
 
 def _file(value: Any, cfg: DictConfig) -> str | None:
-    return None if Path(value).is_file() else "no such checkpoint file"
+    return None if Path(value).is_file() else "checkpoint not found"
 
 
 DEPLOY_SCHEMA = Schema(
@@ -303,6 +308,7 @@ DEPLOY_SCHEMA = Schema(
         "task_name": STR,
         "ckpt_path": Rule(type=str, check=_file),
         "output_dir": OPTIONAL_STR,
+        "overwrite": BOOL,
         "seed": Rule(type=int),
         "batch_size": Int(ge=1),
         "input_shape": Rule(type=list, nullable=True, check=_shape),
@@ -311,7 +317,9 @@ DEPLOY_SCHEMA = Schema(
         **dict.fromkeys(["tol_float32", "tol_float64", "tol_export", "tol_onnx"], TOLERANCE),
         **dict.fromkeys(["pt2", "onnx", "torchscript", "measure", "int8", "int8_cle"], BOOL),
         "onnx_opset": Int(check=_opset),
+        "latency": BOOL,
         "latency_min_run_time": Float(gt=0),
+        "threads": Int(ge=1, nullable=True),
         "int8_max_drop": FRACTION,
         "int8_calibration_batches": Int(ge=1),
         "int8_calibration_method": Rule(type=str, choices=["minmax", "entropy", "percentile"]),
