@@ -241,6 +241,7 @@ def _interrupted(trainer: L.Trainer, err: SystemExit) -> RunInterrupted:
     error = RunInterrupted(message)
     error.status = "interrupted"
     error.metrics = _metrics(trainer)
+    error.trainer_callbacks = trainer.callbacks
     return error
 
 

@@ -91,7 +91,7 @@ def _truncated(tmp: Path, root: Path) -> list[str]:
 
 def _pickle(tmp: Path, root: Path) -> list[str]:
     code = (
-        "import torch, collections; torch.save({'state_dict': collections.Counter(a=1)},"
+        "import torch, argparse; torch.save({'state_dict': argparse.Namespace(a=1)},"
         f" '{tmp / 'evil.ckpt'}')"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(root), cwd=tmp)

@@ -132,6 +132,9 @@ def _walk(node: DictConfig, prefix: str, cfg: DictConfig, schema: Schema, checks
             known = sorted(k.rsplit(".", 1)[-1] for k in schema.rules if _parent(k) == prefix)
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            while isinstance(value, DictConfig) and len(value) > 0:  # +model.net.block=x
+                first = next(iter(value))
+                path, value = f"{path}.{first}", value[first]
             raise SettingError(f"not a setting of this command; {hint}settings here: "
                                f"{', '.join(known)}", path, _plain(value))  # fmt: skip
         if rule is not None:
