@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repsqueeze import export, folders
 from repsqueeze.cli import runs  # noqa: F401  (registers ${run_id:} for the run folder)
-from repsqueeze.cli.errors import SettingError, full_error, report
+from repsqueeze.cli.errors import SettingError, full_error, report, run_main
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, read_checkpoint
 from repsqueeze.convert import deploy
@@ -456,4 +456,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "deploy.py", "output_dir")

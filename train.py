@@ -51,6 +51,7 @@ from repsqueeze.cli.errors import (
     literal,
     one_line,
     report,
+    run_main,
 )
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA, last_checkpoint
@@ -475,4 +476,4 @@ def _newest_last(overrides: list[str]) -> Path | None:
 
 if __name__ == "__main__":
     sys.argv = resume_argv(sys.argv)
-    main()
+    run_main(main, "train.py", FOLDER_SETTING)

@@ -266,6 +266,8 @@ TRAIN = [
     ),  # fmt: skip
     Probe("train optimized_metric=val/nope", "train.py", [*SHORT, "optimized_metric=val/nope"]),
     Probe("train num_workers=abc", "train.py", ["data.num_workers=abc"]),
+    Probe("train trainer=foo", "train.py", ["trainer=foo"]),
+    Probe("train max_epoch (typo)", "train.py", ["trainer.max_epoch=3"]),
     Probe("train disk full", "train.py", SHORT, setup=_full_disk, root_only=True),
     Probe("train read-only run folder", "train.py", SHORT, setup=_read_only, root_only=True),
     Probe(

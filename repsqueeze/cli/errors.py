@@ -12,7 +12,11 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from repsqueeze.data import ConfigError
 
@@ -72,14 +76,17 @@ def one_line(err: BaseException, folder_setting: str = "the output folder") -> s
                 f"cannot write {where} ({os_error.strerror}): make it writable, or set "
                 f"{folder_setting} to a writable folder"
             )
+    if isinstance(err, HydraException | OmegaConfBaseException):  # written for users, whole
+        cause = err.__cause__
+        text = str(err) + (f"; {first_line(str(cause))}" if isinstance(cause, OmegaConfBaseException) else "")  # fmt: skip
+        return " ".join(text.split("Config search path:")[0].split())
     text = err.render(literal=literal) if isinstance(err, ConfigError) else str(err).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
-    text = " ".join(text.split()) if isinstance(err, ConfigError) else first_line(text)
     if isinstance(err, ConfigError):
-        return text
-    return f"{type(err).__name__}: {text} (HYDRA_FULL_ERROR=1 shows the traceback)"
+        return " ".join(text.split())
+    return f"{type(err).__name__}: {first_line(text)} (HYDRA_FULL_ERROR=1 shows the traceback)"
 
 
 def first_line(text: str) -> str:
@@ -115,6 +122,24 @@ def report(prog: str, err: BaseException, folder_setting: str = "the output fold
     return getattr(err, "exit_code", 1)
 
 
+_ASKED = "REPSQUEEZE_HYDRA_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, kept by run_main
+
+
 def full_error() -> bool:
     """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1``)."""
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+    return os.environ.get(_ASKED, os.environ.get("HYDRA_FULL_ERROR", "")) == "1"
+
+
+def run_main(main: Callable[[], Any], prog: str, folder_setting: str) -> None:
+    """Runs a ``@hydra.main`` function so that Hydra's own failures (an option or override it
+    cannot compose, a run folder it cannot write) are one line and exit status 1 too: Hydra is
+    told to raise them (``HYDRA_FULL_ERROR=1`` for Hydra; the user's own choice is kept for
+    :func:`full_error`, also in the processes a DDP launch starts)."""
+    os.environ.setdefault(_ASKED, os.environ.get("HYDRA_FULL_ERROR", ""))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as err:
+        if full_error():
+            raise
+        sys.exit(report(prog, err, folder_setting))
