@@ -10,8 +10,9 @@ user would, and is put in one class:
 - ``clear``: what the probe expects (a refusal: exit status 1 and one line
   ``<script>: error: ...`` naming the setting or file, no traceback; a run that should work:
   exit 0 and its check holds);
-- ``traceback``: a Python traceback, a crash (exit status other than 0 or 1), or an error
-  that is not one last line ``<script>: error: ...``;
+- ``traceback``: a Python traceback, a crash (exit status other than 0 or 1), an error
+  that is not one last line ``<script>: error: ...``, or a raw error that names neither the
+  setting nor the file at fault;
 - ``silent-wrong``: exit 0 where the run should fail, or a run whose check does not hold
   (``last.ckpt`` not the last epoch, best forgotten on resume, exit 0 after SIGTERM, ...);
 - ``data-loss``: a file placed in the folder by the probe (a user's) is gone afterwards.
@@ -57,6 +58,7 @@ class Probe:
     signal_after: float | None = None  # send SIGTERM after this many seconds
     user_file: str | None = None  # a file (relative to tmp) that must survive
     flags: list[str] = field(default_factory=list)
+    names: str | None = None  # what a clear refusal names; default: the last override's key
 
 
 def _checkpoint(tmp: Path, root: Path, block: str = "repvgg", name: str = "net.ckpt") -> Path:
@@ -225,7 +227,13 @@ TRAIN = [
         "train.py",
         [*SHORT, "model.mode=online", "model.net.block=qarepvgg"],
     ),  # fmt: skip
-    Probe("train trainer=ddp on CPU", "train.py", [*SHORT, "trainer=ddp"], check=_no_half_folder),
+    Probe(
+        "train trainer=ddp on CPU",
+        "train.py",
+        [*SHORT, "trainer=ddp"],
+        check=_no_half_folder,
+        names="ddp",
+    ),
     Probe("train optimizer.lr=0", "train.py", [*SHORT, "optimizer.lr=0"]),
     Probe(
         "train imagefolder val_fraction=0",
@@ -268,8 +276,15 @@ TRAIN = [
     Probe("train num_workers=abc", "train.py", ["data.num_workers=abc"]),
     Probe("train trainer=foo", "train.py", ["trainer=foo"]),
     Probe("train max_epoch (typo)", "train.py", ["trainer.max_epoch=3"]),
-    Probe("train disk full", "train.py", SHORT, setup=_full_disk, root_only=True),
-    Probe("train read-only run folder", "train.py", SHORT, setup=_read_only, root_only=True),
+    Probe("train disk full", "train.py", SHORT, setup=_full_disk, root_only=True, names="space"),
+    Probe(
+        "train read-only run folder",
+        "train.py",
+        SHORT,
+        setup=_read_only,
+        root_only=True,
+        names="write",
+    ),
     Probe(
         "train failing run in a user folder",
         "train.py",
@@ -318,9 +333,27 @@ TRAIN = [
     ),  # fmt: skip
 ]
 DEPLOY = [
-    Probe("deploy batch_size=0", "deploy.py", ["batch_size=0"], setup=_ckpt("repvgg")),
-    Probe("deploy batch_size=-1", "deploy.py", ["batch_size=-1"], setup=_ckpt("repvgg")),
-    Probe("deploy batch_size=abc", "deploy.py", ["batch_size=abc"], setup=_ckpt("repvgg")),
+    Probe(
+        "deploy batch_size=0",
+        "deploy.py",
+        ["batch_size=0"],
+        setup=_ckpt("repvgg"),
+        names="batch_size",
+    ),
+    Probe(
+        "deploy batch_size=-1",
+        "deploy.py",
+        ["batch_size=-1"],
+        setup=_ckpt("repvgg"),
+        names="batch_size",
+    ),
+    Probe(
+        "deploy batch_size=abc",
+        "deploy.py",
+        ["batch_size=abc"],
+        setup=_ckpt("repvgg"),
+        names="batch_size",
+    ),
     Probe(
         "deploy int8_calibration_batches=-2",
         "deploy.py",
@@ -342,9 +375,15 @@ DEPLOY = [
         ["+model.net.block=dbb", "measure=false", "onnx=false"],
         setup=_ckpt("repvgg"),
     ),  # fmt: skip
-    Probe("deploy tol_float32=-1", "deploy.py", ["tol_float32=-1"], setup=_ckpt("repvgg")),
-    Probe("deploy device=tpu", "deploy.py", ["device=tpu"], setup=_ckpt("repvgg")),
-    Probe("deploy seed=abc", "deploy.py", ["seed=abc"], setup=_ckpt("repvgg")),
+    Probe(
+        "deploy tol_float32=-1",
+        "deploy.py",
+        ["tol_float32=-1"],
+        setup=_ckpt("repvgg"),
+        names="tol_float32",
+    ),
+    Probe("deploy device=tpu", "deploy.py", ["device=tpu"], setup=_ckpt("repvgg"), names="device"),
+    Probe("deploy seed=abc", "deploy.py", ["seed=abc"], setup=_ckpt("repvgg"), names="seed"),
     Probe(
         "deploy latency_min_run_time=0",
         "deploy.py",
@@ -363,12 +402,17 @@ DEPLOY = [
         ["int8=true", "data=digits", "int8_calibration_method=foo"],
         setup=_ckpt("repvgg"),
     ),  # fmt: skip
-    Probe("deploy pt2=maybe", "deploy.py", ["pt2=maybe"], setup=_ckpt("repvgg")),
+    Probe("deploy pt2=maybe", "deploy.py", ["pt2=maybe"], setup=_ckpt("repvgg"), names="pt2"),
     Probe(
         "deploy input_shape=[1,0,8]", "deploy.py", ["input_shape=[1,0,8]"], setup=_ckpt("repvgg")
     ),  # fmt: skip
     Probe(
-        "deploy disk full", "deploy.py", ["measure=false"], setup=_full_disk_deploy, root_only=True
+        "deploy disk full",
+        "deploy.py",
+        ["measure=false"],
+        setup=_full_disk_deploy,
+        root_only=True,
+        names="space",
     ),  # fmt: skip
 ]
 
@@ -377,7 +421,20 @@ def _env(root: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root), "HYDRA_FULL_ERROR": "0"}
 
 
-def classify(probe: Probe, tmp: Path, result: subprocess.CompletedProcess) -> str:
+NEUTRAL = {"measure=false", "onnx=false", "test=false", "deploy=false", "data=digits", "int8=true"}
+
+
+def _named(probe: Probe, extra: list[str]) -> str:
+    """What a clear refusal must name: ``probe.names``, else the key of the first override
+    that is the probe's own (not a shortening one), else of the setup's last (a file)."""
+    if probe.names is not None:
+        return probe.names
+    own = [o for o in probe.overrides if o not in SHORT and o not in NEUTRAL]
+    chosen = own[0] if own else extra[-1]
+    return chosen.split("=", 1)[0].lstrip("+")
+
+
+def classify(probe: Probe, tmp: Path, result: subprocess.CompletedProcess, extra: list[str]) -> str:
     out = (result.stdout + result.stderr).strip()
     if probe.user_file and not (tmp / probe.user_file).exists():
         return "data-loss"
@@ -398,6 +455,8 @@ def classify(probe: Probe, tmp: Path, result: subprocess.CompletedProcess) -> st
         errors = [i for i, line in enumerate(result.stderr.splitlines()) if ": error: " in line]
         lines = result.stderr.strip().splitlines()
         if not errors or errors[0] != len(lines) - 1:
+            return "traceback"
+        if probe.fails and _named(probe, extra) not in lines[-1]:
             return "traceback"
         return "clear" if probe.fails or probe.check is not None else "silent-wrong"
     return "clear"
@@ -425,9 +484,9 @@ def run_probe(probe: Probe, root: Path) -> tuple[str, str]:
                 proc.send_signal(signal.SIGTERM)
             stdout, stderr = proc.communicate(timeout=600)
             result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-            verdict = classify(probe, tmp, result)
+            verdict = classify(probe, tmp, result, extra)
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-            return verdict, f"exit {result.returncode}: {lines[-1][:150] if lines else ''}"
+            return verdict, f"exit {result.returncode}: {lines[-1][:400] if lines else ''}"
         finally:
             for folder in mounted:
                 subprocess.run(["umount", str(folder)], check=False)
