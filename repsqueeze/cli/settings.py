@@ -280,7 +280,7 @@ def _opset(value: Any, cfg: DictConfig) -> str | None:
 
 
 def _shape(value: Any, cfg: DictConfig) -> str | None:
-    if not value or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):  # fmt: skip
+    if not isinstance(value, list) or not value or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):  # fmt: skip
         return "give [C,H,W] as positive integers"
     return None
 
@@ -311,7 +311,7 @@ DEPLOY_SCHEMA = Schema(
         "overwrite": BOOL,
         "seed": Rule(type=int),
         "batch_size": Int(ge=1),
-        "input_shape": Rule(type=list, nullable=True, check=_shape),
+        "input_shape": Rule(nullable=True, check=_shape),
         "use_data": BOOL,
         "device": Rule(type=str, check=_device),
         **dict.fromkeys(["tol_float32", "tol_float64", "tol_export", "tol_onnx"], TOLERANCE),
