@@ -389,7 +389,7 @@ def test_script_full_error_shows_the_traceback(tmp_path):
     result = _train_script(tmp_path, "data.batch_size=0", HYDRA_FULL_ERROR="1")
     assert result.returncode == 1
     assert "Traceback" in result.stderr
-    assert "ConfigError: data.batch_size=0: must be a positive integer" in result.stderr
+    assert "SettingError: data.batch_size=0: must be a positive integer" in result.stderr
 
 
 # --- Hydra and Lightning conventions ----------------------------------------------------------
