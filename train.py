@@ -5,18 +5,19 @@
     python train.py -m model.net.block=plain,repvgg,dbb        # a sweep, compared at the end
     python train.py experiment=repvgg_cifar10 trainer=gpu data.download=true
     python train.py trainer=ddp_cpu trainer.devices=2
-    python train.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+    python train.py resume=true                                # continue the newest run, in its folder
 
 The run directory gets ``checkpoints/{best,last}.ckpt``, ``deployed.pt`` (the deployed
 network's weights plus its ``net_config``: ``repsqueeze.load_deployed`` rebuilds it without
 the training branches), ``metrics.json`` and ``train.log``. ``deploy.py`` turns a checkpoint
 into verified export formats.
 
-The configuration is checked before anything is trained: a mistake (``trainer.max_epochs=0``,
-a negative learning rate, missing data, ``model.net.in_channels`` that does not fit the data,
-...) is one line ``train.py: error: ...`` naming the override to change, and exit status 1
-(the full traceback with ``HYDRA_FULL_ERROR=1``). A run that fails before writing anything
-but Hydra's own files leaves no run folder behind.
+Every setting is checked against the schema (:mod:`repsqueeze.cli.settings`) before
+anything is trained, and every failure is one line ``train.py: error: ...`` naming the
+override or file to change, exit status 1 (143 after SIGTERM, with ``last.ckpt`` saved and
+``metrics.json`` saying so); the full traceback with ``HYDRA_FULL_ERROR=1``. A failed run's
+folder is removed when it holds only this run's logs, else kept and marked failed. See
+docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -240,7 +241,6 @@ def _interrupted(trainer: L.Trainer, err: SystemExit) -> RunInterrupted:
     message = f"training stopped by {what} at epoch {trainer.current_epoch}, step {trainer.global_step}; {where}"  # fmt: skip
     log.warning(message)
     error = RunInterrupted(message)
-    error.status = "interrupted"
     error.metrics = _metrics(trainer)
     error.trainer_callbacks = trainer.callbacks
     return error

@@ -39,6 +39,7 @@ class RunInterrupted(SettingError):
     ``last.ckpt``; exit status 143 (128 + SIGTERM), as the signal itself would give."""
 
     exit_code = 143
+    status = "interrupted"  # in metrics.json
 
 
 def literal(value: Any) -> str:
