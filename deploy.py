@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +43,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from repsqueeze import export, folders
 from repsqueeze.cli import runs  # noqa: F401  (registers ${run_id:} for the run folder)
+from repsqueeze.cli.errors import SettingError, full_error, report, run_main
+from repsqueeze.cli.schema import validate
+from repsqueeze.cli.settings import DEPLOY_SCHEMA, read_checkpoint
 from repsqueeze.convert import deploy
 from repsqueeze.folders import Target
 from repsqueeze.models import create_model
@@ -54,8 +55,8 @@ from repsqueeze.tables import table
 OWNER = "deploy.py"
 
 
-class DeployError(Exception):
-    """A problem the user can fix; reported as one line, exit status 1."""
+# A problem the user can fix: one line, exit status 1 (the command lines' one error family).
+DeployError = SettingError
 
 
 # --- the output folder -----------------------------------------------------------------------
@@ -87,34 +88,8 @@ def prepare_output(out_dir: Path, ckpt_path: Path, overwrite: bool) -> tuple[Tar
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The training-form network of a ``train.py`` checkpoint and its ``net_config``."""
     path = Path(path)
-    if not path.is_file():
-        raise DeployError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise DeployError(
-            f"{path}: cannot be loaded safely (weights_only): not a PyTorch checkpoint, or it "
-            "holds pickled Python objects, which are never run here"
-        ) from err
-    except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise DeployError(
-            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})"
-        ) from err
-    if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("repsqueeze.deployed"):
-        raise DeployError(
-            f"{path} is already deployed (a deployed.pt written by save_deployed): load it "
-            "with repsqueeze.load_deployed, or give deploy.py the training checkpoint "
-            "(checkpoints/*.ckpt)"
-        )
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise DeployError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    net_config = hparams.get("net_config") if isinstance(hparams, dict) else None
-    if not isinstance(net_config, dict):
-        raise DeployError(
-            f"{path}: no net_config in its hyper-parameters; was it written by train.py?"
-        )
+    ckpt = read_checkpoint(path)  # refuses missing, truncated, unsafe and deployed files
+    state, net_config = ckpt["state_dict"], ckpt["hyper_parameters"]["net_config"]
     for key in ("num_classes", "in_channels"):
         value = net_config.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -232,8 +207,7 @@ def write_deployed_pt(job: Job, path: Path) -> torch.Tensor:
 
 
 def write_pt2(job: Job, path: Path) -> torch.Tensor:
-    with export.atomic_path(path) as tmp:
-        torch.export.save(job.program, tmp)
+    export.save_atomic(path, lambda f: torch.export.save(job.program, f))
     return export.load_pt2(path)(job.x)
 
 
@@ -346,6 +320,7 @@ def run(cfg: DictConfig) -> dict:
     """The whole deploy step; returns the report. Raises :class:`DeployError`."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise DeployError("give the checkpoint: python deploy.py ckpt_path=PATH")
+    validate(cfg, DEPLOY_SCHEMA)  # every setting, before any work
     started = time.perf_counter()
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():  # before the default output folder beside it is made
@@ -461,24 +436,15 @@ def print_report(report: dict) -> None:
     print("\n".join(lines))
 
 
-def one_line(err: BaseException) -> str:
-    """The error as one line: a :class:`DeployError` as it is, anything else with its type."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, DeployError):
-        return text
-    return f"{type(err).__name__}: {text} (HYDRA_FULL_ERROR=1 shows the traceback)"
-
-
 def entry(cfg: DictConfig) -> int:
     """:func:`run` as the command line sees it: the exit status; a failure is one line on
     stderr (the traceback propagates when ``HYDRA_FULL_ERROR=1``)."""
     try:
         run(cfg)
     except Exception as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error():
             raise
-        print(f"deploy.py: error: {one_line(err)}", file=sys.stderr)
-        return 1
+        return report("deploy.py", err, "output_dir")
     return 0
 
 
@@ -490,4 +456,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "deploy.py", "output_dir")

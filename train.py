@@ -5,22 +5,24 @@
     python train.py -m model.net.block=plain,repvgg,dbb        # a sweep, compared at the end
     python train.py experiment=repvgg_cifar10 trainer=gpu data.download=true
     python train.py trainer=ddp_cpu trainer.devices=2
-    python train.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+    python train.py resume=true                                # continue the newest run, in its folder
 
 The run directory gets ``checkpoints/{best,last}.ckpt``, ``deployed.pt`` (the deployed
 network's weights plus its ``net_config``: ``repsqueeze.load_deployed`` rebuilds it without
 the training branches), ``metrics.json`` and ``train.log``. ``deploy.py`` turns a checkpoint
 into verified export formats.
 
-The configuration is checked before anything is trained: a mistake (``trainer.max_epochs=0``,
-a negative learning rate, missing data, ``model.net.in_channels`` that does not fit the data,
-...) is one line ``train.py: error: ...`` naming the override to change, and exit status 1
-(the full traceback with ``HYDRA_FULL_ERROR=1``). A run that fails before writing anything
-but Hydra's own files leaves no run folder behind.
+Every setting is checked against the schema (:mod:`repsqueeze.cli.settings`) before
+anything is trained, and every failure is one line ``train.py: error: ...`` naming the
+override or file to change, exit status 1 (143 after SIGTERM, with ``last.ckpt`` saved and
+``metrics.json`` saying so); the full traceback with ``HYDRA_FULL_ERROR=1``. A failed run's
+folder is removed when it holds only this run's logs, else kept and marked failed. See
+docs/configuration.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -36,11 +38,24 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from repsqueeze.cli import runs  # also registers ${run_id:} for the run folder
+from repsqueeze.cli.errors import (
+    RunInterrupted,
+    SettingError,
+    full_error,
+    literal,
+    one_line,
+    report,
+    run_main,
+)
+from repsqueeze.cli.schema import validate
+from repsqueeze.cli.settings import TRAIN_SCHEMA, last_checkpoint
 from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, latency_ms, save_deployed
@@ -48,8 +63,10 @@ from repsqueeze.tables import fmt, table
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
+FOLDER_SETTING = "paths.log_dir"  # the setting that moves a run's files (in error lines)
+LOG_FOLDERS = (".hydra", "csv", "tensorboard")  # a run's own logs (configs/logger/*)
 # metrics shown per job when a multirun ends (those a job has)
-COMPARED = ["val/acc_best", "test/acc", "test/acc_deployed", "test/max_logit_diff"]
+COMPARED = ["status", "val/acc_best", "test/acc", "test/acc_deployed", "test/max_logit_diff"]
 COMPARED += ["params", "params_deployed", "latency_ms", "latency_ms_deployed"]
 
 
@@ -69,7 +86,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ConfigError: a setting that cannot work, named as the override to change; raised
             before anything is trained.
     """
-    check_trainer(cfg)
+    validate(cfg, TRAIN_SCHEMA)  # every setting, before any work
+    _route_lightning_logs()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data, "data")
@@ -77,6 +95,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     fill_from_data(cfg, datamodule)
     model = _instantiate(cfg.model, "model")
     check_optimizer(cfg, model)
+    check_forward(cfg, model, datamodule)
     callbacks = [_instantiate(c, "callbacks") for c in _entries(cfg.get("callbacks"))]
     loggers = [_instantiate(c, "logger") for c in _entries(cfg.get("logger"))]
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -86,7 +105,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     net = cfg.model.net
     log.info(f"training {net.get('name')} ({net.get('block')} blocks) in {cfg.paths.output_dir}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SystemExit as err:  # SIGTERMException, or Lightning's exit after Ctrl-C
+        raise _interrupted(trainer, err) from err
     metrics = _metrics(trainer)
     _load_best(trainer, model)
     if cfg.get("test"):
@@ -100,27 +122,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        record = {**metrics, "status": "finished"}
+        (out / METRICS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         log.info(", ".join(f"{k} {fmt(v)}" for k, v in sorted(metrics.items())))
     objects = {"datamodule": datamodule, "model": model, "trainer": trainer, "deployed": deployed}
     return metrics, objects
 
 
 # --- checks before training ------------------------------------------------------------------
-
-
-def check_trainer(cfg: DictConfig) -> None:
-    """Refuses trainer settings under which nothing would be trained, and a missing resume
-    checkpoint."""
-    trainer = cfg.trainer
-    if not trainer.get("fast_dev_run"):  # fast_dev_run overrides the limits below
-        for key in ("max_epochs", "max_steps", "limit_train_batches"):
-            value = trainer.get(key)
-            if value is not None and not isinstance(value, bool) and value == 0:
-                raise ConfigError("nothing would be trained", f"trainer.{key}", value)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise ConfigError("no such checkpoint file", "ckpt_path", ckpt_path)
 
 
 def fill_from_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
@@ -152,9 +161,6 @@ def fill_from_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
 def check_optimizer(cfg: DictConfig, model: L.LightningModule) -> None:
     """Builds the optimizer and scheduler once, so that their arguments fail here."""
     optimizer = cfg.get("optimizer") or {}
-    lr = optimizer.get("lr")
-    if isinstance(lr, int | float) and lr < 0:
-        raise ConfigError("the learning rate must be >= 0", "optimizer.lr", lr)
     try:
         model.configure_optimizers()
     except (TypeError, ValueError) as err:
@@ -175,7 +181,69 @@ def _prepare(datamodule: L.LightningDataModule, test: bool) -> None:
         if test:
             datamodule.setup("test")
     except ConfigError as err:
-        raise ConfigError(err.render("data.", _literal)) from err
+        raise ConfigError(err.render("data.", literal)) from err
+    val_set = getattr(datamodule, "val_set", None)
+    if val_set is not None and len(val_set) == 0:
+        raise SettingError(
+            "the data has no validation samples: without them no best checkpoint is chosen "
+            "and the test and deploy check would run on the last weights; give the data a "
+            "validation split (data.val_fraction, data.val_size, or a root/val folder)",
+            "data",
+        )
+
+
+def check_forward(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:  # fmt: skip
+    """Runs a copy of the network in training mode on two training samples, so that a
+    network that cannot train on this data (``model.mode=online`` with BatchNorm in the
+    branches, an input too small for the stem, ...) fails here, not after the trainer starts.
+    Data modules without a ``train_set`` are not checked."""
+    dataset = getattr(datamodule, "train_set", None)
+    if dataset is None or len(dataset) < 2:
+        return
+    x = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(2)])  # (2, C, H, W)
+    net = copy.deepcopy(model.net).train()  # the model's own BatchNorm statistics stay
+    try:
+        with torch.no_grad():
+            net(x)
+    except (ValueError, RuntimeError, TypeError, IndexError) as err:
+        mode = cfg.model.get("mode")
+        key, value = ("model.mode", mode) if mode == "online" else ("model.net.name", cfg.model.net.name)  # fmt: skip
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SettingError(f"the network cannot train on this data: {reason}", key, value) from err
+
+
+def _route_lightning_logs() -> None:
+    """Sends Lightning's messages (the deploy check line, signal notices, ...) through the
+    root logger, so that Hydra's ``train.log`` holds them too; Lightning gave its loggers their
+    own console handler when it was imported, before Hydra set logging up."""
+    if not HydraConfig.initialized():
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def _interrupted(trainer: L.Trainer, err: SystemExit) -> RunInterrupted:
+    """The error for a fit stopped by SIGTERM or Ctrl-C; the last-checkpoint callback saved
+    ``last.ckpt`` first (``save_on_exception``)."""
+    what = "SIGTERM" if isinstance(err, SIGTERMException) else "an interrupt (Ctrl-C)"
+    folders = [
+        c.dirpath for c in trainer.checkpoint_callbacks if c.filename == "last" and c.dirpath
+    ]
+    path = Path(folders[0]) / "last.ckpt" if folders else None
+    if path is not None and path.is_file():
+        where = f"saved {path}; resume with ckpt_path={path} (or resume=true)"
+    else:
+        where = "no last.ckpt saved (callbacks.last_checkpoint saves it)"
+    message = f"training stopped by {what} at epoch {trainer.current_epoch}, step {trainer.global_step}; {where}"  # fmt: skip
+    log.warning(message)
+    error = RunInterrupted(message)
+    error.metrics = _metrics(trainer)
+    error.trainer_callbacks = trainer.callbacks
+    return error
 
 
 def _instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -186,7 +254,7 @@ def _instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, ConfigError):
-            message = cause.render(f"{group}.", _literal)
+            message = cause.render(f"{group}.", literal)
             raise ConfigError(message) from cause
         reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
         raise ConfigError(f"{group}: {reason.splitlines()[0]}") from err
@@ -202,13 +270,6 @@ def _choice(group: str) -> str | None:
     if not HydraConfig.initialized():
         return None
     return HydraConfig.get().runtime.choices.get(group)
-
-
-def _literal(value: Any) -> str:
-    """A value as a Hydra override writes it: ``true``, ``null``, ``0.1``, ``data/``."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    return str(value)
 
 
 # --- after training --------------------------------------------------------------------------
@@ -241,7 +302,8 @@ def _deploy_and_compare(
     save_deployed(deployed, out / "deployed.pt", model.hparams.net_config)
 
     size = getattr(datamodule, "image_size", None) or 32
-    x = torch.randn(1, datamodule.in_channels, size, size)
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn(1, datamodule.in_channels, size, size, dtype=dtype)  # float64 with precision=64
     summary = {
         "params": count_params(net),
         "params_deployed": count_params(deployed),
@@ -283,7 +345,8 @@ def compare_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 class CompareJobs(Callback):
     """Hydra callback: when a multirun ends, prints a table of every job's metrics (see
-    :func:`compare_jobs`) and writes it to ``comparison.md`` in the sweep folder."""
+    :func:`compare_jobs`) and writes it to ``comparison.md`` in the sweep folder; when a job
+    failed, says which, and exits with status 1."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -292,27 +355,26 @@ class CompareJobs(Callback):
             return
         (sweep_dir / "comparison.md").write_text(table(rows) + "\n")
         print(f"\n{len(rows)} jobs in {sweep_dir}\n{table(rows, markdown=False)}")
+        failed = [row["job"] for row in rows if row.get("status") not in (None, "finished")]
+        if failed:
+            print(
+                f"train.py: error: {len(failed)} of {len(rows)} jobs failed (jobs "
+                f"{', '.join(failed)}; each job's metrics.json holds its error)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 # --- entry point -----------------------------------------------------------------------------
 
 
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line; for an error a DataLoader worker re-raised (its
-    message then holds the worker's traceback), the original message."""
-    text = (err.render(literal=_literal) if isinstance(err, ConfigError) else str(err)).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
-
-
 def remove_if_empty(run_dir: Path, log_dir: Path | None = None) -> bool:
     """Removes a run folder that this run named (its name ends in this process's
     :func:`~repsqueeze.cli.runs.run_id`: a folder given with ``hydra.run.dir`` is never
-    removed) and that holds only Hydra's own files (``.hydra/``, ``*.log``) and empty
-    folders; anything else (a checkpoint, metrics) keeps it. Then removes the folders above it
-    that it leaves empty, up to ``log_dir`` (kept). Returns whether it removed it."""
+    removed) and that holds only this run's logs (``.hydra/``, ``*.log``, the loggers'
+    :data:`LOG_FOLDERS`) and empty folders; anything else (a checkpoint, metrics) keeps it.
+    Then removes the folders above it that it leaves empty, up to ``log_dir`` (kept).
+    Returns whether it removed it."""
     run_dir = run_dir.resolve()
     cwd = Path.cwd().resolve()
     if not run_dir.is_dir() or run_dir in (cwd, *cwd.parents):
@@ -321,7 +383,7 @@ def remove_if_empty(run_dir: Path, log_dir: Path | None = None) -> bool:
         return False
     for path in run_dir.rglob("*"):
         relative = path.relative_to(run_dir)
-        if path.is_dir() or relative.parts[0] == ".hydra":
+        if path.is_dir() or relative.parts[0] in LOG_FOLDERS:
             continue
         if len(relative.parts) == 1 and path.suffix == ".log":
             continue
@@ -335,21 +397,83 @@ def remove_if_empty(run_dir: Path, log_dir: Path | None = None) -> bool:
     return True
 
 
+def close_failed_run(run_dir: Path, log_dir: Path, err: BaseException, sweep: bool) -> None:
+    """After a failure: a run folder that holds nothing but logs is removed (see
+    :func:`remove_if_empty`; in a sweep it is kept, for the comparison to list the job);
+    any other is kept, with ``metrics.json`` saying how the run ended (``status``
+    ``failed`` or ``interrupted``, the one-line ``error``, and the metrics logged so far)."""
+    if not sweep and remove_if_empty(run_dir, log_dir):
+        return
+    if not run_dir.is_dir():
+        return
+    metrics = {**getattr(err, "metrics", {}), "status": getattr(err, "status", "failed")}
+    metrics["error"] = one_line(err, FOLDER_SETTING)
+    with contextlib.suppress(OSError):  # a full or read-only disk: the error line says so
+        (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Runs :func:`train`; returns ``cfg.optimized_metric`` (for Hydra's sweepers)."""
+    """Runs :func:`train`; returns ``cfg.optimized_metric`` (for Hydra's sweepers). A failure
+    is one line and exit status 1 (143 after SIGTERM); in a sweep (``-m``) the line names the
+    job and the sweep goes on (:class:`CompareJobs` reports the failed jobs and exits 1)."""
     try:
         metrics, _ = train(cfg)
     except BaseException as err:
+        hydra_cfg = HydraConfig.get()
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
         if os.environ.get("RANK", "0") == "0":
-            remove_if_empty(Path(HydraConfig.get().runtime.output_dir), Path(cfg.paths.log_dir))
-        if not isinstance(err, ConfigError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            close_failed_run(Path(hydra_cfg.runtime.output_dir), Path(cfg.paths.log_dir), err, sweep)  # fmt: skip
+        if full_error():
             raise
-        print(f"train.py: error: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        prog = f"train.py (job {hydra_cfg.job.num})" if sweep else "train.py"
+        status = report(prog, err, FOLDER_SETTING)
+        if sweep and not isinstance(err, KeyboardInterrupt):
+            return None
+        sys.exit(status)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """``argv`` with ``ckpt_path=last`` (or ``resume=true``) replaced by the newest
+    ``last.ckpt`` of this task's runs, and, when the checkpoint is in a run folder that
+    ``train.py`` made, that folder as the run folder (``hydra.run.dir``), with this run's
+    config saved beside the first one's in ``.hydra/resume-N``: the run continues where it
+    stopped, and its checkpoint callbacks find their own state (best score and path) again.
+    Unchanged for sweeps and when ``hydra.run.dir`` is given."""
+    args = argv[1:]
+    if any(a in ("-m", "--multirun") or a.startswith("hydra.run.dir=") for a in args):
+        return argv
+    given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    ckpt = given.get("ckpt_path")
+    resume = given.get("resume", "false").lower() == "true"
+    if ckpt in (None, "null") and not resume:
+        return argv
+    args = [a for a in args if not a.startswith(("ckpt_path=", "resume="))]
+    if ckpt in (None, "null", "last"):
+        found = _newest_last(args)
+        ckpt = str(found) if found is not None else "last"  # validation names what is missing
+    args.append(f"ckpt_path={ckpt}")
+    run_dir = Path(ckpt).resolve().parent.parent
+    if (run_dir / ".hydra" / "config.yaml").is_file():
+        n = 1 + sum(1 for _ in run_dir.glob(".hydra/resume-*"))
+        args += [f"hydra.run.dir='{run_dir}'", f"hydra.output_subdir=.hydra/resume-{n}"]
+    return [argv[0], *args]
+
+
+def _newest_last(overrides: list[str]) -> Path | None:
+    """The newest ``runs/*/checkpoints/last.ckpt`` of the task the overrides compose to."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(str(Path(__file__).parent / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+            return last_checkpoint(cfg.paths.log_dir, cfg.task_name)
+    except Exception:  # a bad override: Hydra reports it when it composes for the run
+        return None
+
+
 if __name__ == "__main__":
-    main()
+    sys.argv = resume_argv(sys.argv)
+    run_main(main, "train.py", FOLDER_SETTING)

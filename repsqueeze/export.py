@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import io
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +64,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_atomic(path: str | Path, write: Callable[[io.BytesIO], Any]) -> None:
+    """Writes what ``write(buffer)`` serializes to ``path`` atomically: into memory first,
+    then to disk from Python, so that a full disk is an ``OSError`` naming the file (PyTorch's
+    zip writer aborts the process when a write fails, e.g. ``torch.save`` on a full disk).
+
+    Args:
+        path: the file to (re)place.
+        write: e.g. ``lambda f: torch.save(obj, f)``.
+    """
+    buffer = io.BytesIO()
+    write(buffer)
+    with atomic_path(path) as tmp:
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+        except OSError as err:
+            err.filename = err.filename or str(path)
+            raise
 
 
 # --- checks on weights and architecture ------------------------------------------------------
@@ -192,8 +213,7 @@ def save_deployed(
         "state_dict": state,
         "extra": dict(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_atomic(path, lambda f: torch.save(payload, f))
 
 
 def load_deployed(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -371,8 +391,7 @@ def to_pt2(model: nn.Module, path: str | Path, example: Tensor) -> torch.export.
     """Writes ``model.pt2`` (:func:`export_program` saved with ``torch.export.save``)
     atomically; reload it with ``torch.export.load(path).module()``."""
     program = export_program(model, example)
-    with atomic_path(path) as tmp:
-        torch.export.save(program, tmp)
+    save_atomic(path, lambda f: torch.export.save(program, f))
     return program
 
 

@@ -142,9 +142,19 @@ class Classifier(LightningModule):
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == "val/acc")
 
     def on_train_start(self) -> None:
-        # The sanity-check validation must not count towards the best accuracy.
+        # The sanity-check validation must not count towards the best accuracy; a resumed
+        # run starts from the best its checkpoint had reached.
         self.val_metrics.reset()
         self.val_acc_best.reset()
+        best = self.__dict__.get("resumed_best")
+        if best is not None and best > float("-inf"):
+            self.val_acc_best.update(torch.tensor(best, device=self.device))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_acc_best"] = float(self.val_acc_best.max_value)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.__dict__["resumed_best"] = checkpoint.get("val_acc_best")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, self.train_metrics)

@@ -27,6 +27,8 @@ from PIL import Image
 
 import repsqueeze.lit
 from repsqueeze.cli import runs
+from repsqueeze.cli.schema import validate
+from repsqueeze.cli.settings import TRAIN_SCHEMA
 from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, load_deployed
@@ -203,12 +205,13 @@ def _refusal(compose_train, *overrides: str) -> str:
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: nothing would be trained"),
         ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches=0.0: nothing would be trained"),
         ("+trainer.max_steps=0", "trainer.max_steps=0: nothing would be trained"),
-        ("optimizer.lr=-0.1", "optimizer.lr=-0.1: the learning rate must be >= 0"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1: must be > 0"),
         ("data.batch_size=0", "data.batch_size=0: must be a positive integer"),
         ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
-        ("model.net.block=resnet", "model: ValueError: unknown block kind 'resnet'"),
+        ("model.net.block=resnet", "model.net.block=resnet: must be one of plain, repvgg"),
         ("+model.net.foo=1", "model: TypeError: digits_net got an unexpected keyword argument 'foo'"),
-        ("optimizer.weight_decay=-1", "torch.optim.AdamW (or the scheduler) refuses its arguments"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1: must be >= 0"),
+        ("+optimizer.betas=[0.9,2]", "torch.optim.AdamW (or the scheduler) refuses its arguments"),
         ("ckpt_path=missing.ckpt", "ckpt_path=missing.ckpt: no such checkpoint file"),
     ],
 )  # fmt: skip
@@ -217,7 +220,7 @@ def test_config_mistake_is_one_line(compose_train, override, expected):
 
 
 def test_fast_dev_run_with_zero_epochs_still_trains(compose_train):
-    train_script.check_trainer(compose_train("debug=fdr", "trainer.max_epochs=0"))
+    validate(compose_train("debug=fdr", "trainer.max_epochs=0", "scheduler=none"), TRAIN_SCHEMA)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +283,7 @@ def test_corrupt_image_is_named(compose_train, tmp_path):
     folder = _image_folder(tmp_path / "images", corrupt=True)
     cfg = compose_train(
         "data=imagefolder", f"data.root={folder}", "data.image_size=8", "data.batch_size=9",
-        "data.num_workers=1", "data.pin_memory=false", "data.val_fraction=0.0",
+        "data.num_workers=1", "data.pin_memory=false", "data.val_fraction=0.5",
         "trainer.max_epochs=1", "test=false", "deploy=false",
     )  # fmt: skip
     with pytest.raises(ConfigError) as info:
@@ -386,7 +389,7 @@ def test_script_full_error_shows_the_traceback(tmp_path):
     result = _train_script(tmp_path, "data.batch_size=0", HYDRA_FULL_ERROR="1")
     assert result.returncode == 1
     assert "Traceback" in result.stderr
-    assert "ConfigError: data.batch_size=0: must be a positive integer" in result.stderr
+    assert "SettingError: data.batch_size=0: must be a positive integer" in result.stderr
 
 
 # --- Hydra and Lightning conventions ----------------------------------------------------------
