@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import blocks, primitives
-from repsqueeze.algebra import ConvMap, Layout, Pad, chain, dense_kernel, layout, parallel
-from repsqueeze.primitives import STRUCTURE, Geometry, Precision
+from repsqueeze.algebra import ConvMap, Layout, Pad, chain, dense_kernel, grouped_layout, parallel
+from repsqueeze.primitives import Geometry, Precision
 
 MODES = ("chain", "online", "auto")
 AUTO_REPEATS = 3  # timed runs of each form per decision of mode="auto"
@@ -82,14 +82,8 @@ def plan(block: blocks.Squeezable, ndim: int) -> Plan:
         if found is not None:
             block._geometry_cache.clear()
             block._auto_cache.clear()
-        parts = block.named_parts()
-        head = block._online_head(parts)
-        c_in = block._in_channels()
-        if head == len(parts):
-            structure = blocks.node_map(block, c_in, ndim, "", STRUCTURE)
-        else:
-            structure = blocks.chain_map(parts[:head], c_in, ndim, "", STRUCTURE)
-        found = Plan(key, head, layout(structure))
+        head = block._online_head(block.named_parts())
+        found = Plan(key, head, block.layout(ndim, head))
         block._plans[ndim] = found
     return found
 
@@ -156,14 +150,17 @@ def term_of(node: nn.Module, c_in: int, path: str, ctx: _Ctx) -> Term:
     if isinstance(node, nn.Sequential):
         return _chain_of(list(node.named_children()), c_in, path, ctx)
     if isinstance(node, primitives.CONVS):
+        weight, bias = _conv_tensors(node, path, ctx.how)
         if _is_channel_scale(node):
-            return _per_channel(node.weight, node.bias, node.out_channels, ndim)
+            return _per_channel(weight, bias, node.out_channels, ndim)
         pad = primitives.conv_padding(node)
         return Term(
-            node.weight, None, node.bias, node.out_channels, node.groups, tuple(node.stride),
-            pad, tuple(node.dilation),
+            weight, None, bias, node.out_channels, node.groups, tuple(node.stride), pad,
+            tuple(node.dilation),
         )  # fmt: skip
     if isinstance(node, _BatchNorm):
+        if ctx.how.kind == "structure":  # the pattern of a per-channel map: a unit scale
+            return _per_channel(None, None, node.num_features, ndim)
         scale, shift = primitives.bn_affine(node, path, ctx.how)
         return _per_channel(scale.reshape(-1, *(1,) * (ndim + 1)), shift, len(scale), ndim)
     if isinstance(node, nn.Identity):
@@ -176,6 +173,19 @@ def term_of(node: nn.Module, c_in: int, path: str, ctx: _Ctx) -> Term:
         )
         return Term(weight, None, None, c_in, c_in, geo.stride, geo.pad, (1,) * ndim)
     return _from_map(blocks.node_map(node, c_in, ndim, path, ctx.how))  # generic, dense
+
+
+def _conv_tensors(conv: nn.Module, path: str, how: Precision) -> tuple[Tensor, Tensor | None]:
+    """A conv's ``(weight, bias)`` as ``how`` says: the parameters (``live``), detached
+    ``how.dtype`` copies (``exact``) or indicator ones and no bias (``structure``)."""
+    if how.kind == "live":
+        return conv.weight, conv.bias
+    kw = {"dtype": how.dtype, "device": how.device}
+    if how.kind == "structure":
+        return torch.ones(conv.weight.shape, **kw), None
+    weight = primitives.value_of(conv, path, "weight", how).to(**kw)
+    bias = primitives.value_of(conv, path, "bias", how).to(**kw) if conv.bias is not None else None
+    return weight, bias
 
 
 def _chain_of(parts: list[tuple[str, nn.Module]], c_in: int, path: str, ctx: _Ctx) -> Term:
@@ -346,6 +356,13 @@ def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
         w = F.pad(w, widths) if any(widths) else w
         weight = w if weight is None else weight + w
     return Term(weight, None, bias, channels, groups, terms[0].stride, pad, tuple(dilation))
+
+
+def term_layout(t: Term, c_in: int, ctx: _Ctx) -> Layout:
+    """The layout of a structural term (indicator weights), read from its grouped form."""
+    channels = t.channels or c_in
+    t = _as_kernel(t, channels, channels, ctx)  # a per-channel map is depthwise
+    return grouped_layout(t.weight, t.groups, t.dilation, t.stride, t.pad)
 
 
 def pack(t: Term, lay: Layout, c_in: int, ctx: _Ctx) -> tuple[Tensor, Tensor | None]:
