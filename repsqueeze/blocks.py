@@ -21,6 +21,7 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import replace
@@ -821,7 +822,7 @@ def squeeze_all(named: list[tuple[str, Squeezable]]) -> list[nn.Module]:
         convs.append(conv)
         if composite:  # (none on the meta device: no values to check)
             tensors += [t for t in (*block.parameters(), *block.buffers()) if t.is_floating_point()]
-            tensors += [*composite, *conv.parameters()]
+            tensors += [*conv.parameters()]  # the cast composite: non-finite if it was
     if primitives.all_finite(tensors):
         return convs
     for i, (path, block) in enumerate(named):
@@ -830,6 +831,34 @@ def squeeze_all(named: list[tuple[str, Squeezable]]) -> list[nn.Module]:
         except ValueError as err:  # the block's message names layers inside it: add where
             raise ValueError(f"{path}: {err}" if path else str(err)) from err
     return convs
+
+
+def deploy_blocks(
+    model: nn.Module, named: list[tuple[str, Squeezable]], inplace: bool
+) -> nn.Module:
+    """``model`` with the given blocks of it deployed (:func:`squeeze_all`: all checked before
+    anything changes).
+
+    Args:
+        model: the model holding the blocks.
+        named: ``(path, block)`` of blocks of ``model``, none inside another.
+        inplace: deploy them in ``model``; else in a deep copy of ``model`` that never copies
+            the children of these blocks (the convolutions replace them).
+    """
+    convs = squeeze_all(named)
+    if inplace:
+        for (_, block), conv in zip(named, convs, strict=True):
+            block._become(conv)
+        return model
+    memo: dict[int, object] = {}
+    geos = []
+    for _, block in named:
+        geos.append(block.geometry(block._require_ndim()))
+        memo[id(getattr(block, block._children_attr))] = nn.ModuleList()
+    model = copy.deepcopy(model, memo)
+    for (_, block), conv, geo in zip(named, convs, geos, strict=True):
+        memo[id(block)]._become(conv, geo)
+    return model
 
 
 def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, tuple[Tensor, ...]]:

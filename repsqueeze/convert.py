@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, SqueezableBlock
+from repsqueeze.blocks import Squeezable, SqueezableBlock, deploy_blocks
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.
@@ -43,10 +43,19 @@ def deploy(model: nn.Module, inplace: bool = False, unwrap: bool = False) -> nn.
         itself returned a replacement; with ``unwrap``, the bare convolution when ``model`` is
         itself a block).
     """
-    if not inplace:
-        model = copy.deepcopy(model)
-    model = _deploy_tree(model, "")
+    model = deploy_blocks(model, _top_blocks(model, ""), inplace)
+    model = _deploy_tree(model, "")  # other libraries' blocks; ours are deployed already
     return _unwrap(model) if unwrap else model
+
+
+def _top_blocks(module: nn.Module, path: str) -> list[tuple[str, Squeezable]]:
+    """``(path, block)`` of the outermost blocks of ours not deployed yet, in model order."""
+    if isinstance(module, Squeezable):
+        return [] if module.deployed else [(path, module)]
+    found = []
+    for name, child in module.named_children():
+        found += _top_blocks(child, f"{path}.{name}" if path else name)
+    return found
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -183,8 +183,10 @@ def _conv_tensors(conv: nn.Module, path: str, how: Precision) -> tuple[Tensor, T
     kw = {"dtype": how.dtype, "device": how.device}
     if how.kind == "structure":
         return torch.ones(conv.weight.shape, **kw), None
-    weight = primitives.value_of(conv, path, "weight", how).to(**kw)
-    bias = primitives.value_of(conv, path, "bias", how).to(**kw) if conv.bias is not None else None
+    # copies (even when already float64): the exact algebra may then add into them in place
+    weight = primitives.value_of(conv, path, "weight", how).to(**kw, copy=True)
+    bias = conv.bias
+    bias = primitives.value_of(conv, path, "bias", how).to(**kw) if bias is not None else None
     return weight, bias
 
 
@@ -262,7 +264,9 @@ def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
         if a.weight is None:
             scale = b.scale if a.scale is None else a.scale * b.scale
             return replace(a, scale=scale, bias=_add(bias, b.bias), channels=len(b.scale))
-        return replace(a, weight=a.weight * b.scale, bias=_add(bias, b.bias))
+        # exact-mode kernels are fresh copies (see _conv_tensors): scaled in place
+        weight = a.weight * b.scale if ctx.how.kind == "live" else a.weight.mul_(b.scale)
+        return replace(a, weight=weight, bias=_add(bias, b.bias))
     bias = b.bias
     if a.bias is not None:
         bias = _add(bias, bias_through(b.weight, b.groups, a.bias))
@@ -348,14 +352,32 @@ def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
         w = _as_kernel(t, channels, groups, ctx).weight
         key = (tuple(w.shape[2:]), tuple(o // dil for o, dil in zip(offset, dilation, strict=True)))
         placed[key] = w if key not in placed else placed[key] + w
-    weight = None
-    for (kernel, start), w in placed.items():
-        widths = []
-        for k, s, n in zip(reversed(kernel), reversed(start), reversed(size), strict=True):
-            widths += [s, n - s - k]
-        w = F.pad(w, widths) if any(widths) else w
-        weight = w if weight is None else weight + w
+    if ctx.how.kind == "live":  # out of place, for autograd and torch.compile
+        weight = None
+        for (kernel, start), w in placed.items():
+            widths = []
+            for k, s, n in zip(reversed(kernel), reversed(start), reversed(size), strict=True):
+                widths += [s, n - s - k]
+            w = F.pad(w, widths) if any(widths) else w
+            weight = w if weight is None else weight + w
+    else:  # the smaller kernels added into the full-window one, in place (exact-mode
+        # kernels are never the parameters themselves: see _conv_tensors)
+        full = next((w for (k, _), w in placed.items() if k == size), None)
+        shape = (*next(iter(placed.values())).shape[:2], *size)
+        weight = full if full is not None else full_zeros(shape, ctx)
+        for (kernel, start), w in placed.items():
+            if w is not full:
+                where = (
+                    slice(None),
+                    slice(None),
+                    *(slice(s, s + k) for s, k in zip(start, kernel, strict=True)),
+                )
+                weight[where] += w
     return Term(weight, None, bias, channels, groups, terms[0].stride, pad, tuple(dilation))
+
+
+def full_zeros(shape: tuple[int, ...], ctx: _Ctx) -> Tensor:
+    return torch.zeros(shape, dtype=ctx.how.dtype, device=ctx.how.device)
 
 
 def term_layout(t: Term, c_in: int, ctx: _Ctx) -> Layout:

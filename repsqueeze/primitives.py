@@ -153,7 +153,7 @@ def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, how: Precision
         if how.kind == "structure":
             weight, bias = torch.ones(layer.weight.shape, **kw), None
         else:
-            weight = value_of(layer, path, "weight", how).to(**kw)
+            weight = value_of(layer, path, "weight", how).to(**kw, copy=True)
             bias = value_of(layer, path, "bias", how).to(**kw) if layer.bias is not None else None
         bias = torch.zeros(geo.c_out, **kw) if bias is None else bias
         return ConvMap(
@@ -221,16 +221,22 @@ def value_of(layer: nn.Module, path: str, attr: str, how: Precision) -> Tensor:
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every value of every tensor is finite: one fused max-norm and one
-    host-device synchronisation per dtype and device, not one per tensor."""
-    groups: dict[tuple, list[Tensor]] = {}
+    """Whether every value of every tensor is finite, with one host-device synchronisation
+    per device, not one per tensor.
+
+    A sum is non-finite when any term is (``inf - inf`` is ``nan``); a sum of finite values
+    can overflow, so ``False`` means "maybe": callers then check tensor by tensor to name
+    the offending one.
+    """
+    sums: dict[tuple, list[Tensor]] = {}
     for t in tensors:
-        if t.numel():
-            groups.setdefault((t.dtype, t.device), []).append(t)
-    return all(
-        bool(torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all())
-        for ts in groups.values()
-    )
+        wide = torch.float32 if t.element_size() < 4 else t.dtype  # float16/bfloat16
+        sums.setdefault((t.device, wide), []).append(t.sum(dtype=wide))
+    flags = {}
+    for (device, _), s in sums.items():
+        flag = torch.stack(s).isfinite().all()
+        flags[device] = flag if device not in flags else flags[device] & flag
+    return all(bool(f) for f in flags.values())
 
 
 def uses_batch_stats(bn: _BatchNorm) -> bool:
