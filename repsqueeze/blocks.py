@@ -861,6 +861,19 @@ def deploy_blocks(
     return model
 
 
+def composite(block: Squeezable) -> tuple[Tensor, Tensor]:
+    """The float64 ``(weight, bias)`` of the block's squeezed convolution (in the layout of
+    :meth:`Squeezable.layout`), checked tensor by tensor; a deployed block's own."""
+    if block.deployed:
+        conv = block.conv
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        return conv.weight.detach().double(), bias.detach().to(conv.weight.device).double()
+    ndim, c_in = block._require_ndim(), block._in_channels()
+    ctx = online._Ctx(ndim, Precision("exact", torch.float64, primitives.device_of(block)))
+    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), block.layout(ndim), c_in, ctx)
+    return weight, bias if bias is not None else weight.new_zeros(weight.shape[0])
+
+
 def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, tuple[Tensor, ...]]:
     """``(conv, (float64 weight, bias))``; ``check``: per-tensor checks, named errors."""
     ndim = block._require_ndim()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, SqueezableBlock, deploy_blocks
+from repsqueeze.blocks import Squeezable, SqueezableBlock, composite, deploy_blocks
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.
@@ -450,13 +450,12 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
     Raises:
         ValueError: when the module ``expand`` left in place of a norm is gone.
     """
-    if not inplace:
-        model = copy.deepcopy(model)
     blocks, rests = {}, {}
     for path, m in model.named_modules():
         origin = getattr(m, ORIGIN, None)
         if isinstance(origin, Origin):
             (blocks if isinstance(m, Squeezable) else rests)[id(origin)] = (path, m)
+    replaced: list[tuple[str, nn.Module, nn.Module]] = []  # (path, old, new)
     for key, (path, block) in blocks.items():
         if key not in rests:
             raise ValueError(
@@ -464,23 +463,29 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
                 "expand() left in place of its BatchNorm is no longer in the model"
             )
         rest_path, rest = rests[key]
-        conv, norm = _contracted(block, getattr(block, ORIGIN), rest)
-        model.set_submodule(path, conv)
-        model.set_submodule(rest_path, norm)
-    return model
+        conv, norm = _contracted(block, getattr(block, ORIGIN), rest, copy_rest=not inplace)
+        replaced += [(path, block, conv), (rest_path, rest, norm)]
+    if inplace:
+        for path, _, new in replaced:
+            model.set_submodule(path, new)
+        return model
+    # a copy in which the replaced modules are never copied: the new ones take their place
+    return copy.deepcopy(model, {id(old): new for _, old, new in replaced})
 
 
-def _contracted(block: Squeezable, origin: Origin, rest: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _contracted(
+    block: Squeezable, origin: Origin, rest: nn.Module, copy_rest: bool
+) -> tuple[nn.Module, nn.Module]:
     device, dtype = primitives.device_of(block), block._dtype()
     ref = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)  # main path's
     if ref is None:  # deployed already: unit statistics
         ref = nn.BatchNorm1d(origin.norm.num_features, eps=origin.norm.eps).eval()
-    squeezed = copy.deepcopy(block).double().squeeze()  # float64 values, cast once below
+    weight, bias = composite(block)  # float64, cast once below
     conv = copy.deepcopy(origin.conv).to_empty(device=device).to(dtype)
     norm = copy.deepcopy(origin.norm).to_empty(device=device).to(dtype)
-    split_into(squeezed.weight, squeezed.bias, ref, conv, norm)
+    split_into(weight, bias, ref, conv, norm)
     for name, child in rest.named_children():  # timm's drop / act: the trained modules
-        setattr(norm, name, child)
+        setattr(norm, name, copy.deepcopy(child) if copy_rest else child)
     return conv.train(block.training), norm.train(block.training)
 
 
