@@ -160,13 +160,14 @@ def variants(quick: bool) -> tuple[dict[str, Row], list[str]]:
     """``{row: (model, form, (build, deploy))}`` and notes on the rows skipped."""
     classes = 10 if quick else 1000
     name = "repvgg_a0"
-    ours = "resnet20_cifar" if quick else name
+    ours = "digits_net" if quick else name
     rows: dict[str, Row] = {}
     kinds = KINDS[:2] if quick else KINDS
     for kind in kinds:
 
         def build(kind=kind) -> nn.Module:
-            return randomize_bn(create_model(ours, block=kind, num_classes=classes))
+            extra = {"in_channels": 1} if quick else {}
+            return randomize_bn(create_model(ours, block=kind, num_classes=classes, **extra))
 
         in_place = (build, lambda m: rs.deploy(m, inplace=True))
         rows[f"repsqueeze {kind}"] = (ours, "in place", in_place)
@@ -236,11 +237,16 @@ def bench_a0(quick: bool, rounds: int) -> tuple[list[dict], list[str]]:
 
 
 def bench_resnet50(quick: bool, rounds: int) -> list[dict]:
-    """``rs.deploy`` and ``rs.contract`` of an expanded torchvision ResNet-50 (18 quick)."""
+    """``rs.deploy`` and ``rs.contract`` of an expanded torchvision ResNet-50 (quick: two
+    torchvision conv-BN-ReLU layers)."""
     import torchvision
 
-    name = "resnet18" if quick else "resnet50"
-    model = randomize_bn(rs.expand(getattr(torchvision.models, name)(num_classes=10)))
+    if quick:
+        name, layer = "two conv-BN-ReLU", torchvision.ops.Conv2dNormActivation
+        plain = nn.Sequential(layer(3, 8), layer(8, 8))
+    else:
+        name, plain = "resnet50", torchvision.models.resnet50()
+    model = randomize_bn(rs.expand(plain))
     fns = {"rs.deploy": rs.deploy, "rs.contract": rs.contract}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds + 1):
