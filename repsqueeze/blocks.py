@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -816,21 +816,47 @@ def squeeze_all(named: list[tuple[str, Squeezable]]) -> list[nn.Module]:
     Args:
         named: ``(path, block)`` pairs; ``path`` is prefixed to a block's error.
     """
-    convs, tensors = [], []
+    return _checked(named, _squeezed)
+
+
+def composites(named: list[tuple[str, Squeezable]]) -> list[tuple[Tensor, Tensor]]:
+    """The float64 ``(weight, bias)`` of each block's squeezed convolution (in the layout of
+    :meth:`Squeezable.layout`; a deployed block's own), checked as in :func:`squeeze_all`."""
+    return _checked(named, _composite)
+
+
+def _checked(named: list[tuple[str, Squeezable]], build: Callable) -> list:
+    """``build(block, check=False)`` of every block, then one check of all the tensors read
+    and made; when it fails, ``build(block, check=True)`` block by block names the layer."""
+    results, tensors = [], []
     for _, block in named:
-        conv, composite = _squeezed(block, check=False)
-        convs.append(conv)
-        if composite:  # (none on the meta device: no values to check)
+        result, made = build(block, check=False)
+        results.append(result)
+        if made:  # (none on the meta device: no values to check)
             tensors += [t for t in (*block.parameters(), *block.buffers()) if t.is_floating_point()]
-            tensors += [*conv.parameters()]  # the cast composite: non-finite if it was
+            tensors += made
     if primitives.all_finite(tensors):
-        return convs
+        return results
     for i, (path, block) in enumerate(named):
         try:
-            convs[i] = _squeezed(block, check=True)[0]
+            results[i] = build(block, check=True)[0]
         except ValueError as err:  # the block's message names layers inside it: add where
             raise ValueError(f"{path}: {err}" if path else str(err)) from err
-    return convs
+    return results
+
+
+def _composite(block: Squeezable, check: bool) -> tuple[tuple[Tensor, Tensor], list[Tensor]]:
+    if block.deployed:
+        conv = block.conv
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        pair = conv.weight.detach().double(), bias.detach().to(conv.weight.device).double()
+        return pair, list(pair)
+    ndim, c_in = block._require_ndim(), block._in_channels()
+    how = Precision("exact", torch.float64, primitives.device_of(block), check=check)
+    ctx = online._Ctx(ndim, how)
+    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), block.layout(ndim), c_in, ctx)
+    bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    return (weight, bias), [weight, bias]
 
 
 def deploy_blocks(
@@ -861,34 +887,21 @@ def deploy_blocks(
     return model
 
 
-def composite(block: Squeezable) -> tuple[Tensor, Tensor]:
-    """The float64 ``(weight, bias)`` of the block's squeezed convolution (in the layout of
-    :meth:`Squeezable.layout`), checked tensor by tensor; a deployed block's own."""
-    if block.deployed:
-        conv = block.conv
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
-        return conv.weight.detach().double(), bias.detach().to(conv.weight.device).double()
-    ndim, c_in = block._require_ndim(), block._in_channels()
-    ctx = online._Ctx(ndim, Precision("exact", torch.float64, primitives.device_of(block)))
-    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), block.layout(ndim), c_in, ctx)
-    return weight, bias if bias is not None else weight.new_zeros(weight.shape[0])
-
-
-def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, tuple[Tensor, ...]]:
-    """``(conv, (float64 weight, bias))``; ``check``: per-tensor checks, named errors."""
+def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, list[Tensor]]:
+    """``(conv, its tensors)``; ``check``: per-tensor checks, named errors."""
     ndim = block._require_ndim()
     c_in = block._in_channels()
     lay = block.layout(ndim)
     device, dtype, mode = primitives.device_of(block), block._dtype(), block._padding_mode()
     fmt = memory_format_of(block)
     if device.type == "meta":  # no values: the architecture alone, from the structure
-        return conv_of(lay, mode, dtype, device, memory_format=fmt), ()
+        return conv_of(lay, mode, dtype, device, memory_format=fmt), []
     ctx = online._Ctx(ndim, Precision("exact", torch.float64, device, check=check))
     weight, bias = online.pack(online.term_of(block, c_in, "", ctx), lay, c_in, ctx)
     conv = conv_of(lay, mode, dtype, device, weight, bias, fmt)
     if check:
         _check_cast(block, conv, weight, bias)
-    return conv, (weight,) if bias is None else (weight, bias)
+    return conv, [conv.weight, conv.bias]  # the cast composite: non-finite if it was
 
 
 def _check_cast(block: Squeezable, conv: nn.Module, weight: Tensor, bias: Tensor | None) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, SqueezableBlock, composite, deploy_blocks
+from repsqueeze.blocks import Squeezable, SqueezableBlock, composites, deploy_blocks
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.
@@ -455,15 +455,18 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
         origin = getattr(m, ORIGIN, None)
         if isinstance(origin, Origin):
             (blocks if isinstance(m, Squeezable) else rests)[id(origin)] = (path, m)
-    replaced: list[tuple[str, nn.Module, nn.Module]] = []  # (path, old, new)
     for key, (path, block) in blocks.items():
         if key not in rests:
             raise ValueError(
                 f"contract: {path} ({type(block).__name__}) was made by expand(), but the module "
                 "expand() left in place of its BatchNorm is no longer in the model"
             )
+    values = composites(list(blocks.values()))  # float64, all checked at once
+    replaced: list[tuple[str, nn.Module, nn.Module]] = []  # (path, old, new)
+    for (key, (path, block)), (weight, bias) in zip(blocks.items(), values, strict=True):
         rest_path, rest = rests[key]
-        conv, norm = _contracted(block, getattr(block, ORIGIN), rest, copy_rest=not inplace)
+        origin = getattr(block, ORIGIN)
+        conv, norm = _contracted(block, origin, rest, weight, bias, copy_rest=not inplace)
         replaced += [(path, block, conv), (rest_path, rest, norm)]
     if inplace:
         for path, _, new in replaced:
@@ -474,13 +477,17 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def _contracted(
-    block: Squeezable, origin: Origin, rest: nn.Module, copy_rest: bool
+    block: Squeezable,
+    origin: Origin,
+    rest: nn.Module,
+    weight: Tensor,
+    bias: Tensor,
+    copy_rest: bool,
 ) -> tuple[nn.Module, nn.Module]:
     device, dtype = primitives.device_of(block), block._dtype()
     ref = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)  # main path's
     if ref is None:  # deployed already: unit statistics
         ref = nn.BatchNorm1d(origin.norm.num_features, eps=origin.norm.eps).eval()
-    weight, bias = composite(block)  # float64, cast once below
     conv = copy.deepcopy(origin.conv).to_empty(device=device).to(dtype)
     norm = copy.deepcopy(origin.norm).to_empty(device=device).to(dtype)
     split_into(weight, bias, ref, conv, norm)

@@ -346,38 +346,58 @@ def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
         m = parallel([_to_map(t, channels, ctx) for t in terms])
         return _from_map(m)
     size = tuple((e - 1) // dil + 1 for e, dil in zip(extent, dilation, strict=True))
-    # sum the kernels of one size and place first, then pad each sum once into the window
+    starts = [tuple(o // dil for o, dil in zip(off, dilation, strict=True)) for off in offsets]
+    if ctx.how.kind != "live":
+        weight = _sum_in_place(terms, starts, size, channels, groups, ctx)
+        return Term(weight, None, bias, channels, groups, terms[0].stride, pad, tuple(dilation))
+    # out of place, for autograd and torch.compile: sum the kernels of one size and place
+    # first, then pad each sum once into the window
     placed: dict[tuple, Tensor] = {}
-    for t, offset in zip(terms, offsets, strict=True):
+    for t, start in zip(terms, starts, strict=True):
         w = _as_kernel(t, channels, groups, ctx).weight
-        key = (tuple(w.shape[2:]), tuple(o // dil for o, dil in zip(offset, dilation, strict=True)))
+        key = (tuple(w.shape[2:]), start)
         placed[key] = w if key not in placed else placed[key] + w
-    if ctx.how.kind == "live":  # out of place, for autograd and torch.compile
-        weight = None
-        for (kernel, start), w in placed.items():
-            widths = []
-            for k, s, n in zip(reversed(kernel), reversed(start), reversed(size), strict=True):
-                widths += [s, n - s - k]
-            w = F.pad(w, widths) if any(widths) else w
-            weight = w if weight is None else weight + w
-    else:  # the smaller kernels added into the full-window one, in place (exact-mode
-        # kernels are never the parameters themselves: see _conv_tensors)
-        full = next((w for (k, _), w in placed.items() if k == size), None)
-        shape = (*next(iter(placed.values())).shape[:2], *size)
-        weight = full if full is not None else full_zeros(shape, ctx)
-        for (kernel, start), w in placed.items():
-            if w is not full:
-                where = (
-                    slice(None),
-                    slice(None),
-                    *(slice(s, s + k) for s, k in zip(start, kernel, strict=True)),
-                )
-                weight[where] += w
+    weight = None
+    for (kernel, start), w in placed.items():
+        widths = []
+        for k, s, n in zip(reversed(kernel), reversed(start), reversed(size), strict=True):
+            widths += [s, n - s - k]
+        w = F.pad(w, widths) if any(widths) else w
+        weight = w if weight is None else weight + w
     return Term(weight, None, bias, channels, groups, terms[0].stride, pad, tuple(dilation))
 
 
-def full_zeros(shape: tuple[int, ...], ctx: _Ctx) -> Tensor:
-    return torch.zeros(shape, dtype=ctx.how.dtype, device=ctx.how.device)
+def _sum_in_place(
+    terms: list[Term],
+    starts: list[tuple[int, ...]],
+    size: tuple[int, ...],
+    channels: int,
+    groups: int,
+    ctx: _Ctx,
+) -> Tensor:
+    """The kernels of aligned terms summed in place into one ``groups``-grouped kernel of
+    ``size`` (each at its start), per-channel terms added onto its diagonal: no dense
+    diagonal, no padded copies. Only for exact mode, whose kernels are fresh copies (see
+    :func:`_conv_tensors`), never the parameters themselves."""
+    kernels = [(t.weight, s) for t, s in zip(terms, starts, strict=True) if t.weight is not None]
+    weight = next((w for w, s in kernels if tuple(w.shape[2:]) == size), None)
+    if weight is not None and not weight.is_contiguous():  # (viewed per group below)
+        weight = weight.contiguous()
+    if weight is None:
+        shape = (*kernels[0][0].shape[:2], *size)
+        weight = torch.zeros(shape, dtype=ctx.how.dtype, device=ctx.how.device)
+    first = next((w for w, s in kernels if tuple(w.shape[2:]) == size), None)
+    for w, start in kernels:
+        if w is not first:
+            where = tuple(slice(s, s + k) for s, k in zip(start, w.shape[2:], strict=True))
+            weight[(slice(None), slice(None), *where)] += w
+    n = channels // groups
+    for t, start in zip(terms, starts, strict=True):
+        if t.weight is None:  # x -> scale * x: the diagonal of each group's block, one tap
+            taps = weight.view(groups, n, n, *size)[(slice(None), slice(None), slice(None), *start)]
+            diagonal = torch.diagonal(taps, dim1=1, dim2=2)  # (groups, n), a view
+            diagonal += 1.0 if t.scale is None else t.scale.reshape(groups, n)
+    return weight
 
 
 def term_layout(t: Term, c_in: int, ctx: _Ctx) -> Layout:
