@@ -16,8 +16,9 @@ fresh copy of its model built outside the timed region):
   ``owner+name/repo`` git folders); a repository that is not there is skipped with a note;
 * a torchvision ResNet-50 expanded with ``rs.expand``: ``rs.deploy`` and ``rs.contract``.
 
-Figures: median seconds with the interquartile range, and the ratio to timm's row of the
-same form (median of the per-round ratios, with their interquartile range).
+Figures: median seconds with the interquartile range, the ratio to timm's row of the same
+form and, for the kinds that have one, to the official fusion of the same kind (medians of
+the per-round ratios, with their interquartile ranges).
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ OFFICIAL = {
         "JUGGHM+OREPA_CVPR2022",
         ["blocks.py", "basic.py", "dbb_transforms.py"],
     ),
+}
+
+# the official fusion of the same block kind, for the "x official" ratio
+PEERS = {
+    "repsqueeze repvgg (copy)": "official RepVGG repvgg_model_convert",
+    "repsqueeze acb": "official ACNet switch_to_deploy",
+    "repsqueeze dbb": "official DBB switch_to_deploy",
 }
 
 Variant = tuple[Callable[[], nn.Module], Callable[[nn.Module], object]]
@@ -229,9 +237,10 @@ def bench_a0(quick: bool, rounds: int) -> tuple[list[dict], list[str]]:
         median, iqr = _quartiles(times[key])
         ref = TIMM if form == "in place" else f"{TIMM} (copy)"
         row = {"model": model, "variant": key, "form": form, "s": median, "IQR s": iqr}
-        if ref in times:
-            ratios = [a / b for a, b in zip(times[key], times[ref], strict=True)]
-            row["x timm"], row["IQR x"] = _quartiles(ratios)
+        for column, other in (("x timm", ref), ("x official", PEERS.get(key))):
+            if other in times:
+                ratios = [a / b for a, b in zip(times[key], times[other], strict=True)]
+                row[column], row[f"IQR {column}"] = _quartiles(ratios)
         out.append(row)
     return out, notes
 
@@ -291,9 +300,9 @@ def markdown(results: dict) -> str:
     notes = "".join(f"\n- {n}" for n in results["notes"])
     return (
         f"# Deploy time\n\n`{command}`; torch {env['torch']}; CPU, 1 thread; "
-        f"{env['rounds']} interleaved rounds; medians with interquartile ranges, ratios to "
-        f"timm's row of the same form.\n\n{table(results['deploy'])}\n"
-        + (f"\nSkipped:{notes}\n" if notes else "")
+        f"{env['rounds']} interleaved rounds; medians with interquartile ranges; ratios to "
+        f"timm's row of the same form and to the official fusion of the same kind.\n\n"
+        f"{table(results['deploy'])}\n" + (f"\nSkipped:{notes}\n" if notes else "")
     )
 
 
