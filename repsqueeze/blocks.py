@@ -147,12 +147,12 @@ class Squeezable(nn.Module):
         key = (key, ndim, head) if key is not None else None
         found = _LAYOUTS.get(key) if key is not None else None
         if found is None:
-            ctx = online._Ctx(ndim, STRUCTURE)
+            ctx = online.Ctx(ndim, STRUCTURE)
             c_in = self._in_channels()
             if head == len(parts):
                 term = online.term_of(self, c_in, "", ctx)
             else:
-                term = online._chain_of(parts[:head], c_in, "", ctx)
+                term = online.chain_of(parts[:head], c_in, "", ctx)
             found = online.term_layout(term, c_in, ctx)
             if key is not None:
                 if len(_LAYOUTS) >= _LAYOUTS_KEPT:
@@ -787,21 +787,26 @@ def structure_key(block: Squeezable) -> tuple | None:
             )  # fmt: skip
         else:
             extra = ()
+        extra = tuple(tuple(v) if isinstance(v, list) else v for v in extra)  # hashable
         key.append((type(m), len(m._modules), *extra))
     return tuple(key)
 
 
 def memory_format_of(block: nn.Module) -> torch.memory_format:
-    """``torch.channels_last`` (``_3d``) when a conv weight of the block is stored that way,
-    else ``torch.contiguous_format``."""
+    """``torch.channels_last`` (``_3d``) when a conv weight of the block is stored that way
+    (a 1x1 kernel too: by its strides), else ``torch.contiguous_format``."""
     for m in block.modules():
         w = getattr(m, "weight", None) if isinstance(m, primitives.CONVS) else None
-        if w is None or w.dim() not in (4, 5) or w.is_contiguous():
+        if w is None or w.dim() not in (4, 5):
             continue
         fmt = torch.channels_last if w.dim() == 4 else torch.channels_last_3d
-        if w.is_contiguous(memory_format=fmt):
+        if w.stride() == _strides(w.shape, fmt) != _strides(w.shape, torch.contiguous_format):
             return fmt
     return torch.contiguous_format
+
+
+def _strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=fmt).stride()
 
 
 def squeeze_all(named: list[tuple[str, Squeezable]]) -> list[nn.Module]:
@@ -853,7 +858,7 @@ def _composite(block: Squeezable, check: bool) -> tuple[tuple[Tensor, Tensor], l
         return pair, list(pair)
     ndim, c_in = block._require_ndim(), block._in_channels()
     how = Precision("exact", torch.float64, primitives.device_of(block), check=check)
-    ctx = online._Ctx(ndim, how)
+    ctx = online.Ctx(ndim, how)
     weight, bias = online.pack(online.term_of(block, c_in, "", ctx), block.layout(ndim), c_in, ctx)
     bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
     return (weight, bias), [weight, bias]
@@ -896,7 +901,7 @@ def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, list[Tensor]]:
     fmt = memory_format_of(block)
     if device.type == "meta":  # no values: the architecture alone, from the structure
         return conv_of(lay, mode, dtype, device, memory_format=fmt), []
-    ctx = online._Ctx(ndim, Precision("exact", torch.float64, device, check=check))
+    ctx = online.Ctx(ndim, Precision("exact", torch.float64, device, check=check))
     weight, bias = online.pack(online.term_of(block, c_in, "", ctx), lay, c_in, ctx)
     conv = conv_of(lay, mode, dtype, device, weight, bias, fmt)
     if check:

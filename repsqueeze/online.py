@@ -134,21 +134,24 @@ def _is_channel_scale(conv: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class _Ctx:
+class Ctx:
+    """How terms are built: spatial dimensionality and precision (``live`` for online
+    training, ``exact`` float64 copies for deploy, ``structure`` for the layout)."""
+
     ndim: int
     how: Precision
 
 
-def term_of(node: nn.Module, c_in: int, path: str, ctx: _Ctx) -> Term:
+def term_of(node: nn.Module, c_in: int, path: str, ctx: Ctx) -> Term:
     """The live term of a node: a block, an ``nn.Sequential`` or one layer."""
     ndim = ctx.ndim
     if isinstance(node, blocks.Squeezable) and not node.deployed and node._combine == "chain":
-        return _chain_of(node.named_parts(), c_in, path, ctx)
+        return chain_of(node.named_parts(), c_in, path, ctx)
     if isinstance(node, blocks.Squeezable) and not node.deployed and node._combine == "sum":
         terms = [term_of(m, c_in, blocks.join(path, n), ctx) for n, m in node.named_parts()]
         return _sum(terms, node.geometry(ndim).c_out or c_in, ctx)
     if isinstance(node, nn.Sequential):
-        return _chain_of(list(node.named_children()), c_in, path, ctx)
+        return chain_of(list(node.named_children()), c_in, path, ctx)
     if isinstance(node, primitives.CONVS):
         weight, bias = _conv_tensors(node, path, ctx.how)
         if _is_channel_scale(node):
@@ -190,7 +193,8 @@ def _conv_tensors(conv: nn.Module, path: str, how: Precision) -> tuple[Tensor, T
     return weight, bias
 
 
-def _chain_of(parts: list[tuple[str, nn.Module]], c_in: int, path: str, ctx: _Ctx) -> Term:
+def chain_of(parts: list[tuple[str, nn.Module]], c_in: int, path: str, ctx: Ctx) -> Term:
+    """The term of named children run in order."""
     total = None
     for name, child in parts:
         t = term_of(child, c_in, blocks.join(path, name), ctx)
@@ -204,7 +208,7 @@ def _from_map(m: ConvMap) -> Term:
     return Term(m.weight, None, m.bias, m.weight.shape[0], 1, m.stride, m.pad, (1,) * ndim)
 
 
-def _as_kernel(t: Term, channels: int, groups: int, ctx: _Ctx) -> Term:
+def _as_kernel(t: Term, channels: int, groups: int, ctx: Ctx) -> Term:
     """A per-channel term as a ``groups``-grouped 1x1 kernel (block-diagonal scales)."""
     if t.weight is not None:
         return t
@@ -220,7 +224,7 @@ def _as_kernel(t: Term, channels: int, groups: int, ctx: _Ctx) -> Term:
     return replace(t, weight=weight, scale=None, channels=channels, groups=groups)
 
 
-def _to_map(t: Term, c_in: int, ctx: _Ctx) -> ConvMap:
+def _to_map(t: Term, c_in: int, ctx: Ctx) -> ConvMap:
     """A term as a dense :class:`ConvMap` (the generic fallback)."""
     t = _as_kernel(t, t.channels or c_in, 1, ctx)
     weight = dense_kernel(t.weight, t.groups, t.dilation)
@@ -255,7 +259,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
+def _chain(a: Term, b: Term, c_mid: int, ctx: Ctx) -> Term:
     """The term ``x -> b(a(x))``; ``c_mid`` is the number of channels between them."""
     if b.weight is None:  # per-channel after anything
         if b.scale is None:
@@ -311,7 +315,7 @@ def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
     return Term(weight, None, bias, b.channels, groups, stride, pad, dilation)
 
 
-def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
+def _sum(terms: list[Term], channels: int, ctx: Ctx) -> Term:
     """The term ``x -> sum_i terms[i](x)`` (branches already checked to be aligned)."""
     ndim = ctx.ndim
     bias = None
@@ -373,7 +377,7 @@ def _sum_in_place(
     size: tuple[int, ...],
     channels: int,
     groups: int,
-    ctx: _Ctx,
+    ctx: Ctx,
 ) -> Tensor:
     """The kernels of aligned terms summed in place into one ``groups``-grouped kernel of
     ``size`` (each at its start), per-channel terms added onto its diagonal: no dense
@@ -400,14 +404,14 @@ def _sum_in_place(
     return weight
 
 
-def term_layout(t: Term, c_in: int, ctx: _Ctx) -> Layout:
+def term_layout(t: Term, c_in: int, ctx: Ctx) -> Layout:
     """The layout of a structural term (indicator weights), read from its grouped form."""
     channels = t.channels or c_in
     t = _as_kernel(t, channels, channels, ctx)  # a per-channel map is depthwise
     return grouped_layout(t.weight, t.groups, t.dilation, t.stride, t.pad)
 
 
-def pack(t: Term, lay: Layout, c_in: int, ctx: _Ctx) -> tuple[Tensor, Tensor | None]:
+def pack(t: Term, lay: Layout, c_in: int, ctx: Ctx) -> tuple[Tensor, Tensor | None]:
     """The ``(weight, bias)`` of the planned convolution from the block's term."""
     t = _as_kernel(t, t.channels or c_in, lay.groups, ctx)
     widths = []
@@ -430,11 +434,11 @@ def forward(block: blocks.Squeezable, x: Tensor, ndim: int) -> Tensor:
     parts = block.named_parts()
     lay = p.layout
     param = next(block.parameters(), x)
-    ctx = _Ctx(ndim, Precision("live", param.dtype, param.device))
+    ctx = Ctx(ndim, Precision("live", param.dtype, param.device))
     if p.head == len(parts):
         term = term_of(block, lay.in_channels, "", ctx)
     else:
-        term = _chain_of(parts[: p.head], lay.in_channels, "", ctx)
+        term = chain_of(parts[: p.head], lay.in_channels, "", ctx)
     weight, bias = pack(term, lay, lay.in_channels, ctx)
     mode, padding = block.geometry(ndim).mode, lay.padding
     if mode not in (None, "zeros"):  # zeros are the conv's own padding: no padded copy
@@ -449,8 +453,8 @@ def composed(block: blocks.Squeezable, ndim: int) -> tuple[Tensor, Tensor | None
     """The live ``(weight, bias)`` online mode would convolve with (autograd kept)."""
     p = plan(block, ndim)
     param = next(block.parameters())
-    ctx = _Ctx(ndim, Precision("live", param.dtype, param.device))
-    term = _chain_of(block.named_parts()[: p.head], p.layout.in_channels, "", ctx)
+    ctx = Ctx(ndim, Precision("live", param.dtype, param.device))
+    term = chain_of(block.named_parts()[: p.head], p.layout.in_channels, "", ctx)
     return pack(term, p.layout, p.layout.in_channels, ctx)
 
 

@@ -46,6 +46,13 @@ def test_channels_last_stays_channels_last(kind):
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in _convs(inplace))
 
 
+def test_channels_last_read_from_pointwise_kernels_too():
+    block = rs.SqueezableBlock(nn.Conv2d(3, 4, 1), nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(4))
+    conv = block.eval().to(memory_format=torch.channels_last).squeeze()  # 1x1 -> 3x3
+    assert not conv.weight.is_contiguous()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_3d_and_contiguous_are_kept():
     block = make_block("dbb", 4, 6, dims=3).eval()
     block = block.to(memory_format=torch.channels_last_3d)
