@@ -7,7 +7,8 @@ Rows, all in one process at 1 thread, interleaved (every variant once per round,
 fresh copy of its model built outside the timed region):
 
 * repsqueeze's ``repvgg_a0`` (1000 classes) with every block kind, ``rs.deploy`` in place
-  and as a copy (its default);
+  and as a copy (its default); ``plain``, ``expand_ck`` and ``expand_cl`` in place, in a
+  second interleaved group with a fifth of the rounds (timm's row timed beside them);
 * timm's ``repvgg_a0`` with ``timm.utils.reparameterize_model``, in place and as a copy (its
   default), the reference of the ratios;
 * the official fusions (RepVGG ``repvgg_model_convert``; DBB, ACNet and OREPA
@@ -47,6 +48,9 @@ from repsqueeze.tables import table
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("repvgg", "acb", "mobileone", "qarepvgg", "dbb")
+# the other kinds, timed in a second group with fewer rounds (expand_cl: seconds of float64
+# matrix products per deploy), in place only
+MORE_KINDS = ("plain", "expand_ck", "expand_cl")
 MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))
 TIMM = "timm reparameterize_model"
 
@@ -164,14 +168,21 @@ def a0_shapes(quick: bool) -> list[tuple[int, int, int]]:
 
 
 # --- the variants ----------------------------------------------------------------------------
-def variants(quick: bool) -> tuple[dict[str, Row], list[str]]:
-    """``{row: (model, form, (build, deploy))}`` and notes on the rows skipped."""
+def variants(
+    quick: bool, kinds: tuple[str, ...] = KINDS, more: bool = True
+) -> tuple[dict[str, Row], list[str]]:
+    """``{row: (model, form, (build, deploy))}`` and notes on the rows skipped.
+
+    Args:
+        quick: tiny sizes.
+        kinds: repsqueeze block kinds.
+        more: also the copy forms and the official fusions.
+    """
     classes = 10 if quick else 1000
     name = "repvgg_a0"
     ours = "digits_net" if quick else name
     rows: dict[str, Row] = {}
-    kinds = KINDS[:2] if quick else KINDS
-    for kind in kinds:
+    for kind in kinds[:2] if quick else kinds:
 
         def build(kind=kind) -> nn.Module:
             extra = {"in_channels": 1} if quick else {}
@@ -179,7 +190,8 @@ def variants(quick: bool) -> tuple[dict[str, Row], list[str]]:
 
         in_place = (build, lambda m: rs.deploy(m, inplace=True))
         rows[f"repsqueeze {kind}"] = (ours, "in place", in_place)
-        rows[f"repsqueeze {kind} (copy)"] = (ours, "copy", (build, rs.deploy))
+        if more:
+            rows[f"repsqueeze {kind} (copy)"] = (ours, "copy", (build, rs.deploy))
     notes = []
     try:
         import timm
@@ -193,7 +205,10 @@ def variants(quick: bool) -> tuple[dict[str, Row], list[str]]:
 
         in_place = (build_timm, lambda m: reparameterize_model(m, inplace=True))
         rows[TIMM] = (name, "in place", in_place)
-        rows[f"{TIMM} (copy)"] = (name, "copy", (build_timm, reparameterize_model))
+        if more:
+            rows[f"{TIMM} (copy)"] = (name, "copy", (build_timm, reparameterize_model))
+    if not more:
+        return rows, notes
     shapes = a0_shapes(quick)
     for label, (repo, files) in OFFICIAL.items():
         with official_modules(repo, files) as mods:
@@ -229,8 +244,10 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), q[2] - q[0]
 
 
-def bench_a0(quick: bool, rounds: int) -> tuple[list[dict], list[str]]:
-    rows, notes = variants(quick)
+def bench_a0(
+    quick: bool, rounds: int, kinds: tuple[str, ...] = KINDS, more: bool = True
+) -> tuple[list[dict], list[str]]:
+    rows, notes = variants(quick, kinds, more)
     times = interleaved(rows, rounds)
     out = []
     for key, (model, form, _) in rows.items():
@@ -280,6 +297,9 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     try:
         with torch.no_grad():
             a0, notes = bench_a0(quick, rounds)
+            if not quick:
+                others, _ = bench_a0(quick, max(1, rounds // 5), MORE_KINDS, more=False)
+                a0 += [r for r in others if r["variant"] != TIMM]
             resnet = bench_resnet50(quick, max(1, rounds // 3))
     finally:
         torch.set_num_threads(threads)
@@ -300,7 +320,8 @@ def markdown(results: dict) -> str:
     notes = "".join(f"\n- {n}" for n in results["notes"])
     return (
         f"# Deploy time\n\n`{command}`; torch {env['torch']}; CPU, 1 thread; "
-        f"{env['rounds']} interleaved rounds; medians with interquartile ranges; ratios to "
+        f"{env['rounds']} interleaved rounds (the plain and expand rows: a fifth of them, "
+        "beside timm's again); medians with interquartile ranges; ratios to "
         f"timm's row of the same form and to the official fusion of the same kind.\n\n"
         f"{table(results['deploy'])}\n" + (f"\nSkipped:{notes}\n" if notes else "")
     )

@@ -152,8 +152,8 @@ def _tiny_variants(bench):
     to build)."""
     real = bench.variants
 
-    def tiny(quick):
-        rows, notes = real(quick)
+    def tiny(*args, **kwargs):
+        rows, notes = real(*args, **kwargs)
         return {k: v for k, v in rows.items() if k.startswith("repsqueeze")}, notes
 
     return tiny
