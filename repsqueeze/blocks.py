@@ -21,8 +21,9 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -33,7 +34,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from repsqueeze import online, primitives
-from repsqueeze.algebra import ConvMap, Pad, chain, concat, parallel, to_conv
+from repsqueeze.algebra import ConvMap, Layout, Pad, chain, concat, conv_of, parallel
 from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = online.MODES
@@ -74,8 +75,9 @@ class Squeezable(nn.Module):
         self.set_mode(mode if not deployed else "chain")
         self.mode = mode
         if deployed:
-            conv = to_conv(
-                self._structure(), self._padding_mode(), torch.get_default_dtype(), "cpu"
+            ndim = self._require_ndim()
+            conv = conv_of(
+                self.layout(ndim), self._padding_mode(), torch.get_default_dtype(), "cpu"
             )
             self._become(conv)
 
@@ -136,8 +138,34 @@ class Squeezable(nn.Module):
             )
         return c_in
 
-    def _structure(self) -> ConvMap:
-        return node_map(self, self._in_channels(), self._require_ndim(), "", STRUCTURE)
+    def layout(self, ndim: int, head: int | None = None) -> Layout:
+        """The squeezed convolution's shape (kernel, stride, padding, dilation, groups),
+        decided from the structure alone and cached per structure: blocks of one kind and
+        shape share one decision.
+
+        Args:
+            ndim: spatial dimensionality.
+            head: compose only the first ``head`` children (online mode's plan); ``None``:
+                all of them.
+        """
+        parts = self.named_parts()
+        head = len(parts) if head is None else head
+        key = structure_key(self)
+        key = (key, ndim, head) if key is not None else None
+        found = _LAYOUTS.get(key) if key is not None else None
+        if found is None:
+            ctx = online.Ctx(ndim, STRUCTURE)
+            c_in = self._in_channels()
+            if head == len(parts):
+                term = online.term_of(self, c_in, "", ctx)
+            else:
+                term = online.chain_of(parts[:head], c_in, "", ctx)
+            found = online.term_layout(term, c_in, ctx)
+            if key is not None:
+                if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+                    _LAYOUTS.clear()
+                _LAYOUTS[key] = found
+        return found
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -221,26 +249,17 @@ class Squeezable(nn.Module):
     def squeeze(self) -> nn.Module:
         """A new ``nn.ConvNd`` equal to this block in eval mode; the block is unchanged.
 
-        Composed in float64, cast once to the dtype of the block's parameters; a value the
-        cast overflows (float16) is a ``ValueError``. On the ``meta`` device the result is
-        the deployed architecture with no values.
+        Composed in float64, cast once to the dtype of the block's parameters, on their
+        device and in their memory format (``channels_last`` stays ``channels_last``); a
+        value the cast overflows (float16) is a ``ValueError``. On the ``meta`` device the
+        result is the deployed architecture with no values.
         """
         check_inner_hooks(self, "deploy")
         if self.deployed:
             conv = type(self.conv)(**_conv_kwargs(self.conv))
             conv.load_state_dict(self.conv.state_dict())
             return conv
-        ndim = self._require_ndim()
-        device = primitives.device_of(self)
-        structure, mode, dtype = self._structure(), self._padding_mode(), self._dtype()
-        if device.type == "meta":  # no values: the architecture alone, from the structure
-            return to_conv(structure, mode, dtype, device)
-        values = node_map(
-            self, self._in_channels(), ndim, "", Precision("exact", torch.float64, device)
-        )
-        conv = to_conv(structure, mode, dtype, device, values)
-        _check_cast(self, conv, values)
-        return conv
+        return squeeze_all([("", self)])[0]
 
     @torch.no_grad()
     def deploy(self) -> Squeezable:
@@ -249,10 +268,7 @@ class Squeezable(nn.Module):
         Idempotent. BatchNorm is folded with its running statistics.
         """
         if not self.deployed:
-            conv = self.squeeze()
-            self._plans.clear()
-            conv.train(self.training)
-            self._become(conv)
+            self._become(self.squeeze())
         return self
 
     def reparameterize(self) -> None:
@@ -260,13 +276,14 @@ class Squeezable(nn.Module):
         place, returns ``None`` as timm's blocks do."""
         self.deploy()
 
-    def _become(self, conv: nn.Module) -> None:
-        ndim = self._require_ndim()
-        geo = self.geometry(ndim)
-        self._deployed_geometry = geo
+    def _become(self, conv: nn.Module, geo: Geometry | None = None) -> None:
+        """Holds ``conv`` (in this block's train/eval mode) in place of the children;
+        ``geo``: the block's geometry when the children are already gone."""
+        self._deployed_geometry = geo or self.geometry(self._require_ndim())
+        self._plans.clear()
         delattr(self, self._children_attr)
         del self._inner_layers  # they are freed with the branches
-        self.conv = conv
+        self.conv = conv.train(self.training)
         self.deployed = True
 
     def extra_repr(self) -> str:
@@ -851,9 +868,165 @@ def _deployed_run(block: Squeezable, x: Tensor, ndim: int) -> Tensor:
     return primitives.run(conv, pad(x, extra, "zeros"), ((0, 0),) * ndim, ndim)
 
 
-def _check_cast(block: Squeezable, conv: nn.Module, values: ConvMap) -> None:
+# --- squeeze: the exact composite of many blocks, checked at once ---------------------------
+_LAYOUTS: dict[tuple, Layout] = {}  # structure_key -> layout, shared by blocks alike
+_LAYOUTS_KEPT = 4096
+
+
+def structure_key(block: Squeezable) -> tuple | None:
+    """What decides a block's squeezed architecture: the class, shape attributes and number
+    of children of every module in it, in order; ``None`` for a block with a combination of
+    its own (a subclass's ``_combine_maps``), whose architecture is never cached."""
+    key = []
+    for m in block.modules():
+        if isinstance(m, Squeezable):
+            if m._combine not in ("chain", "sum") and type(m) is not Concat and not m.deployed:
+                return None
+            extra = (m.deployed, getattr(m, "split", None))
+            if m.deployed:
+                extra += (m._deployed_geometry,)
+        elif isinstance(m, primitives.CONVS):
+            extra = (
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                m.groups, m.padding_mode,
+            )  # fmt: skip
+        elif isinstance(m, _BatchNorm):
+            extra = (m.num_features,)
+        elif isinstance(m, primitives.POOLS):
+            extra = (
+                m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                getattr(m, "divisor_override", None),
+            )  # fmt: skip
+        else:
+            extra = ()
+        extra = tuple(tuple(v) if isinstance(v, list) else v for v in extra)  # hashable
+        key.append((type(m), len(m._modules), *extra))
+    return tuple(key)
+
+
+def memory_format_of(block: nn.Module) -> torch.memory_format:
+    """``torch.channels_last`` (``_3d``) when a conv weight of the block is stored that way
+    (a 1x1 kernel too: by its strides), else ``torch.contiguous_format``."""
+    for m in block.modules():
+        w = getattr(m, "weight", None) if isinstance(m, primitives.CONVS) else None
+        if w is None or w.dim() not in (4, 5):
+            continue
+        fmt = torch.channels_last if w.dim() == 4 else torch.channels_last_3d
+        if w.stride() == _strides(w.shape, fmt) != _strides(w.shape, torch.contiguous_format):
+            return fmt
+    return torch.contiguous_format
+
+
+def _strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=fmt).stride()
+
+
+def squeeze_all(named: list[tuple[str, Squeezable]]) -> list[nn.Module]:
+    """The squeezed convolution of each block (none deployed), the blocks unchanged.
+
+    Each composite is built from the blocks' tensors in float64 with the fewest, largest
+    ops (:mod:`repsqueeze.online`'s grouped terms; the architecture from :meth:`layout`);
+    every input and output tensor is checked for non-finite values at once. Only when that
+    check fails are the blocks rebuilt one by one with per-tensor checks, which raise the
+    ``ValueError`` naming the layer (prefixed by the block's path, when given).
+
+    Args:
+        named: ``(path, block)`` pairs; ``path`` is prefixed to a block's error.
+    """
+    return _checked(named, _squeezed)
+
+
+def composites(named: list[tuple[str, Squeezable]]) -> list[tuple[Tensor, Tensor]]:
+    """The float64 ``(weight, bias)`` of each block's squeezed convolution (in the layout of
+    :meth:`Squeezable.layout`; a deployed block's own), checked as in :func:`squeeze_all`."""
+    return _checked(named, _composite)
+
+
+def _checked(named: list[tuple[str, Squeezable]], build: Callable) -> list:
+    """``build(block, check=False)`` of every block, then one check of all the tensors read
+    and made; when it fails, ``build(block, check=True)`` block by block names the layer."""
+    results, tensors = [], []
+    for _, block in named:
+        result, made = build(block, check=False)
+        results.append(result)
+        if made:  # (none on the meta device: no values to check)
+            tensors += [t for t in (*block.parameters(), *block.buffers()) if t.is_floating_point()]
+            tensors += made
+    if primitives.all_finite(tensors):
+        return results
+    for i, (path, block) in enumerate(named):
+        try:
+            results[i] = build(block, check=True)[0]
+        except ValueError as err:  # the block's message names layers inside it: add where
+            raise ValueError(f"{path}: {err}" if path else str(err)) from err
+    return results
+
+
+def _composite(block: Squeezable, check: bool) -> tuple[tuple[Tensor, Tensor], list[Tensor]]:
+    if block.deployed:
+        conv = block.conv
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        pair = conv.weight.detach().double(), bias.detach().to(conv.weight.device).double()
+        return pair, list(pair)
+    ndim, c_in = block._require_ndim(), block._in_channels()
+    how = Precision("exact", torch.float64, primitives.device_of(block), check=check)
+    ctx = online.Ctx(ndim, how)
+    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), block.layout(ndim), c_in, ctx)
+    bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    return (weight, bias), [weight, bias]
+
+
+def deploy_blocks(
+    model: nn.Module, named: list[tuple[str, Squeezable]], inplace: bool
+) -> nn.Module:
+    """``model`` with the given blocks of it deployed (:func:`squeeze_all`: all checked before
+    anything changes).
+
+    Args:
+        model: the model holding the blocks.
+        named: ``(path, block)`` of blocks of ``model``, none inside another.
+        inplace: deploy them in ``model``; else in a deep copy of ``model`` that never copies
+            the children of these blocks (the convolutions replace them).
+    """
+    convs = squeeze_all(named)
+    if inplace:
+        for (_, block), conv in zip(named, convs, strict=True):
+            block._become(conv)
+        return model
+    memo: dict[int, object] = {}
+    geos = []
+    for _, block in named:
+        geos.append(block.geometry(block._require_ndim()))
+        memo[id(getattr(block, block._children_attr))] = nn.ModuleList()
+        memo[id(block._inner_layers)] = ()  # the same layers, listed for the hook checks
+    model = copy.deepcopy(model, memo)
+    for (_, block), conv, geo in zip(named, convs, geos, strict=True):
+        memo[id(block)]._become(conv, geo)
+    return model
+
+
+def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, list[Tensor]]:
+    """``(conv, its tensors)``; ``check``: per-tensor checks, named errors."""
+    ndim = block._require_ndim()
+    c_in = block._in_channels()
+    lay = block.layout(ndim)
+    device, dtype, mode = primitives.device_of(block), block._dtype(), block._padding_mode()
+    fmt = memory_format_of(block)
+    if device.type == "meta":  # no values: the architecture alone, from the structure
+        return conv_of(lay, mode, dtype, device, memory_format=fmt), []
+    ctx = online.Ctx(ndim, Precision("exact", torch.float64, device, check=check))
+    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), lay, c_in, ctx)
+    conv = conv_of(lay, mode, dtype, device, weight, bias, fmt)
+    if check:
+        _check_cast(block, conv, weight, bias)
+    return conv, [conv.weight, conv.bias]  # the cast composite: non-finite if it was
+
+
+def _check_cast(block: Squeezable, conv: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
     """``ValueError`` when casting the float64 composite to the block's dtype overflowed."""
-    for attr, exact in (("weight", values.weight), ("bias", values.bias)):
+    for attr, exact in (("weight", weight), ("bias", bias)):
+        if exact is None:
+            continue
         if not torch.isfinite(getattr(conv, attr)).all():
             dtype = str(conv.weight.dtype).removeprefix("torch.")
             raise ValueError(

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, SqueezableBlock, check_inner_hooks
+from repsqueeze.blocks import (
+    Squeezable,
+    SqueezableBlock,
+    check_inner_hooks,
+    composites,
+    deploy_blocks,
+)
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.
@@ -58,10 +64,24 @@ def deploy(model: nn.Module, inplace: bool = False, unwrap: bool = False) -> nn.
     model = _without_wrappers(model)
     _check_blocks(model)
     _warn_if_training(model)
-    if not inplace:
-        model = copy.deepcopy(model)
-    model = _deploy_tree(model, "")
+    model = deploy_blocks(model, _top_blocks(model, "", set()), inplace)
+    model = _deploy_tree(model, "")  # other libraries' blocks; ours are deployed already
     return _unwrap(model, {}) if unwrap else model
+
+
+def _top_blocks(module: nn.Module, path: str, seen: set[int]) -> list[tuple[str, Squeezable]]:
+    """``(path, block)`` of the outermost blocks of ours not deployed yet, in model order,
+    each once (``seen``: the modules visited, so that a shared block is listed once)."""
+    if id(module) in seen:
+        return []
+    seen.add(id(module))
+    if isinstance(module, Squeezable):
+        return [] if module.deployed else [(path, module)]
+    found = []
+    for name, child in module._modules.items():  # not named_children: shared ones too
+        if child is not None:
+            found += _top_blocks(child, f"{path}.{name}" if path else name, seen)
+    return found
 
 
 def _check_module(what: str, model: object) -> None:
@@ -570,8 +590,6 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
     Raises:
         ValueError: when the module ``expand`` left in place of a norm is gone.
     """
-    if not inplace:
-        model = copy.deepcopy(model)
     blocks, rests = {}, {}
     for path, m in model.named_modules():
         origin = getattr(m, ORIGIN, None)
@@ -583,24 +601,38 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
                 f"contract: {path} ({type(block).__name__}) was made by expand(), but the module "
                 "expand() left in place of its BatchNorm is no longer in the model"
             )
+    values = composites(list(blocks.values()))  # float64, all checked at once
+    replaced: list[tuple[str, nn.Module, nn.Module]] = []  # (path, old, new)
+    for (key, (path, block)), (weight, bias) in zip(blocks.items(), values, strict=True):
         rest_path, rest = rests[key]
-        conv, norm = _contracted(block, getattr(block, ORIGIN), rest)
-        model.set_submodule(path, conv)
-        model.set_submodule(rest_path, norm)
-    return model
+        origin = getattr(block, ORIGIN)
+        conv, norm = _contracted(block, origin, rest, weight, bias, copy_rest=not inplace)
+        replaced += [(path, block, conv), (rest_path, rest, norm)]
+    if inplace:
+        for path, _, new in replaced:
+            model.set_submodule(path, new)
+        return model
+    # a copy in which the replaced modules are never copied: the new ones take their place
+    return copy.deepcopy(model, {id(old): new for _, old, new in replaced})
 
 
-def _contracted(block: Squeezable, origin: Origin, rest: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _contracted(
+    block: Squeezable,
+    origin: Origin,
+    rest: nn.Module,
+    weight: Tensor,
+    bias: Tensor,
+    copy_rest: bool,
+) -> tuple[nn.Module, nn.Module]:
     device, dtype = primitives.device_of(block), block._dtype()
     ref = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)  # main path's
     if ref is None:  # deployed already: unit statistics
         ref = nn.BatchNorm1d(origin.norm.num_features, eps=origin.norm.eps).eval()
-    squeezed = copy.deepcopy(block).double().squeeze()  # float64 values, cast once below
     conv = copy.deepcopy(origin.conv).to_empty(device=device).to(dtype)
     norm = copy.deepcopy(origin.norm).to_empty(device=device).to(dtype)
-    split_into(squeezed.weight, squeezed.bias, ref, conv, norm)
+    split_into(weight, bias, ref, conv, norm)
     for name, child in rest.named_children():  # timm's drop / act: the trained modules
-        setattr(norm, name, child)
+        setattr(norm, name, copy.deepcopy(child) if copy_rest else child)
     return conv.train(block.training), norm.train(block.training)
 
 

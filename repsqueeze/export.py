@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
+from repsqueeze import primitives
 from repsqueeze.numerics import strict_fp32
 
 FORMAT = "repsqueeze.deployed/2"
@@ -96,6 +97,12 @@ def check_weights(state_dict: Mapping[str, Tensor], where: str) -> None:
     Raises:
         ValueError: naming the first offending key.
     """
+    floats = {
+        k: v for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point()
+    }
+    roots = [v.sqrt() for k, v in floats.items() if k.endswith("running_var")]  # nan if < 0
+    if primitives.all_finite([*floats.values(), *roots]):  # at once; key by key to name one
+        return
     for key, value in state_dict.items():
         if not isinstance(value, Tensor) or not value.is_floating_point():
             continue
