@@ -131,7 +131,7 @@ class MobileOne(nn.Module):
     ):
         super().__init__()
         planes = min(64, int(64 * width[0]))
-        self.stage0 = MobileOneBlock(3, planes, 3, 2, branches=branches)
+        self.stage0 = MobileOneBlock(3, planes, 3, 2)  # one branch, whatever num_conv_branches
         for i, (n, c, f, s) in enumerate(
             zip(num_blocks, (64, 128, 256, 512), width, se, strict=True), start=1
         ):

@@ -134,7 +134,7 @@ def parameter_groups(
         lr: the base learning rate, needed for ``lr_scale``.
 
     Returns:
-        ``[{"params": [...], "names": [...], **options}, ..., {"params": [...], "names": [...]}]``
+        ``[{"params": [...], "param_names": [...], **options}, ..., {"params": [...], "param_names": [...]}]``
         without empty groups.
 
     Raises:
@@ -153,7 +153,7 @@ def parameter_groups(
             options["lr"] = lr * scale
         names = [n for n in match_parameters(model, patterns) if n in params and n not in taken]
         taken.update(names)
-        groups.append({"params": [params[n] for n in names], "names": names, **options})
+        groups.append({"params": [params[n] for n in names], "param_names": names, **options})
     rest = [n for n in params if n not in taken]
-    groups.append({"params": [params[n] for n in rest], "names": rest})
+    groups.append({"params": [params[n] for n in rest], "param_names": rest})
     return [g for g in groups if g["params"]]

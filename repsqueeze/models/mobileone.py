@@ -4,7 +4,8 @@ Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023
 stride-2 stem, then four stages of ``[2, 8, 10, 1]`` units; each unit is a depthwise 3x3
 block (stride 2 in a stage's first unit) and a pointwise 1x1 block, each followed by ReLU.
 Widths ``[min(64, 64 w0), 64 w0, 128 w1, 256 w2, 512 w3]``. S0 trains 4 k x k branches per
-block (``num_conv_branches=4``), the others 1; S4 adds squeeze-and-excitation to the last 5
+block of the stages (``num_conv_branches=4``; the stem has 1, as in the official code), the
+others 1; S4 adds squeeze-and-excitation to the last 5
 units of stage 3 and to stage 4. Any block kind can stand in for the MobileOne block.
 """
 
@@ -56,7 +57,8 @@ class MobileOne(ConvClassifier):
     ) -> None:
         widths = mobileone_widths(width_multipliers)
         unit = partial(block_act, block, deployed=deployed, act_layer=act_layer, **block_kwargs)
-        stem = nn.Sequential(unit(in_channels, widths[0], 2))
+        stem_kwargs = {"num_conv_branches": 1} if block == "mobileone" else {}
+        stem = nn.Sequential(unit(in_channels, widths[0], 2, **stem_kwargs))
         stages, c_in = [], widths[0]
         for width, depth, se in zip(widths[1:], depths, se_blocks, strict=True):
             units = []

@@ -586,7 +586,7 @@ def _load(model, state, name, kwargs, hint, where) -> LoadReport:
         if kind is None:
             kind, src_kwargs = _own_kind(name, arch, state, hint)
         else:
-            src_kwargs = _official_kwargs(kind, state, first)
+            src_kwargs = _official_kwargs(kind, state, list(blocks))
         out, converted = _through_source(model, name, state, kind, layout, arch, src_kwargs,
                                          block_kwargs, target_kind, in_channels)  # fmt: skip
         out = {k: v for k, v in out.items() if head_fits or k not in HEAD}
@@ -604,11 +604,12 @@ def _load(model, state, name, kwargs, hint, where) -> LoadReport:
     return report
 
 
-def _official_kwargs(kind: str, state: State, first: str | None) -> dict:
-    """Block arguments the file's blocks need: MobileOne's number of k x k branches."""
-    if kind != "mobileone" or first is None:
+def _official_kwargs(kind: str, state: State, paths: list[str]) -> dict:
+    """Block arguments the file's blocks need: MobileOne's number of k x k branches (read
+    from the first block after the stem, which has one)."""
+    if kind != "mobileone" or len(paths) < 2:
         return {}
-    pattern = re.compile(rf"^{re.escape(first)}\.branches\.(\d+)\.0\.weight$")
+    pattern = re.compile(rf"^{re.escape(paths[1])}\.branches\.(\d+)\.0\.weight$")
     branches = {m.group(1) for k, v in state.items() if (m := pattern.match(k)) and v.shape[-1] > 1}
     return {"num_conv_branches": max(len(branches), 1)}
 
