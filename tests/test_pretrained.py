@@ -137,7 +137,7 @@ def test_official_mobileone_with_se_loads(tiny_models, tmp_path):
         assert _rel(rs.deploy(model)(x), src(x)) <= 1e-10
 
 
-@pytest.mark.parametrize("kind", ["acb", "plain"])
+@pytest.mark.parametrize("kind", ["acb", pytest.param("plain", marks=pytest.mark.slow)])
 def test_dbb_repo_resnet18_loads(tmp_path, kind):
     src = _save(official.ResNet18(kind), tmp_path / "r18.pt")
     model = rs.create_model("resnet18", num_classes=10, block=kind, pretrained=tmp_path / "r18.pt")
@@ -149,12 +149,15 @@ def test_dbb_repo_resnet18_loads(tmp_path, kind):
 
 
 # --- timm and torchvision ----------------------------------------------------------------------
-def test_torchvision_resnet18_into_any_kind(tmp_path, float64):
+@pytest.mark.parametrize(
+    ("kind", "carried"), [("plain", 0), pytest.param("repvgg", 16, marks=pytest.mark.slow)]
+)
+def test_torchvision_resnet18_into_any_kind(tmp_path, float64, kind, carried):
     src = _save(torchvision.models.resnet18(num_classes=10), tmp_path / "tv.pt")
     x = _x()
-    model = rs.create_model("resnet18", block="repvgg", num_classes=10, pretrained=tmp_path / "tv.pt")  # fmt: skip
+    model = rs.create_model("resnet18", block=kind, num_classes=10, pretrained=tmp_path / "tv.pt")  # fmt: skip
     assert model.pretrained_report.layout == "torchvision resnet"
-    assert len(model.pretrained_report.converted) == 16  # the 3x3 convs; stem and 1x1 are plain
+    assert len(model.pretrained_report.converted) == carried  # the 3x3 convs (stem, 1x1: plain)
     with torch.no_grad():
         assert _rel(model.double().eval()(x), src(x)) <= 1e-10
 
