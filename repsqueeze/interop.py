@@ -39,7 +39,7 @@ def _timm_blocks() -> tuple[type, type]:
         from timm.models.byobnet import MobileOneBlock as TimmMobileOne
         from timm.models.byobnet import RepVggBlock as TimmRepVgg
     except ImportError as err:
-        raise ImportError("from_timm needs timm: pip install timm") from err
+        raise ImportError("from_timm needs timm: pip install 'repsqueeze[timm]'") from err
     return TimmRepVgg, TimmMobileOne
 
 
