@@ -7,6 +7,8 @@ Oracles: the re-created official networks (``official_nets.py``), timm's and tor
 own models.
 """
 
+from pathlib import Path
+
 import official_nets as official
 import pytest
 import torch
@@ -327,3 +329,32 @@ def test_timm_published_architectures_load(timm_file, arch):
     with torch.no_grad():  # timm's forward_features / forward_head match ours
         assert _rel(model.forward_features(x), src.forward_features(x)) <= 1e-8
         assert _rel(model.forward_head(src.forward_features(x)), src.forward_head(src.forward_features(x))) <= 1e-10  # fmt: skip
+
+
+# --- the config key ------------------------------------------------------------------------------
+def test_config_key_model_net_pretrained_reaches_create_model(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    trained = randomize(rs.create_model("digits_net", block="acb"), _gen())
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "configs"), version_base="1.3")  # fmt: skip
+    try:
+        fixed = ["model.net.num_classes=10", "model.net.in_channels=1", f"paths.root_dir={tmp_path}"]  # fmt: skip
+        assert compose("train", overrides=fixed).model.net.pretrained is False
+        cfg = compose("train", overrides=[*fixed, f"model.net.pretrained={tmp_path / 'w.pt'}"])
+        module = instantiate(cfg.model)
+        assert "pretrained" not in module.hparams.net_config  # the checkpoint holds the weights
+        x = torch.randn(2, 1, 8, 8)
+        with torch.no_grad():
+            assert _rel(module.net.eval()(x), trained.eval()(x)) <= 1e-5
+        missing = compose("train", overrides=[*fixed, f"model.net.pretrained={tmp_path / 'no.pt'}"])
+        with pytest.raises(InstantiationException) as info:
+            instantiate(missing.model)
+        assert isinstance(info.value.__cause__, FileNotFoundError)
+        assert "\n" not in str(info.value.__cause__)
+    finally:
+        GlobalHydra.instance().clear()
