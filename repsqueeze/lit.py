@@ -86,7 +86,7 @@ class Classifier(LightningModule):
                 raise ValueError("Classifier needs net (a module or a create_model config)")
             net = create_model(**net_config)
         if net_config is not None:  # the checkpoint holds the weights: rebuilding needs no file
-            net_config = {k: v for k, v in net_config.items() if k not in _WEIGHT_SOURCES}
+            net_config = {k: v for k, v in net_config.items() if k not in _WEIGHT_SOURCES or not v}
         config_classes = (net_config or {}).get("num_classes")
         if num_classes is None:
             num_classes = config_classes
