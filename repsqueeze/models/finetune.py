@@ -53,8 +53,8 @@ def match_parameters(model: nn.Module, patterns: Patterns) -> list[str]:
 class _FrozenNorm:
     """Mixin of a BatchNorm whose ``train()`` keeps it in eval (running statistics fixed)."""
 
-    def train(self, mode: bool = True):  # noqa: ARG002 - frozen: always eval
-        return super().train(False)
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: eval whatever ``mode`` asks
 
 
 _FROZEN: dict[type, type] = {}
@@ -66,6 +66,10 @@ def _frozen_class(cls: type) -> type:
         _FROZEN[cls].__module__ = __name__
         globals()[_FROZEN[cls].__name__] = _FROZEN[cls]  # importable, so it pickles
     return _FROZEN[cls]
+
+
+for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+    _frozen_class(_norm)  # defined at import, so a pickled frozen model loads elsewhere
 
 
 def freeze(model: nn.Module, patterns: Patterns) -> list[str]:
