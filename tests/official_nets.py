@@ -175,6 +175,60 @@ class ACB(nn.Module):
         return self.nonlinear(y)
 
 
+class BNAndPad(nn.Module):
+    """DBB's BNAndPadLayer: BN, then a border of width ``pad`` filled with BN's value for 0."""
+
+    def __init__(self, c: int, pad: int = 1) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.pad = pad
+
+    def forward(self, x):
+        y = F.pad(self.bn(x), [self.pad] * 4)
+        bn = self.bn
+        value = bn.bias - bn.running_mean * bn.weight / (bn.running_var + bn.eps).sqrt()
+        inner = torch.zeros_like(y, dtype=torch.bool)
+        inner[..., self.pad : -self.pad, self.pad : -self.pad] = True
+        return torch.where(inner, y, value.view(1, -1, 1, 1).expand_as(y))
+
+
+class IdentityBased1x1(nn.Conv2d):
+    """DBB's IdentityBasedConv1x1: stores its kernel minus the identity (groups 1 here)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c, c, 1, bias=False)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight + torch.eye(self.in_channels, dtype=x.dtype)[..., None, None])  # fmt: skip
+
+
+class DBB(nn.Module):
+    """The Diverse Branch Block (groups 1): k x k, 1x1, 1x1 -> k x k, 1x1 -> avg, each with BN."""
+
+    def __init__(self, c_in, c_out, stride=1, act=False):
+        super().__init__()
+        self.dbb_origin = conv_bn(c_in, c_out, 3, stride, 1)
+        self.dbb_1x1 = conv_bn(c_in, c_out, 1, stride, 0)
+        self.dbb_avg = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(c_in, c_out, 1, bias=False), bn=BNAndPad(c_out),
+                avg=nn.AvgPool2d(3, stride, 0), avgbn=nn.BatchNorm2d(c_out),
+            )
+        )  # fmt: skip
+        self.dbb_1x1_kxk = nn.Sequential(
+            OrderedDict(
+                idconv1=IdentityBased1x1(c_in), bn1=BNAndPad(c_in),
+                conv2=nn.Conv2d(c_in, c_out, 3, stride, 0, bias=False), bn2=nn.BatchNorm2d(c_out),
+            )
+        )  # fmt: skip
+        self.nonlinear = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        y = self.dbb_origin(x) + self.dbb_1x1(x) + self.dbb_avg(x) + self.dbb_1x1_kxk(x)
+        return self.nonlinear(y)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, c_in, planes, stride, conv3x3):
         super().__init__()
@@ -187,11 +241,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """The DBB repository's ResNet-18 layout, with ACNet (``acb``) or plain 3x3 ConvBNs."""
+    """The DBB repository's ResNet-18 layout, with DBB, ACNet (``acb``) or plain 3x3 ConvBNs."""
 
     def __init__(self, kind="acb", num_classes=10):
         super().__init__()
-        conv3x3 = ACB if kind == "acb" else (lambda i, o, s, act=False: ConvBN(i, o, 3, s, 1, act))
+        blocks = {"acb": ACB, "dbb": DBB}
+        conv3x3 = blocks.get(kind, lambda i, o, s, act=False: ConvBN(i, o, 3, s, 1, act))
         self.stage0 = nn.Sequential(
             OrderedDict(conv1=ConvBN(3, 64, 7, 2, 3, act=True), maxpool=nn.MaxPool2d(3, 2, 1))
         )

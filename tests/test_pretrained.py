@@ -139,8 +139,10 @@ def test_official_mobileone_with_se_loads(tiny_models, tmp_path):
         assert _rel(rs.deploy(model)(x), src(x)) <= 1e-10
 
 
-@pytest.mark.parametrize("kind", ["acb", pytest.param("plain", marks=pytest.mark.slow)])
-def test_dbb_repo_resnet18_loads(tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind", ["dbb", *(pytest.param(k, marks=pytest.mark.slow) for k in ("acb", "plain"))]
+)
+def test_dbb_repo_resnet18_loads(tmp_path, kind, float64):  # DBB: the 1x1 + identity in float64
     src = _save(official.ResNet18(kind), tmp_path / "r18.pt")
     model = rs.create_model("resnet18", num_classes=10, block=kind, pretrained=tmp_path / "r18.pt")
     assert model.pretrained_report.layout == f"official {kind} resnet"
