@@ -43,9 +43,11 @@ from torch import nn
 from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, latency_ms, save_deployed
+from repsqueeze.loggers import RankZeroFilter
 from repsqueeze.tables import fmt, table
 
 log = logging.getLogger(__name__)
+log.addFilter(RankZeroFilter())  # one copy of each line in a multi-process run
 METRICS_FILE = "metrics.json"
 # metrics shown per job when a multirun ends (those a job has)
 COMPARED = ["val/acc_best", "test/acc", "test/acc_deployed", "test/max_logit_diff"]

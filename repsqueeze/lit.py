@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
@@ -189,6 +190,16 @@ class Classifier(LightningModule):
         self.log(f"{stage}loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         for name, metric in metrics.items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == "val/acc")
+
+    def on_fit_start(self) -> None:
+        averaging = [c for c in self.trainer.callbacks if isinstance(c, WeightAveraging)]
+        for callback in averaging:
+            rank_zero_info(
+                f"{type(callback).__name__}: validation, best-checkpoint selection, the "
+                "checkpoints' state_dict and the weights left after training (tested and "
+                "deployed) are the averaged weights; the raw ones are in the checkpoints' "
+                "current_model_state"
+            )
 
     def on_train_start(self) -> None:
         # The sanity-check validation must not count towards the best accuracy.
