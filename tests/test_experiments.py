@@ -30,7 +30,7 @@ TARGETS = {
     "repvgg_a0_imagenet": "72.41%",
     "repvgg_b0_imagenet": "75.14%",
     "mobileone_s0_imagenet": "71.4%",
-    "dbb_resnet18_imagenet": "70.99%",
+    "dbb_resnet18_imagenet": "71.01%",
     "qarepvgg_b0_imagenet": "74.8%",
 }
 train_script = load_script("train.py", "train")
