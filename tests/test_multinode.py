@@ -15,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,8 @@ def compose_train(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 def test_lightning_reads_the_slurm_environment(compose_train, monkeypatch):
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
+    for flag in (rank_zero_only, utils_rank_zero_only):  # the Trainer sets them to 3: restore
+        monkeypatch.setattr(flag, "rank", getattr(flag, "rank", 0))
     cfg = compose_train("trainer=ddp_cpu", "trainer.devices=2", "trainer.num_nodes=2", *QUIET)
     trainer = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
