@@ -85,8 +85,11 @@ def prepare_output(out_dir: Path, ckpt_path: Path, overwrite: bool) -> tuple[Tar
 
 
 # --- the checkpoint --------------------------------------------------------------------------
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The training-form network of a ``train.py`` checkpoint and its ``net_config``."""
+def load_checkpoint(
+    path: str | Path, notes: list[str] | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """The training-form network of a ``train.py`` checkpoint and its ``net_config``; a
+    checkpoint written with EMA gives its averaged weights (and a line in ``notes``)."""
     path = Path(path)
     ckpt = read_checkpoint(path)  # refuses missing, truncated, unsafe and deployed files
     state, net_config = ckpt["state_dict"], ckpt["hyper_parameters"]["net_config"]
@@ -94,6 +97,9 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
         value = net_config.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise DeployError(f"{path}: net_config {key}={value!r}: must be a positive integer")
+    # Lightning's WeightAveraging (EMA) callback saves the averaged weights as state_dict
+    if notes is not None and "current_model_state" in ckpt and "averaging_state" in ckpt:
+        notes.append("trained with weight averaging (EMA): the averaged weights are deployed")
     state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     try:
         export.check_weights(state, str(path))
@@ -338,9 +344,9 @@ def run(cfg: DictConfig) -> dict:
             except ImportError as err:
                 raise DeployError(export.ONNX_HINT) from err
         torch.manual_seed(cfg.seed)
-        with timed(timings, "load"):
-            net, net_config = load_checkpoint(ckpt_path)
         notes: list[str] = []
+        with timed(timings, "load"):
+            net, net_config = load_checkpoint(ckpt_path, notes)
         if not export.has_blocks(net):
             notes.append("nothing to squeeze: the network has no re-parameterizable block")
         with timed(timings, "inputs"):

@@ -59,9 +59,11 @@ from repsqueeze.cli.settings import TRAIN_SCHEMA, last_checkpoint
 from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, latency_ms, save_deployed
+from repsqueeze.loggers import RankZeroFilter
 from repsqueeze.tables import fmt, table
 
 log = logging.getLogger(__name__)
+log.addFilter(RankZeroFilter())  # one copy of each line in a multi-process run
 METRICS_FILE = "metrics.json"
 FOLDER_SETTING = "paths.log_dir"  # the setting that moves a run's files (in error lines)
 LOG_FOLDERS = (".hydra", "csv", "tensorboard")  # a run's own logs (configs/logger/*)

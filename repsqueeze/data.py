@@ -6,6 +6,13 @@
   augmentation (He et al., "Deep Residual Learning for Image Recognition", 2016).
 - :class:`ImageFolderDataModule`: any ``ImageFolder`` tree with ImageNet-style transforms.
 
+Training augmentation is torchvision's ``transforms.v2`` (:func:`train_transform`): a
+crop and flip, one of RandAugment / TrivialAugment / AutoAugment (``auto_augment``),
+RandomErasing (``random_erasing``), and MixUp / CutMix on whole batches (``mixup_alpha``,
+``cutmix_alpha``: the training loader then yields soft targets ``(N, num_classes)``, which
+:class:`repsqueeze.lit.Classifier` trains on). Evaluation uses the standard resize and
+centre crop (:func:`eval_transform`).
+
 Validation splits carved out of a training set never see training augmentation: the split
 indices are shared, and each side applies its own transform to the untransformed images.
 :func:`example_batch` returns one real batch, e.g. to check a deployed model against its
@@ -28,9 +35,9 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, random_split
 from torchvision import datasets
-from torchvision import transforms as T
+from torchvision.transforms import v2
 
 CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -38,6 +45,7 @@ CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUTO_AUGMENT = ("randaugment", "trivialaugment", "autoaugment")
 _UNSET = object()
 
 
@@ -98,6 +106,101 @@ class _TransformedSubset(Dataset):
         return self.transform(image), target
 
 
+def policy(
+    auto_augment: str | None, magnitude: int = 9, autoaugment_policy: str = "imagenet"
+) -> list[v2.Transform]:
+    """The automatic augmentation ``auto_augment`` names: ``"randaugment"`` (2 ops of
+    ``magnitude``), ``"trivialaugment"`` (TrivialAugmentWide), ``"autoaugment"`` (the
+    ``autoaugment_policy`` policy: imagenet, cifar10 or svhn), or ``None`` (none).
+
+    Raises:
+        ConfigError: an unknown name, naming ``auto_augment``.
+    """
+    if auto_augment is None:
+        return []
+    if auto_augment == "randaugment":
+        return [v2.RandAugment(num_ops=2, magnitude=magnitude)]
+    if auto_augment == "trivialaugment":
+        return [v2.TrivialAugmentWide()]
+    if auto_augment == "autoaugment":
+        return [v2.AutoAugment(v2.AutoAugmentPolicy(autoaugment_policy))]
+    raise ConfigError(f"expected one of {[*AUTO_AUGMENT, None]}", "auto_augment", auto_augment)
+
+
+def _check_probability(key: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError("must be in [0, 1]", key, value)
+
+
+def train_transform(
+    crop: list[v2.Transform],
+    mean: Sequence[float],
+    std: Sequence[float],
+    auto_augment: str | None = None,
+    random_erasing: float = 0.0,
+    magnitude: int = 9,
+    autoaugment_policy: str = "imagenet",
+) -> v2.Compose:
+    """``crop`` (on the PIL image or uint8 tensor), the ``auto_augment`` policy, conversion
+    to float in [0, 1], ``Normalize(mean, std)``, then ``RandomErasing(p=random_erasing)``."""
+    _check_probability("random_erasing", random_erasing)
+    erase = [v2.RandomErasing(p=random_erasing)] if random_erasing > 0 else []
+    return v2.Compose(
+        [
+            *crop,
+            v2.ToImage(),
+            *policy(auto_augment, magnitude, autoaugment_policy),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+            *erase,
+        ]
+    )
+
+
+def eval_transform(
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int | None = None,
+    crop_pct: float = 0.875,
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+) -> v2.Compose:
+    """Resize to ``image_size / crop_pct`` and centre-crop ``image_size`` (the standard
+    ImageNet evaluation: 256 then 224), or none of it without ``image_size``; then
+    conversion to float and ``Normalize(mean, std)``."""
+    resize = []
+    if image_size is not None:
+        resize = [v2.Resize(int(image_size / crop_pct), interpolation), v2.CenterCrop(image_size)]
+    return v2.Compose(
+        [*resize, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    )
+
+
+class MixCollate:
+    """A DataLoader ``collate_fn``: stacks a batch, then mixes it with MixUp or CutMix (one
+    of them, chosen per batch, when both are on); labels become probabilities
+    ``(N, num_classes)``.
+
+    Args:
+        num_classes: classes of the labels.
+        mixup_alpha: Beta-distribution parameter of MixUp; 0: no MixUp.
+        cutmix_alpha: Beta-distribution parameter of CutMix; 0: no CutMix.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:  # fmt: skip
+        mixers = []
+        if mixup_alpha > 0:
+            mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        if not mixers:
+            raise ValueError("MixCollate needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def __call__(self, samples: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = default_collate(samples)  # (N, C, H, W), (N,)
+        return self.mix(x, y)  # (N, C, H, W), (N, num_classes)
+
+
 def _split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of ``range(n)`` into ``n - val_size`` train and ``val_size`` val indices."""
     if not 0 <= val_size < n:
@@ -110,7 +213,15 @@ def _split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[in
 class _DataModule(LightningDataModule):
     """Holds the three splits and builds their loaders; subclasses fill them in ``setup``."""
 
-    def __init__(self, batch_size: int, num_workers: int, seed: int, pin_memory: bool) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        pin_memory: bool,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+    ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("must be a positive integer", "batch_size", batch_size)
@@ -120,6 +231,11 @@ class _DataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.pin_memory = pin_memory
+        for key, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if not value >= 0:
+                raise ConfigError("must be >= 0 (0: off)", key, value)
+        self.mixup_alpha = mixup_alpha
+        self.cutmix_alpha = cutmix_alpha
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -127,6 +243,9 @@ class _DataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
+        collate = None
+        if shuffle and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+            collate = MixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -134,6 +253,7 @@ class _DataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
@@ -161,6 +281,12 @@ class DigitsDataModule(_DataModule):
         num_workers: DataLoader worker processes.
         normalize: Standardise with the training split's pixel mean and std.
         pin_memory: Pin batches in page-locked memory.
+        crop_padding: RandomCrop(8, padding=crop_padding) on training images; 0: none.
+        auto_augment: ``"randaugment"``, ``"trivialaugment"``, ``"autoaugment"`` or ``None``
+            on training images (see :func:`policy`), applied to the [0, 1] pixels.
+        random_erasing: probability of RandomErasing on a training image.
+        mixup_alpha: MixUp on training batches (soft targets); 0: off.
+        cutmix_alpha: CutMix on training batches (soft targets); 0: off.
     """
 
     num_classes = 10
@@ -176,8 +302,17 @@ class DigitsDataModule(_DataModule):
         num_workers: int = 0,
         normalize: bool = True,
         pin_memory: bool = False,
+        crop_padding: int = 0,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, pin_memory)
+        super().__init__(batch_size, num_workers, seed, pin_memory, mixup_alpha, cutmix_alpha)
+        policy(auto_augment)  # an unknown name fails here
+        _check_probability("random_erasing", random_erasing)
+        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ConfigError("must be an integer >= 0", "crop_padding", crop_padding)
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
                 raise ConfigError("must be in (0, 1)", key, value)
@@ -192,6 +327,9 @@ class DigitsDataModule(_DataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.normalize = normalize
+        self.crop_padding = crop_padding
+        self.auto_augment = auto_augment
+        self.random_erasing = random_erasing
         self.mean: float | None = None
         self.std: float | None = None
 
@@ -210,10 +348,17 @@ class DigitsDataModule(_DataModule):
             rest, test_size=n_val, stratify=digits.target[rest], random_state=self.seed
         )
         train, val, test = (torch.as_tensor(i, dtype=torch.long) for i in (train, val, test))
+        raw = x
         if self.normalize:
             self.mean, self.std = x[train].mean().item(), x[train].std().item()
             x = (x - self.mean) / self.std
         self.train_set = TensorDataset(x[train], y[train])
+        if self.crop_padding or self.auto_augment or self.random_erasing:
+            crop = [v2.RandomCrop(8, padding=self.crop_padding)] if self.crop_padding else []
+            mean, std = (self.mean, self.std) if self.normalize else (0.0, 1.0)
+            transform = train_transform(crop, [mean], [std], self.auto_augment, self.random_erasing)
+            pairs = TensorDataset(raw[train], y[train])
+            self.train_set = _TransformedSubset(pairs, range(len(train)), transform)
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x[test], y[test])
 
@@ -233,6 +378,12 @@ class CIFARDataModule(_DataModule):
         seed: Seed of the train/val split and of the training shuffle.
         augment: RandomCrop(32, padding=4) + RandomHorizontalFlip on the training split.
         pin_memory: Pin batches in page-locked memory.
+        auto_augment: ``"randaugment"``, ``"trivialaugment"``, ``"autoaugment"`` (with the
+            CIFAR-10 policy) or ``None`` on training images (see :func:`policy`).
+        random_erasing: probability of RandomErasing on a training image.
+        mixup_alpha: MixUp on training batches (soft targets); 0: off.
+        cutmix_alpha: CutMix on training batches (soft targets); 0: off.
+        randaugment_magnitude: RandAugment's magnitude (0-30).
     """
 
     in_channels = 3
@@ -249,8 +400,13 @@ class CIFARDataModule(_DataModule):
         seed: int = 0,
         augment: bool = True,
         pin_memory: bool = False,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        randaugment_magnitude: int = 9,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, pin_memory)
+        super().__init__(batch_size, num_workers, seed, pin_memory, mixup_alpha, cutmix_alpha)
         if name not in CIFAR_STATS:
             raise ConfigError(
                 f"unknown CIFAR name; expected one of {list(CIFAR_STATS)}", "name", name
@@ -263,9 +419,11 @@ class CIFARDataModule(_DataModule):
         self.augment = augment
         self.num_classes = 10 if name == "cifar10" else 100
         self.dataset_cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        self.eval_transform = T.Compose([T.ToTensor(), T.Normalize(*CIFAR_STATS[name])])
-        augmentation = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
-        self.train_transform = T.Compose([*augmentation, self.eval_transform])
+        self.eval_transform = eval_transform(*CIFAR_STATS[name])
+        crop = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
+        self.train_transform = train_transform(
+            crop, *CIFAR_STATS[name], auto_augment, random_erasing, randaugment_magnitude, "cifar10"
+        )
 
     @property
     def _label(self) -> str:
@@ -353,6 +511,15 @@ class ImageFolderDataModule(_DataModule):
         val_fraction: Fraction held out for validation when ``root`` has no train/val split.
         seed: Seed of the train/val split and of the training shuffle.
         pin_memory: Pin batches in page-locked memory.
+        auto_augment: ``"randaugment"``, ``"trivialaugment"``, ``"autoaugment"`` (ImageNet
+            policy) or ``None`` on training images (see :func:`policy`).
+        random_erasing: probability of RandomErasing on a training image.
+        mixup_alpha: MixUp on training batches (soft targets); 0: off.
+        cutmix_alpha: CutMix on training batches (soft targets); 0: off.
+        randaugment_magnitude: RandAugment's magnitude (0-30).
+        interpolation: ``"bilinear"`` or ``"bicubic"``: resampling of the training crop and
+            the evaluation resize.
+        crop_pct: evaluation centre crop as a fraction of the resized side (0.875: 256 -> 224).
     """
 
     in_channels = 3
@@ -366,29 +533,32 @@ class ImageFolderDataModule(_DataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         pin_memory: bool = False,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        randaugment_magnitude: int = 9,
+        interpolation: str = "bilinear",
+        crop_pct: float = 0.875,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, pin_memory)
+        super().__init__(batch_size, num_workers, seed, pin_memory, mixup_alpha, cutmix_alpha)
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ConfigError("expected 'bilinear' or 'bicubic'", "interpolation", interpolation)
+        if not 0 < crop_pct <= 1:
+            raise ConfigError("must be in (0, 1]", "crop_pct", crop_pct)
         if not 0 <= val_fraction < 1:
             raise ConfigError("must be in [0, 1)", "val_fraction", val_fraction)
         self.save_hyperparameters()
         self.root = Path(root)
         self.image_size = image_size
         self.val_fraction = val_fraction
-        self.train_transform = T.Compose(
-            [
-                T.RandomResizedCrop(image_size),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
+        resample = v2.InterpolationMode(interpolation)
+        crop = [v2.RandomResizedCrop(image_size, interpolation=resample), v2.RandomHorizontalFlip()]
+        self.train_transform = train_transform(
+            crop, IMAGENET_MEAN, IMAGENET_STD, auto_augment, random_erasing, randaugment_magnitude
         )
-        self.eval_transform = T.Compose(
-            [
-                T.Resize(int(image_size * 256 / 224)),
-                T.CenterCrop(image_size),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
+        self.eval_transform = eval_transform(
+            IMAGENET_MEAN, IMAGENET_STD, image_size, crop_pct, resample
         )
         self.classes: list[str] | None = None
         self.num_classes: int | None = None

@@ -8,15 +8,25 @@ The network is given either as a module or as its constructor config, a dict tha
 
     model = Classifier.load_from_checkpoint("best.ckpt")            # training form
     net = create_model(**ckpt["hyper_parameters"]["net_config"])     # or just the network
+
+Training-recipe knobs (see ``docs/training.md``): a per-step schedule with warmup
+(:func:`repsqueeze.optim.warmup_schedule`), weight-decay rules and the RepVGG / DBB
+regularisers (:mod:`repsqueeze.optim`), soft targets (MixUp / CutMix batches from
+:mod:`repsqueeze.data`), ``channels_last``. EMA is Lightning's ``EMAWeightAveraging``
+callback: it validates, checkpoints (``state_dict``) and leaves in the module after training
+the averaged weights, so the best checkpoint, the test and the deployed network are the EMA's.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
@@ -25,6 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from repsqueeze.convert import deploy, set_mode
 from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32
+from repsqueeze.optim import Regularizer, dbb_identity_l2, repvgg_custom_l2, weight_decay_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 _WEIGHT_SOURCES = ("pretrained", "pretrained_cfg_overlay")  # create_model's, not saved
@@ -34,6 +45,10 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 class Classifier(LightningModule):
     """Image classifier with cross-entropy loss, top-1 (and top-5) accuracy per stage, and a
     deployed-vs-training equivalence check on the test set.
+
+    Training targets are class indices, or class probabilities ``(N, num_classes)`` (MixUp /
+    CutMix batches): the loss is then the cross-entropy against them, and ``train/acc`` counts
+    the predictions that hit the most probable class (the larger share of a mixed image).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``,
     ``test/loss``, ``test/acc`` (``*/acc_top5`` when there are more than 5 classes) and, from
@@ -48,7 +63,10 @@ class Classifier(LightningModule):
         net: the network, or its ``create_model`` config (then saved as ``net_config``).
         optimizer: ``optimizer(params=...)`` builds the optimizer, e.g. a
             ``functools.partial(torch.optim.SGD, lr=0.1)``; only needed to train.
-        scheduler: ``scheduler(optimizer=...)`` builds an epoch-wise LR scheduler, or ``None``.
+        scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or ``None``. One that
+            takes ``total_steps`` and ``steps_per_epoch`` (as
+            :func:`repsqueeze.optim.warmup_schedule`) gets them from the trainer and is
+            stepped after every optimizer step; any other is stepped once per epoch.
         num_classes: number of classes; taken from ``net_config`` when omitted.
         label_smoothing: label smoothing of the cross-entropy loss.
         deploy_tolerance: largest relative logit difference the deployed model may show.
@@ -62,6 +80,16 @@ class Classifier(LightningModule):
             ``{"mode": "max-autotune"}`` or ``{"backend": "eager"}``). The parameters stay
             in the uncompiled ``net`` (clean ``state_dict`` keys, no ``_orig_mod.``), and the
             test-time deploy check runs the uncompiled network.
+        no_decay_norm_bias: no weight decay on normalisation layers, biases and per-channel
+            scales (:func:`repsqueeze.optim.weight_decay_groups`); ``False`` decays every
+            parameter with the optimizer's ``weight_decay``.
+        repvgg_custom_l2: RepVGG's custom L2 on each block's equivalent kernel instead of
+            weight decay on its two kernels (:func:`repsqueeze.optim.repvgg_custom_l2`),
+            weighted by ``0.5 * weight_decay``.
+        dbb_identity_l2: decay DBB's identity-initialised 1x1 on its difference from the
+            identity (:func:`repsqueeze.optim.dbb_identity_l2`) instead of towards zero.
+        channels_last: keep the network's 4-D weights and the inputs in channels-last
+            memory format (faster convolutions on recent GPUs, above all with bf16).
     """
 
     def __init__(
@@ -75,6 +103,10 @@ class Classifier(LightningModule):
         net_config: Mapping[str, Any] | None = None,
         mode: str | None = None,
         compile: bool | Mapping[str, Any] = False,
+        no_decay_norm_bias: bool = False,
+        repvgg_custom_l2: bool = False,
+        dbb_identity_l2: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(net, Mapping):
@@ -102,9 +134,15 @@ class Classifier(LightningModule):
                 "deploy_tolerance": deploy_tolerance,
                 "mode": mode,
                 "compile": compile,
+                "no_decay_norm_bias": no_decay_norm_bias,
+                "repvgg_custom_l2": repvgg_custom_l2,
+                "dbb_identity_l2": dbb_identity_l2,
+                "channels_last": channels_last,
             }
         )
         self.net = set_mode(net, mode) if mode is not None else net
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.optimizer_factory = optimizer
         self.compile_options = compile  # also here: a callable backend is not a hyperparameter
         self.scheduler_factory = scheduler
@@ -118,6 +156,16 @@ class Classifier(LightningModule):
         # (built in on_test_start) and the compiled network (built in configure_model).
         self.__dict__["deployed"] = None
         self.__dict__["compiled_net"] = None
+        self.__dict__["regularizers"] = []  # built with the optimizer
+
+    def setup(self, stage: str) -> None:
+        """Gives the model summary an example input (one image of the data module's shape),
+        so that it counts FLOPs; not when compiling (the summary would compile once more)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        channels = getattr(datamodule, "in_channels", None)
+        size = getattr(datamodule, "image_size", None)
+        if self.example_input_array is None and not self.compile_options and channels and size:
+            self.example_input_array = torch.zeros(1, channels, size, size)
 
     def configure_model(self) -> None:
         """Compiles ``net`` when ``compile`` is set (once; Lightning calls this per stage)."""
@@ -128,13 +176,15 @@ class Classifier(LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         net = self.compiled_net if self.compiled_net is not None else self.net
+        if self.hparams.get("channels_last") and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return net(x)  # (N, num_classes)
 
     def _step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.criterion(logits, y)
-        metrics(logits, y)
+        loss = self.criterion(logits, y)  # y: (N,) class indices or (N, C) probabilities
+        metrics(logits, y.argmax(dim=1) if y.ndim == 2 else y)
         self._log_stage(metrics, loss)
         return loss
 
@@ -143,6 +193,16 @@ class Classifier(LightningModule):
         self.log(f"{stage}loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         for name, metric in metrics.items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == "val/acc")
+
+    def on_fit_start(self) -> None:
+        averaging = [c for c in self.trainer.callbacks if isinstance(c, WeightAveraging)]
+        for callback in averaging:
+            rank_zero_info(
+                f"{type(callback).__name__}: validation, best-checkpoint selection, the "
+                "checkpoints' state_dict and the weights left after training (tested and "
+                "deployed) are the averaged weights; the raw ones are in the checkpoints' "
+                "current_model_state"
+            )
 
     def on_train_start(self) -> None:
         # The sanity-check validation must not count towards the best accuracy; a resumed
@@ -160,7 +220,13 @@ class Classifier(LightningModule):
         self.__dict__["resumed_best"] = checkpoint.get("val_acc_best")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, self.train_metrics)
+        loss = self._step(batch, self.train_metrics)
+        if not self.regularizers:
+            return loss
+        weight_decay = self._weight_decay
+        penalty = sum(r.term() for r in self.regularizers)
+        self.log("train/l2", penalty, on_step=False, on_epoch=True, sync_dist=True)
+        return loss + 0.5 * weight_decay * penalty
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, self.val_metrics)
@@ -216,14 +282,62 @@ class Classifier(LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise RuntimeError("Classifier was built without an optimizer; pass one to train")
-        optimizer = self.optimizer_factory(params=self.parameters())
+        regularizers = self._regularizers()
+        covered = [p for r in regularizers for p in r.params]
+        groups = weight_decay_groups(self.net, self.hparams.get("no_decay_norm_bias"), covered)
+        optimizer = self.optimizer_factory(params=[g for g in groups if g["params"]])
+        self.__dict__["regularizers"] = regularizers
+        self._weight_decay = float(optimizer.defaults.get("weight_decay") or 0.0)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        interval = "epoch"
+        if _takes_lengths(self.scheduler_factory):
+            interval = "step"
+            total, per_epoch = self._schedule_lengths()
+            scheduler = self.scheduler_factory(
+                optimizer=optimizer, total_steps=total, steps_per_epoch=per_epoch
+            )
+        else:
+            scheduler = self.scheduler_factory(optimizer=optimizer)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval, "monitor": "val/loss"},
         }
+
+    def _regularizers(self) -> list[Regularizer]:
+        found = []
+        if self.hparams.get("repvgg_custom_l2"):
+            found.append(repvgg_custom_l2(self.net))
+        if self.hparams.get("dbb_identity_l2"):
+            found.append(dbb_identity_l2(self.net))
+        return found
+
+    def _schedule_lengths(self) -> tuple[int, int]:
+        """``(total, per_epoch)`` optimizer steps of the fit (``(1, 1)`` without a trainer,
+        as when the optimizer is built once to check its arguments)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1, 1
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "a per-step schedule needs a finite run: set trainer.max_epochs or "
+                "trainer.max_steps"
+            )
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            return int(total), int(total)
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        return int(total), max(1, per_epoch)
+
+
+def _takes_lengths(factory: Callable[..., Any]) -> bool:
+    """Whether a scheduler factory takes ``total_steps`` and ``steps_per_epoch``."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "total_steps" in params and "steps_per_epoch" in params
 
 
 def _dtype_of(net: nn.Module) -> torch.dtype:
