@@ -167,6 +167,17 @@ class Classifier(LightningModule):
         if self.example_input_array is None and not self.compile_options and channels and size:
             self.example_input_array = torch.zeros(1, channels, size, size)
 
+    @property
+    def example_input_array(self) -> Tensor | None:
+        """The summary's example input, in the network's dtype at the time it is read (the
+        precision plugin converts the network after :meth:`setup`, e.g. ``precision=64``)."""
+        x = self._example_input_array
+        return x if x is None else x.to(_dtype_of(self.net))
+
+    @example_input_array.setter
+    def example_input_array(self, example: Tensor | None) -> None:
+        self._example_input_array = example
+
     def configure_model(self) -> None:
         """Compiles ``net`` when ``compile`` is set (once; Lightning calls this per stage)."""
         options = self.compile_options
