@@ -5,6 +5,7 @@
     python benchmarks/run.py --quick          # tiny sizes, the CI smoke test (temp folder)
     python benchmarks/run.py --only latency,exactness
     python benchmarks/run.py --plot-only      # redraw the PNGs from the committed JSON files
+    python benchmarks/run.py --deploy-time    # deploy time vs timm and the official fusions
 
 Every comparison runs in this one process with a fixed number of threads, interleaved
 (round after round, every variant once per round, so drift hits all alike), timed with
@@ -630,7 +631,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="writes OUT.md, OUT.json and OUT_*.png")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the PNGs of benchmarks/results*.json (or --out) and exit")  # fmt: skip
+    parser.add_argument("--deploy-time", action="store_true",
+                        help="the deploy-time table alone (deploy_time.py): results_deploy.{md,json}")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.deploy_time:
+        import deploy_time
+
+        out = ["--out", args.out] if args.out else []
+        return deploy_time.main(["--quick"] * args.quick + out)
     if args.plot_only:
         outs = [Path(args.out)] if args.out else [HERE / "results", HERE / "results_cuda"]
         for out in outs:

@@ -183,10 +183,10 @@ class Layout:
         every = (slice(None), slice(None), *(slice(None, None, d) for d in self.dilation))
         weight = F.pad(m.weight, self.widen)[every]
         g, go, gi = self.groups, self.out_channels // self.groups, self.in_channels // self.groups
-        if g > 1:
-            weight = torch.cat(
-                [weight[i * go : (i + 1) * go, i * gi : (i + 1) * gi] for i in range(g)]
-            )
+        if g > 1:  # the diagonal blocks, in one indexing op: (g, go, gi, *k)
+            idx = torch.arange(g, device=weight.device)
+            blocks = weight.reshape(g, go, g, gi, *weight.shape[2:])[idx, :, idx]
+            weight = blocks.reshape(self.out_channels, gi, *weight.shape[2:])
         return weight, m.bias
 
 
@@ -199,31 +199,63 @@ def layout(structure: ConvMap) -> Layout:
             architecture never depends on the values of the weights.
     """
     ndim = structure.ndim
+    return grouped_layout(structure.weight, 1, (1,) * ndim, structure.stride, structure.pad)
+
+
+def grouped_layout(
+    weight: Tensor, groups: int, dilation: tuple[int, ...], stride: tuple[int, ...], pad: Pad
+) -> Layout:
+    """:func:`layout` of the map whose kernel is ``weight`` grouped ``groups`` ways and dilated
+    by ``dilation``, read from that compact form (no dense kernel is built).
+
+    Args:
+        weight: structural kernel ``(C_out, C_in / groups, *k)`` (non-negative indicators).
+        groups: its groups.
+        dilation: its dilation, per spatial dim.
+        stride: the map's stride.
+        pad: the map's ``(left, right)`` padding, per spatial dim.
+    """
+    ndim = weight.dim() - 2
     # nn.ConvNd pads symmetrically: widen an asymmetric window with zero taps.
-    padding, widen = [], []
-    for left, right in structure.pad:
+    padding, front, widen = [], [], []
+    for left, right in pad:
         q = max(left, right)
         padding.append(q)
+        front.append(q - left)
         widen += [q - right, q - left]
     widen = widen[::-1]  # F.pad wants the last dim first, each as (front, back)
-    taps = F.pad(structure.weight.ne(0).to(torch.uint8), widen).bool()
-    dilation = []
+    nonzero = weight.ne(0)
+    kernel = []
+    dilations = []
     for d in range(ndim):
         other = tuple(i for i in range(ndim + 2) if i != d + 2)
-        used = taps.any(dim=other).nonzero().flatten().tolist()
-        dilation.append(math.gcd(*used, taps.shape[d + 2] - 1) or 1)
-    taps = taps[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))]
-    c_out, c_in = taps.shape[:2]
+        used = nonzero.any(dim=other).nonzero().flatten().tolist()
+        window = dilation[d] * (weight.shape[d + 2] - 1) + 1 + padding[d] * 2 - sum(pad[d])
+        step = math.gcd(*(front[d] + dilation[d] * i for i in used), window - 1) or 1
+        dilations.append(step)
+        kernel.append((window - 1) // step + 1)
+    c_out, c_in = weight.shape[0], weight.shape[1] * groups
     return Layout(
         in_channels=c_in,
         out_channels=c_out,
-        kernel_size=tuple(taps.shape[2:]),
-        stride=structure.stride,
+        kernel_size=tuple(kernel),
+        stride=tuple(stride),
         padding=tuple(padding),
-        dilation=tuple(dilation),
-        groups=largest_groups(taps.flatten(2).any(-1)),
+        dilation=tuple(dilations),
+        groups=largest_groups(_channel_mask(nonzero.flatten(2).any(-1), groups)),
         widen=tuple(widen),
     )
+
+
+def _channel_mask(grouped: Tensor, groups: int) -> Tensor:
+    """The ``(C_out, C_in)`` mask of a ``groups``-grouped ``(C_out, C_in / groups)`` one."""
+    if groups == 1:
+        return grouped
+    c_out, c_in_g = grouped.shape
+    mask = grouped.new_zeros(groups, c_out // groups, groups, c_in_g)
+    idx = torch.arange(groups, device=grouped.device)
+    mask[idx, :, idx] = grouped.reshape(groups, c_out // groups, c_in_g)
+    return mask.reshape(c_out, groups * c_in_g)
 
 
 def to_conv(
@@ -244,24 +276,51 @@ def to_conv(
             (for building a deployed architecture whose weights a state dict will fill).
     """
     lay = layout(structure)
-    conv = CONV_CLASSES[structure.ndim](
-        lay.in_channels,
-        lay.out_channels,
-        lay.kernel_size,
-        stride=lay.stride,
-        padding=lay.padding,
-        dilation=lay.dilation,
-        groups=lay.groups,
-        bias=True,
-        padding_mode=padding_mode,
-        device=device,
-        dtype=dtype,
-    )
-    if values is not None:
-        weight, bias = lay.pack(values)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.bias.copy_(bias)
+    if values is None:
+        return conv_of(lay, padding_mode, dtype, device)
+    weight, bias = lay.pack(values)
+    return conv_of(lay, padding_mode, dtype, device, weight, bias)
+
+
+def conv_of(
+    lay: Layout,
+    padding_mode: str,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> nn.Module:
+    """The ``nn.ConvNd`` of a layout.
+
+    Args:
+        lay: the layout.
+        padding_mode: padding mode of the result.
+        dtype: dtype of the result.
+        device: device of the result.
+        weight: the packed kernel to hold (cast once to ``dtype``); ``None`` leaves the
+            default initialisation (a deployed architecture a state dict will fill).
+        bias: the bias to hold (zeros when ``None`` and ``weight`` is given).
+        memory_format: memory format of the weight (``torch.channels_last`` keeps a
+            channels-last model channels-last).
+    """
+    cls, kw = CONV_CLASSES[len(lay.kernel_size)], {"device": device, "dtype": dtype}
+    args = (lay.in_channels, lay.out_channels, lay.kernel_size)
+    shape = {
+        "stride": lay.stride, "padding": lay.padding, "dilation": lay.dilation,
+        "groups": lay.groups, "bias": True, "padding_mode": padding_mode,
+    }  # fmt: skip
+    if weight is None:
+        conv = cls(*args, **shape, **kw)
+        if memory_format is not torch.contiguous_format:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
+        return conv
+    conv = nn.utils.skip_init(cls, *args, **shape, **kw)  # no random init to overwrite
+    # always a copy: the result never shares memory with the tensors it was built from
+    conv.weight.data = torch.empty_like(weight, **kw, memory_format=memory_format).copy_(weight)
+    conv.bias.data = torch.zeros(lay.out_channels, **kw)
+    if bias is not None:
+        conv.bias.data.copy_(bias)
     return conv
 
 

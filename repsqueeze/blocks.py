@@ -21,16 +21,20 @@ Ding et al., "Diverse Branch Block", CVPR 2021; Guo et al., "ExpandNets", NeurIP
 
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from repsqueeze import online, primitives
-from repsqueeze.algebra import ConvMap, Pad, chain, concat, parallel, to_conv
+from repsqueeze.algebra import ConvMap, Layout, Pad, chain, concat, conv_of, parallel
 from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = online.MODES
@@ -43,13 +47,14 @@ class Squeezable(nn.Module):
     end of ``__init__``. After :meth:`deploy` the block holds only ``self.conv``.
     """
 
-    deployed: bool = False
-    mode: str = "chain"
-    _children_attr: str = ""
+    # Class defaults without annotations: TorchScript cannot read postponed (string) ones.
+    deployed = False
+    mode = "chain"
+    _children_attr = ""
     # How the children combine: "chain" (in order) and "sum" (parallel branches) have fast
     # online rules; any other value (a subclass with its own _combine_maps) is composed
     # through _combine_maps, exactly but with dense kernels.
-    _combine: str = "generic"
+    _combine = "generic"
 
     def _finalize(self, deployed: bool = False, mode: str = "chain") -> None:
         """Validates the structure (errors name the layer) and builds the deployed form.
@@ -58,6 +63,9 @@ class Squeezable(nn.Module):
             deployed: build the single convolution directly (its weights left at their
                 default initialisation, for a state dict to fill) and drop the branches.
         """
+        check_inner_hooks(self, "build")
+        # the modules the training form runs as functions (hooks checked at each forward)
+        self._inner_layers = tuple(m for _, m in inner_layers(self, ""))
         self._geometry_cache: dict[int, Geometry] = {}
         self._plans: dict[int, online.Plan] = {}
         self._auto_cache: dict[tuple, str] = {}
@@ -67,8 +75,9 @@ class Squeezable(nn.Module):
         self.set_mode(mode if not deployed else "chain")
         self.mode = mode
         if deployed:
-            conv = to_conv(
-                self._structure(), self._padding_mode(), torch.get_default_dtype(), "cpu"
+            ndim = self._require_ndim()
+            conv = conv_of(
+                self.layout(ndim), self._padding_mode(), torch.get_default_dtype(), "cpu"
             )
             self._become(conv)
 
@@ -129,17 +138,69 @@ class Squeezable(nn.Module):
             )
         return c_in
 
-    def _structure(self) -> ConvMap:
-        return node_map(self, self._in_channels(), self._require_ndim(), "", STRUCTURE)
+    def layout(self, ndim: int, head: int | None = None) -> Layout:
+        """The squeezed convolution's shape (kernel, stride, padding, dilation, groups),
+        decided from the structure alone and cached per structure: blocks of one kind and
+        shape share one decision.
+
+        Args:
+            ndim: spatial dimensionality.
+            head: compose only the first ``head`` children (online mode's plan); ``None``:
+                all of them.
+        """
+        parts = self.named_parts()
+        head = len(parts) if head is None else head
+        key = structure_key(self)
+        key = (key, ndim, head) if key is not None else None
+        found = _LAYOUTS.get(key) if key is not None else None
+        if found is None:
+            ctx = online.Ctx(ndim, STRUCTURE)
+            c_in = self._in_channels()
+            if head == len(parts):
+                term = online.term_of(self, c_in, "", ctx)
+            else:
+                term = online.chain_of(parts[:head], c_in, "", ctx)
+            found = online.term_layout(term, c_in, ctx)
+            if key is not None:
+                if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+                    _LAYOUTS.clear()
+                _LAYOUTS[key] = found
+        return found
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return self.conv(x)
+            return self.conv(x)  # (N, C_out, *spatial), or (C_out, *spatial) unbatched
+        return self._forward_training(x)
+
+    @torch.jit.unused  # not annotated: TorchScript cannot resolve postponed annotations here
+    def _forward_training(self, x):
+        check_inner_hooks(self, "forward")
         ndim = self._ndim or x.dim() - 2
+        unbatched = x.dim() == ndim + 1  # (C, *spatial), as torch's convolutions take it
+        if not unbatched and x.dim() != ndim + 2:
+            raise ValueError(
+                f"{type(self).__name__}: a {ndim}-D block takes (N, C, *spatial) or unbatched "
+                f"(C, *spatial) input ({ndim + 2} or {ndim + 1} dims), got shape {tuple(x.shape)}"
+            )
+        x = x.unsqueeze(0) if unbatched else x  # (N, C, *spatial)
         if online.pick_mode(self, x, ndim) == "online":
-            return online.forward(self, x, ndim)
-        return self._run_chain(x, ndim)
+            y = online.forward(self, x, ndim)
+        else:
+            y = self._run_chain(x, ndim)
+        return y.squeeze(0) if unbatched else y
+
+    def __prepare_scriptable__(self) -> Squeezable:
+        """``torch.jit.script`` calls this first: a deployed block scripts (its forward is
+        its conv); the training form composes kernels in Python, which TorchScript cannot
+        compile."""
+        if not self.deployed:
+            raise TypeError(
+                f"torch.jit.script: {type(self).__name__} is in training form, which "
+                "TorchScript cannot compile; script rs.deploy(model) or, for a model of torch "
+                "modules only, rs.deploy(model, unwrap=True)"
+            )
+        return self
 
     # --- modes: chain, online (repsqueeze.online), auto ------------------------------------------
     def set_mode(self, mode: str) -> Squeezable:
@@ -188,25 +249,17 @@ class Squeezable(nn.Module):
     def squeeze(self) -> nn.Module:
         """A new ``nn.ConvNd`` equal to this block in eval mode; the block is unchanged.
 
-        Composed in float64, cast once to the dtype of the block's parameters; a value the
-        cast overflows (float16) is a ``ValueError``. On the ``meta`` device the result is
-        the deployed architecture with no values.
+        Composed in float64, cast once to the dtype of the block's parameters, on their
+        device and in their memory format (``channels_last`` stays ``channels_last``); a
+        value the cast overflows (float16) is a ``ValueError``. On the ``meta`` device the
+        result is the deployed architecture with no values.
         """
+        check_inner_hooks(self, "deploy")
         if self.deployed:
             conv = type(self.conv)(**_conv_kwargs(self.conv))
             conv.load_state_dict(self.conv.state_dict())
             return conv
-        ndim = self._require_ndim()
-        device = primitives.device_of(self)
-        structure, mode, dtype = self._structure(), self._padding_mode(), self._dtype()
-        if device.type == "meta":  # no values: the architecture alone, from the structure
-            return to_conv(structure, mode, dtype, device)
-        values = node_map(
-            self, self._in_channels(), ndim, "", Precision("exact", torch.float64, device)
-        )
-        conv = to_conv(structure, mode, dtype, device, values)
-        _check_cast(self, conv, values)
-        return conv
+        return squeeze_all([("", self)])[0]
 
     @torch.no_grad()
     def deploy(self) -> Squeezable:
@@ -215,10 +268,7 @@ class Squeezable(nn.Module):
         Idempotent. BatchNorm is folded with its running statistics.
         """
         if not self.deployed:
-            conv = self.squeeze()
-            self._plans.clear()
-            conv.train(self.training)
-            self._become(conv)
+            self._become(self.squeeze())
         return self
 
     def reparameterize(self) -> None:
@@ -226,12 +276,14 @@ class Squeezable(nn.Module):
         place, returns ``None`` as timm's blocks do."""
         self.deploy()
 
-    def _become(self, conv: nn.Module) -> None:
-        ndim = self._require_ndim()
-        geo = self.geometry(ndim)
-        self._deployed_geometry = geo
+    def _become(self, conv: nn.Module, geo: Geometry | None = None) -> None:
+        """Holds ``conv`` (in this block's train/eval mode) in place of the children;
+        ``geo``: the block's geometry when the children are already gone."""
+        self._deployed_geometry = geo or self.geometry(self._require_ndim())
+        self._plans.clear()
         delattr(self, self._children_attr)
-        self.conv = conv
+        del self._inner_layers  # they are freed with the branches
+        self.conv = conv.train(self.training)
         self.deployed = True
 
     def extra_repr(self) -> str:
@@ -388,6 +440,83 @@ class Concat(Squeezable):
     def extra_repr(self) -> str:
         split = f"split={self.split}" if self.split is not None else ""
         return ", ".join(filter(None, [split, super().extra_repr()]))
+
+
+# --- hooks on the layers inside a block ----------------------------------------------------
+# torch.nn.utils functions that recompute a layer's weight in a forward pre-hook, and their
+# replacements, parametrizations, which recompute it on every read of ``layer.weight``.
+_WEIGHT_PRE_HOOKS = {
+    WeightNorm: ("weight_norm", "torch.nn.utils.parametrizations.weight_norm"),
+    SpectralNorm: ("spectral_norm", "torch.nn.utils.parametrizations.spectral_norm"),
+}
+
+
+def check_inner_hooks(block: Squeezable, when: str) -> None:
+    """``ValueError`` naming the first layer inside ``block`` that has a hook the block
+    would ignore.
+
+    A block runs its layers as functions (on an input it padded once, or composed into one
+    kernel), never as ``layer(x)``, so a layer's hooks are never called. Forward pre-hooks
+    and forward hooks can change values: refused when ``when`` is ``"build"``, ``"deploy"``
+    or ``"forward"``; backward hooks only at ``"forward"``. Parametrizations
+    (``torch.nn.utils.parametrize``) are no hooks: the block reads them through
+    ``layer.weight``.
+    """
+    forward = when == "forward"
+    layers = block._inner_layers if forward else [m for _, m in inner_layers(block, "")]
+    for m in layers:
+        if (
+            m._forward_pre_hooks
+            or m._forward_hooks
+            or forward
+            and (m._backward_pre_hooks or m._backward_hooks)
+        ):
+            name = next((n for n, other in inner_layers(block, "") if other is m), "?")
+            raise ValueError(f"{type(block).__name__}: {_hook_problem(m, name, when)}")
+
+
+def inner_layers(node: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """Every module below a block or ``nn.Sequential`` that it runs as a function (layers,
+    nested blocks and chains, a nested deployed block's conv), with its path."""
+    if isinstance(node, Squeezable) and node.deployed:
+        return [(join(path, "conv"), node.conv)] if path else []
+    out = []
+    for name, child in _parts(node):
+        out.append((join(path, name), child))
+        if isinstance(child, (Squeezable, nn.Sequential)):
+            out += inner_layers(child, join(path, name))
+    return out
+
+
+def _hook_problem(layer: nn.Module, path: str, when: str) -> str:
+    where = name_of(layer, path)
+    ignored = "a block never calls its layers' hooks (it runs them as functions)"
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            return (
+                f"{where} is pruned with torch.nn.utils.prune, whose forward pre-hook "
+                f"recomputes the {hook._tensor_name}, and {ignored}: make the pruning "
+                f"permanent first (prune.remove(layer, '{hook._tensor_name}')), or prune the "
+                "deployed convolution"
+            )
+        if type(hook) in _WEIGHT_PRE_HOOKS:
+            old, new = _WEIGHT_PRE_HOOKS[type(hook)]
+            return (
+                f"{where} has torch.nn.utils.{old}, whose forward pre-hook recomputes the "
+                f"weight, and {ignored}: use {new} (a parametrization, which the block reads)"
+            )
+    kinds = [("forward pre-hook", layer._forward_pre_hooks), ("forward hook", layer._forward_hooks)]
+    if when == "forward":
+        kinds += [
+            ("backward pre-hook", layer._backward_pre_hooks),
+            ("backward hook", layer._backward_hooks),
+        ]
+    kind, hook = next((k, next(iter(h.values()))) for k, h in kinds if h)
+    what = getattr(hook, "__qualname__", type(hook).__name__)
+    return (
+        f"{where} has a {kind} ({what}), and {ignored}: register it on the block itself, or "
+        "keep the layer outside the block"
+    )
 
 
 # --- dispatch over the kinds of node: block, Sequential, single layer ------------------------
@@ -739,9 +868,165 @@ def _deployed_run(block: Squeezable, x: Tensor, ndim: int) -> Tensor:
     return primitives.run(conv, pad(x, extra, "zeros"), ((0, 0),) * ndim, ndim)
 
 
-def _check_cast(block: Squeezable, conv: nn.Module, values: ConvMap) -> None:
+# --- squeeze: the exact composite of many blocks, checked at once ---------------------------
+_LAYOUTS: dict[tuple, Layout] = {}  # structure_key -> layout, shared by blocks alike
+_LAYOUTS_KEPT = 4096
+
+
+def structure_key(block: Squeezable) -> tuple | None:
+    """What decides a block's squeezed architecture: the class, shape attributes and number
+    of children of every module in it, in order; ``None`` for a block with a combination of
+    its own (a subclass's ``_combine_maps``), whose architecture is never cached."""
+    key = []
+    for m in block.modules():
+        if isinstance(m, Squeezable):
+            if m._combine not in ("chain", "sum") and type(m) is not Concat and not m.deployed:
+                return None
+            extra = (m.deployed, getattr(m, "split", None))
+            if m.deployed:
+                extra += (m._deployed_geometry,)
+        elif isinstance(m, primitives.CONVS):
+            extra = (
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                m.groups, m.padding_mode,
+            )  # fmt: skip
+        elif isinstance(m, _BatchNorm):
+            extra = (m.num_features,)
+        elif isinstance(m, primitives.POOLS):
+            extra = (
+                m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                getattr(m, "divisor_override", None),
+            )  # fmt: skip
+        else:
+            extra = ()
+        extra = tuple(tuple(v) if isinstance(v, list) else v for v in extra)  # hashable
+        key.append((type(m), len(m._modules), *extra))
+    return tuple(key)
+
+
+def memory_format_of(block: nn.Module) -> torch.memory_format:
+    """``torch.channels_last`` (``_3d``) when a conv weight of the block is stored that way
+    (a 1x1 kernel too: by its strides), else ``torch.contiguous_format``."""
+    for m in block.modules():
+        w = getattr(m, "weight", None) if isinstance(m, primitives.CONVS) else None
+        if w is None or w.dim() not in (4, 5):
+            continue
+        fmt = torch.channels_last if w.dim() == 4 else torch.channels_last_3d
+        if w.stride() == _strides(w.shape, fmt) != _strides(w.shape, torch.contiguous_format):
+            return fmt
+    return torch.contiguous_format
+
+
+def _strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=fmt).stride()
+
+
+def squeeze_all(named: list[tuple[str, Squeezable]]) -> list[nn.Module]:
+    """The squeezed convolution of each block (none deployed), the blocks unchanged.
+
+    Each composite is built from the blocks' tensors in float64 with the fewest, largest
+    ops (:mod:`repsqueeze.online`'s grouped terms; the architecture from :meth:`layout`);
+    every input and output tensor is checked for non-finite values at once. Only when that
+    check fails are the blocks rebuilt one by one with per-tensor checks, which raise the
+    ``ValueError`` naming the layer (prefixed by the block's path, when given).
+
+    Args:
+        named: ``(path, block)`` pairs; ``path`` is prefixed to a block's error.
+    """
+    return _checked(named, _squeezed)
+
+
+def composites(named: list[tuple[str, Squeezable]]) -> list[tuple[Tensor, Tensor]]:
+    """The float64 ``(weight, bias)`` of each block's squeezed convolution (in the layout of
+    :meth:`Squeezable.layout`; a deployed block's own), checked as in :func:`squeeze_all`."""
+    return _checked(named, _composite)
+
+
+def _checked(named: list[tuple[str, Squeezable]], build: Callable) -> list:
+    """``build(block, check=False)`` of every block, then one check of all the tensors read
+    and made; when it fails, ``build(block, check=True)`` block by block names the layer."""
+    results, tensors = [], []
+    for _, block in named:
+        result, made = build(block, check=False)
+        results.append(result)
+        if made:  # (none on the meta device: no values to check)
+            tensors += [t for t in (*block.parameters(), *block.buffers()) if t.is_floating_point()]
+            tensors += made
+    if primitives.all_finite(tensors):
+        return results
+    for i, (path, block) in enumerate(named):
+        try:
+            results[i] = build(block, check=True)[0]
+        except ValueError as err:  # the block's message names layers inside it: add where
+            raise ValueError(f"{path}: {err}" if path else str(err)) from err
+    return results
+
+
+def _composite(block: Squeezable, check: bool) -> tuple[tuple[Tensor, Tensor], list[Tensor]]:
+    if block.deployed:
+        conv = block.conv
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        pair = conv.weight.detach().double(), bias.detach().to(conv.weight.device).double()
+        return pair, list(pair)
+    ndim, c_in = block._require_ndim(), block._in_channels()
+    how = Precision("exact", torch.float64, primitives.device_of(block), check=check)
+    ctx = online.Ctx(ndim, how)
+    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), block.layout(ndim), c_in, ctx)
+    bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    return (weight, bias), [weight, bias]
+
+
+def deploy_blocks(
+    model: nn.Module, named: list[tuple[str, Squeezable]], inplace: bool
+) -> nn.Module:
+    """``model`` with the given blocks of it deployed (:func:`squeeze_all`: all checked before
+    anything changes).
+
+    Args:
+        model: the model holding the blocks.
+        named: ``(path, block)`` of blocks of ``model``, none inside another.
+        inplace: deploy them in ``model``; else in a deep copy of ``model`` that never copies
+            the children of these blocks (the convolutions replace them).
+    """
+    convs = squeeze_all(named)
+    if inplace:
+        for (_, block), conv in zip(named, convs, strict=True):
+            block._become(conv)
+        return model
+    memo: dict[int, object] = {}
+    geos = []
+    for _, block in named:
+        geos.append(block.geometry(block._require_ndim()))
+        memo[id(getattr(block, block._children_attr))] = nn.ModuleList()
+        memo[id(block._inner_layers)] = ()  # the same layers, listed for the hook checks
+    model = copy.deepcopy(model, memo)
+    for (_, block), conv, geo in zip(named, convs, geos, strict=True):
+        memo[id(block)]._become(conv, geo)
+    return model
+
+
+def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, list[Tensor]]:
+    """``(conv, its tensors)``; ``check``: per-tensor checks, named errors."""
+    ndim = block._require_ndim()
+    c_in = block._in_channels()
+    lay = block.layout(ndim)
+    device, dtype, mode = primitives.device_of(block), block._dtype(), block._padding_mode()
+    fmt = memory_format_of(block)
+    if device.type == "meta":  # no values: the architecture alone, from the structure
+        return conv_of(lay, mode, dtype, device, memory_format=fmt), []
+    ctx = online.Ctx(ndim, Precision("exact", torch.float64, device, check=check))
+    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), lay, c_in, ctx)
+    conv = conv_of(lay, mode, dtype, device, weight, bias, fmt)
+    if check:
+        _check_cast(block, conv, weight, bias)
+    return conv, [conv.weight, conv.bias]  # the cast composite: non-finite if it was
+
+
+def _check_cast(block: Squeezable, conv: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
     """``ValueError`` when casting the float64 composite to the block's dtype overflowed."""
-    for attr, exact in (("weight", values.weight), ("bias", values.bias)):
+    for attr, exact in (("weight", weight), ("bias", bias)):
+        if exact is None:
+            continue
         if not torch.isfinite(getattr(conv, attr)).all():
             dtype = str(conv.weight.dtype).removeprefix("torch.")
             raise ValueError(

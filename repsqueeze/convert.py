@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,7 +15,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, SqueezableBlock
+from repsqueeze.blocks import (
+    Squeezable,
+    SqueezableBlock,
+    check_inner_hooks,
+    composites,
+    deploy_blocks,
+)
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.
@@ -28,62 +36,162 @@ def deploy(model: nn.Module, inplace: bool = False, unwrap: bool = False) -> nn.
     follow the common conventions (a ``reparameterize()``, ``switch_to_deploy()`` or
     ``fuse()`` method taking no required argument) are deployed by calling that method, and
     a module the method returns takes the block's place in its parent (timm's ``fuse()``
-    convention; ``reparameterize()`` works in place). Idempotent.
+    convention; ``reparameterize()`` works in place). Idempotent. A block used at several
+    places of the model is deployed once and stays shared.
+
+    A ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile`` wrapper is taken
+    off: the module it wraps is deployed and returned, unwrapped (a deployed model is for
+    inference; wrap it again if needed). BatchNorm is always folded with its running
+    statistics, as in eval mode; a block still in training mode gets a warning, and each
+    module keeps its mode (call ``.eval()`` on the result for inference).
 
     Args:
         model: any module.
         inplace: mutate ``model``; by default a deep copy is deployed and ``model`` is
             left untouched.
         unwrap: replace each deployed block of ours by its bare ``nn.ConvNd``, so the model
-            holds only torch modules (no repsqueeze import needed to load its ``state_dict``:
-            keys lose the block's ``.conv``), and no block's ``forward`` runs per call.
+            holds only torch modules (no repsqueeze import needed to load its ``state_dict``
+            or the whole pickled module: keys lose the block's ``.conv``, and what
+            :func:`expand` attached for :func:`contract` is dropped), and no block's
+            ``forward`` runs per call. A block used twice becomes one convolution used twice.
 
     Returns:
         The deployed model (``model`` itself when ``inplace``, unless a hook of ``model``
         itself returned a replacement; with ``unwrap``, the bare convolution when ``model`` is
         itself a block).
     """
-    if not inplace:
-        model = copy.deepcopy(model)
-    model = _deploy_tree(model, "")
-    return _unwrap(model) if unwrap else model
+    _check_module("deploy", model)
+    model = _without_wrappers(model)
+    _check_blocks(model)
+    _warn_if_training(model)
+    model = deploy_blocks(model, _top_blocks(model, "", set()), inplace)
+    model = _deploy_tree(model, "")  # other libraries' blocks; ours are deployed already
+    return _unwrap(model, {}) if unwrap else model
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def _top_blocks(module: nn.Module, path: str, seen: set[int]) -> list[tuple[str, Squeezable]]:
+    """``(path, block)`` of the outermost blocks of ours not deployed yet, in model order,
+    each once (``seen``: the modules visited, so that a shared block is listed once)."""
+    if id(module) in seen:
+        return []
+    seen.add(id(module))
     if isinstance(module, Squeezable):
+        return [] if module.deployed else [(path, module)]
+    found = []
+    for name, child in module._modules.items():  # not named_children: shared ones too
+        if child is not None:
+            found += _top_blocks(child, f"{path}.{name}" if path else name, seen)
+    return found
+
+
+def _check_module(what: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be an nn.Module, got {type(model).__name__}")
+
+
+def _wrappers() -> list[tuple[type, str]]:
+    """``(class, attribute holding the wrapped module)`` of DDP, DataParallel, compile."""
+    wrappers = [(nn.parallel.DistributedDataParallel, "module"), (nn.DataParallel, "module")]
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # no compiled module without it
+    if dynamo is not None:
+        wrappers.append((dynamo.OptimizedModule, "_orig_mod"))
+    return wrappers
+
+
+def _without_wrappers(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers, nested or not."""
+    while True:
+        attr = next((a for cls, a in _wrappers() if isinstance(model, cls)), None)
+        if attr is None:
+            return model
+        model = getattr(model, attr)
+
+
+def _check_blocks(model: nn.Module) -> None:
+    """Refuses, before anything is copied, hooks on layers inside blocks that deploying would
+    ignore (old-style weight norms cannot even be deep-copied)."""
+    for path, m in model.named_modules():
+        if isinstance(m, Squeezable) and not m.deployed:
+            try:
+                check_inner_hooks(m, "deploy")
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}" if path else str(err)) from err
+
+
+TRAINING_WARNING = (
+    "deploy: blocks in training mode are folded with their BatchNorm running statistics (as "
+    "in eval mode), and the deployed model keeps each module's mode; call model.eval() first"
+)
+
+
+def _warn_if_training(model: nn.Module) -> None:
+    """One warning when a block (ours, or one with a foreign hook) left to deploy trains."""
+    for m in model.modules():
+        if not m.training:
+            continue
+        if isinstance(m, Squeezable):
+            pending = not m.deployed
+        else:
+            pending = any(_is_hook(getattr(m, h, None)) for h in FOREIGN_HOOKS)
+        if pending:
+            warnings.warn(TRAINING_WARNING, UserWarning, stacklevel=4)  # deploy's caller
+            return
+
+
+def _unwrap(module: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
+    """``module`` with each deployed block replaced by its conv (``done``: what each module
+    already visited became, so that a shared block becomes one shared conv)."""
+    if id(module) in done:
+        return done[id(module)]
+    if isinstance(module, Squeezable):
+        done[id(module)] = module.conv
         return module.conv
-    for name, child in list(module.named_children()):
-        bare = _unwrap(child)
-        if bare is not child:
-            setattr(module, name, bare)
+    done[id(module)] = module
+    if isinstance(getattr(module, ORIGIN, None), Origin):
+        delattr(module, ORIGIN)  # only contract() reads it, and it needs the blocks
+    for name, child in list(module._modules.items()):  # not named_children: shared ones too
+        if child is not None:
+            bare = _unwrap(child, done)
+            if bare is not child:
+                setattr(module, name, bare)
     return module
 
 
-def _deploy_tree(module: nn.Module, path: str, hooked: set[int] | None = None) -> nn.Module:
+def _deploy_tree(
+    module: nn.Module, path: str, done: dict[int, nn.Module | None] | None = None
+) -> nn.Module:
     """Deploys ``module`` and everything below it; returns what takes its place.
 
-    ``path``: where ``module`` sits (prefixed to a block's error). ``hooked``: ids of the
-    modules whose hook ran, so that a replacement that wraps the old module does not run it
-    again."""
-    hooked = set() if hooked is None else hooked
+    ``path``: where ``module`` sits (prefixed to a block's error). ``done``: what each module
+    visited became (``None`` while below it is deployed), so that a module used twice is
+    deployed once and its replacement shared, and a replacement that wraps the old module
+    does not run its hook again."""
+    done = {} if done is None else done
+    key = id(module)
+    if done.get(key) is not None:
+        return done[key]
     if isinstance(module, Squeezable):
         try:
             module.deploy()
         except ValueError as err:  # the block's message names layers inside it: add where it is
             raise ValueError(f"{path}: {err}" if path else str(err)) from err
+        done[key] = module
         return module
-    for hook in FOREIGN_HOOKS:
-        method = getattr(module, hook, None)
-        if id(module) not in hooked and _is_hook(method):
-            hooked.add(id(module))
-            out = method()
-            if isinstance(out, nn.Module):
-                module = out
-            break
-    for name, child in list(module.named_children()):
-        new = _deploy_tree(child, f"{path}.{name}" if path else name, hooked)
-        if new is not child:
-            setattr(module, name, new)
+    if key not in done:
+        done[key] = None
+        for hook in FOREIGN_HOOKS:
+            method = getattr(module, hook, None)
+            if _is_hook(method):
+                out = method()
+                if isinstance(out, nn.Module):
+                    module = out
+                break
+    for name, child in list(module._modules.items()):  # not named_children: shared ones too
+        if child is not None:
+            new = _deploy_tree(child, f"{path}.{name}" if path else name, done)
+            if new is not child:
+                setattr(module, name, new)
+    done[key] = module
     return module
 
 
@@ -327,10 +435,23 @@ def expand(
         raise ValueError(
             "expand: online_norm=True blocks have no BatchNorm to take over the old one"
         )
+    _check_module("expand", model)
+    wrapper = next((cls for cls, _ in _wrappers() if isinstance(model, cls)), None)
+    if wrapper is not None:
+        raise ValueError(
+            f"expand: the model is wrapped in {wrapper.__name__}; expand the module inside "
+            "before wrapping it (the wrapper holds on to the parameters it was built with)"
+        )
     if not inplace:
         model = copy.deepcopy(model)
     report = ExpandReport()
+    foreign = []
     for conv_path, bn_path in _conv_bn_pairs(model, report):
+        owner = _self_deploying_owner(model, conv_path) or _self_deploying_owner(model, bn_path)
+        if owner is not None:
+            foreign.append(owner)
+            report.skipped.append((conv_path, f"inside {owner}, {FOREIGN_REASON}"))
+            continue
         conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
         try:
             new = block_from_conv_bn(block, conv, bn, **block_kwargs)
@@ -346,7 +467,35 @@ def expand(
         model.set_submodule(conv_path, new)
         model.set_submodule(bn_path, rest)
         report.expanded[conv_path] = block
+    if foreign:
+        warnings.warn(
+            f"expand: {len(foreign)} conv(s) inside {len(set(foreign))} module(s) that "
+            f"re-parameterize themselves were left as they are (first: {foreign[0]}); "
+            "convert timm's RepVGG / MobileOne blocks with rs.from_timm instead",
+            UserWarning,
+            stacklevel=3,  # the caller of expand (torch.no_grad wraps it)
+        )
     return (model, report) if return_report else model
+
+
+FOREIGN_REASON = (
+    "which re-parameterizes itself (reparameterize() / switch_to_deploy() / fuse()) from the "
+    "layers it built, so a block in their place would break it; convert timm's RepVGG / "
+    "MobileOne blocks with rs.from_timm instead"
+)
+
+
+def _self_deploying_owner(model: nn.Module, path: str) -> str | None:
+    """The innermost module above ``path`` (the model included) that is not a block of ours
+    and has a method of :data:`FOREIGN_HOOKS`, as ``path (Class)``; ``None`` if none."""
+    owner, module, names = None, model, path.split(".")
+    for depth, name in enumerate(names):
+        if not isinstance(module, Squeezable) and any(
+            _is_hook(getattr(module, h, None)) for h in FOREIGN_HOOKS
+        ):
+            owner = primitives.name_of(module, ".".join(names[:depth]) or "<model>")
+        module = getattr(module, name)
+    return owner
 
 
 def block_from_conv_bn(kind: str, conv: nn.Module, bn: _BatchNorm, **kwargs) -> Squeezable:
@@ -441,8 +590,6 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
     Raises:
         ValueError: when the module ``expand`` left in place of a norm is gone.
     """
-    if not inplace:
-        model = copy.deepcopy(model)
     blocks, rests = {}, {}
     for path, m in model.named_modules():
         origin = getattr(m, ORIGIN, None)
@@ -454,24 +601,38 @@ def contract(model: nn.Module, inplace: bool = False) -> nn.Module:
                 f"contract: {path} ({type(block).__name__}) was made by expand(), but the module "
                 "expand() left in place of its BatchNorm is no longer in the model"
             )
+    values = composites(list(blocks.values()))  # float64, all checked at once
+    replaced: list[tuple[str, nn.Module, nn.Module]] = []  # (path, old, new)
+    for (key, (path, block)), (weight, bias) in zip(blocks.items(), values, strict=True):
         rest_path, rest = rests[key]
-        conv, norm = _contracted(block, getattr(block, ORIGIN), rest)
-        model.set_submodule(path, conv)
-        model.set_submodule(rest_path, norm)
-    return model
+        origin = getattr(block, ORIGIN)
+        conv, norm = _contracted(block, origin, rest, weight, bias, copy_rest=not inplace)
+        replaced += [(path, block, conv), (rest_path, rest, norm)]
+    if inplace:
+        for path, _, new in replaced:
+            model.set_submodule(path, new)
+        return model
+    # a copy in which the replaced modules are never copied: the new ones take their place
+    return copy.deepcopy(model, {id(old): new for _, old, new in replaced})
 
 
-def _contracted(block: Squeezable, origin: Origin, rest: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _contracted(
+    block: Squeezable,
+    origin: Origin,
+    rest: nn.Module,
+    weight: Tensor,
+    bias: Tensor,
+    copy_rest: bool,
+) -> tuple[nn.Module, nn.Module]:
     device, dtype = primitives.device_of(block), block._dtype()
     ref = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)  # main path's
     if ref is None:  # deployed already: unit statistics
         ref = nn.BatchNorm1d(origin.norm.num_features, eps=origin.norm.eps).eval()
-    squeezed = copy.deepcopy(block).double().squeeze()  # float64 values, cast once below
     conv = copy.deepcopy(origin.conv).to_empty(device=device).to(dtype)
     norm = copy.deepcopy(origin.norm).to_empty(device=device).to(dtype)
-    split_into(squeezed.weight, squeezed.bias, ref, conv, norm)
+    split_into(weight, bias, ref, conv, norm)
     for name, child in rest.named_children():  # timm's drop / act: the trained modules
-        setattr(norm, name, child)
+        setattr(norm, name, copy.deepcopy(child) if copy_rest else child)
     return conv.train(block.training), norm.train(block.training)
 
 

@@ -17,8 +17,11 @@ import io
 import logging
 import math
 import os
+import pickle
+import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
+from repsqueeze import primitives
 from repsqueeze.numerics import strict_fp32
 
 FORMAT = "repsqueeze.deployed/2"
@@ -93,6 +97,12 @@ def check_weights(state_dict: Mapping[str, Tensor], where: str) -> None:
     Raises:
         ValueError: naming the first offending key.
     """
+    floats = {
+        k: v for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point()
+    }
+    roots = [v.sqrt() for k, v in floats.items() if k.endswith("running_var")]  # nan if < 0
+    if primitives.all_finite([*floats.values(), *roots]):  # at once; key by key to name one
+        return
     for key, value in state_dict.items():
         if not isinstance(value, Tensor) or not value.is_floating_point():
             continue
@@ -226,10 +236,12 @@ def load_deployed(path: str | Path, map_location: str | torch.device = "cpu") ->
         map_location: device for the weights.
 
     Raises:
-        ValueError: not a deployed model file, a key missing, NaN/Inf weights, or a rebuilt
-            layer that differs from the stored one (named with the field).
+        ValueError: not a deployed model file (truncated, damaged, or holding objects other
+            than tensors and plain data), a key missing, NaN/Inf weights, or a rebuilt layer
+            that differs from the stored one (named with the field). Each names the file.
+        OSError: the file cannot be opened (its own message names it).
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = _read_deployed(path, map_location)
     formats = (FORMAT, FORMAT_WITHOUT_GEOMETRY)
     if not isinstance(payload, dict) or payload.get("format") not in formats:
         raise ValueError(f"{path}: not a repsqueeze deployed model (expected format {FORMAT!r})")
@@ -257,6 +269,41 @@ def load_deployed(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise ValueError(f"{path}: weights do not fit arch {payload['arch']}: {problem}")
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.to(map_location).eval()
+
+
+def _read_deployed(path: str | Path, map_location: str | torch.device) -> object:
+    """``torch.load(path, weights_only=True)``; a file that is cut short, damaged or holds
+    anything but tensors and plain data is one ``ValueError`` naming the file."""
+    if isinstance(map_location, str):
+        try:
+            torch.device(map_location)
+        except RuntimeError as err:
+            raise ValueError(f"load_deployed: map_location={map_location!r}: {err}") from err
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.save's format; every entry has a CRC
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as err:
+        raise ValueError(
+            f"{path}: not a complete deployed model file ({err}): truncated, damaged, or not written by "
+            "save_deployed"
+        ) from err
+    if damaged is not None:
+        raise ValueError(
+            f"{path}: damaged: entry {damaged.partition('/')[2] or damaged} fails its checksum "
+            "(the file changed after it was written); write it again"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"it references {found.group(1)}" if found else str(err).splitlines()[0]
+        raise ValueError(
+            f"{path}: refused: it holds objects other than tensors and plain data, which "
+            f"save_deployed never writes ({what}); nothing in it was run"
+        ) from err
+    except (RuntimeError, EOFError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable deployed model file ({first})") from err
 
 
 # --- verification --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def _timm_blocks() -> tuple[type, type]:
         from timm.models.byobnet import MobileOneBlock as TimmMobileOne
         from timm.models.byobnet import RepVggBlock as TimmRepVgg
     except ImportError as err:
-        raise ImportError("from_timm needs timm: pip install timm") from err
+        raise ImportError("from_timm needs timm: pip install 'repsqueeze[timm]'") from err
     return TimmRepVgg, TimmMobileOne
 
 
@@ -190,8 +190,10 @@ def _conv_args(conv: nn.Module) -> dict:
 
 # --- official state dicts --------------------------------------------------------------------
 # kind: (key that marks a training-form block, key that marks a deployed one, top-level names
-# of the block's modules in the official code)
+# of the block's modules in the official code). QARepVGG comes first: its blocks also have
+# RepVGG's rbr_dense, but a bare rbr_1x1 conv and a trailing bn.
 OFFICIAL = {
+    "qarepvgg": ("rbr_1x1.weight", "rbr_reparam", ("rbr_dense", "rbr_1x1", "rbr_identity", "bn")),
     "repvgg": ("rbr_dense.conv.weight", "rbr_reparam", ("rbr_dense", "rbr_1x1", "rbr_identity")),
     "dbb": (
         "dbb_origin.conv.weight", "dbb_reparam", ("dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg"),
@@ -213,6 +215,11 @@ def _module_map(kind: str, keys: set[str]) -> list[tuple[str, str]]:
     def conv_bn(official: str, j: int) -> list[tuple[str, str]]:
         return [(f"{official}.conv", f"branches.{j}.0"), (f"{official}.bn", f"branches.{j}.1")]
 
+    if kind == "qarepvgg":  # (k x k conv-BN + bare 1x1 conv + identity), then one BN
+        return [
+            ("rbr_dense.conv", "layers.0.branches.0.0"), ("rbr_dense.bn", "layers.0.branches.0.1"),
+            ("rbr_1x1", "layers.0.branches.1"), ("bn", "layers.1"),
+        ]  # fmt: skip
     if kind == "acb":  # our axis-0 branch is k x 1 (ACNet's "ver"), axis 1 is 1 x k ("hor")
         return [
             (f"{name}_{part}", f"branches.{j}.{p}")
@@ -260,19 +267,21 @@ def _block_prefixes(state_dict: dict, kind: str) -> list[str]:
 
 
 def convert_official_state_dict(state_dict: dict[str, Tensor], kind: str | None = None) -> dict:
-    """Renames the blocks of an official RepVGG / DBB / ACNet / MobileOne state dict to ours.
+    """Renames the blocks of an official RepVGG / QARepVGG / DBB / ACNet / MobileOne state
+    dict to ours.
 
     Every block is found by its main branch (``rbr_dense``, ``dbb_origin``, ``square_conv``,
-    ``rbr_conv.0``; deployed: ``rbr_reparam``, ``dbb_reparam``, ``fused_conv``,
-    ``reparam_conv``, which become our deployed ``conv``); its branches are renamed to our
-    ``branches.<i>`` in our order (k x k, then 1x1 / asymmetric / scale, then identity; DBB:
-    k x k, 1x1, 1x1 -> k x k, 1x1 -> avg). DBB's ``IdentityBasedConv1x1`` gets its identity
-    added back. Keys outside the blocks are kept as they are.
+    ``rbr_conv.0``; QARepVGG by its bare ``rbr_1x1`` conv; deployed: ``rbr_reparam``,
+    ``dbb_reparam``, ``fused_conv``, ``reparam_conv``, which become our deployed ``conv``);
+    its branches are renamed to our ``branches.<i>`` in our order (k x k, then 1x1 /
+    asymmetric / scale, then identity; DBB: k x k, 1x1, 1x1 -> k x k, 1x1 -> avg; QARepVGG:
+    ``layers.0.branches.<i>`` then the trailing ``layers.1``). DBB's ``IdentityBasedConv1x1``
+    gets its identity added back. Keys outside the blocks are kept as they are.
 
     Args:
         state_dict: the official model's or block's state dict.
-        kind: ``"repvgg"``, ``"dbb"``, ``"acb"`` or ``"mobileone"``; ``None``: every kind
-            found.
+        kind: ``"repvgg"``, ``"qarepvgg"``, ``"dbb"``, ``"acb"`` or ``"mobileone"``;
+            ``None``: every kind found.
 
     Returns:
         A new state dict in our key layout.
@@ -290,11 +299,11 @@ def convert_official_state_dict(state_dict: dict[str, Tensor], kind: str | None 
     found = False
     for k in kinds:
         _, deployed, names = OFFICIAL[k]
-        for prefix in _block_prefixes(state_dict, k):
+        for prefix in _block_prefixes(out, k):
             found = True
             own = {
                 key[len(prefix) :]: key
-                for key in state_dict
+                for key in list(out)
                 if key.startswith(prefix) and key[len(prefix) :].split(".")[0] in (*names, deployed)
             }
             pairs = [(deployed, "conv"), *_module_map(k, set(own))]

@@ -27,6 +27,7 @@ from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+_WEIGHT_SOURCES = ("pretrained", "pretrained_cfg_overlay")  # create_model's, not saved
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
@@ -84,6 +85,8 @@ class Classifier(LightningModule):
             if net_config is None:
                 raise ValueError("Classifier needs net (a module or a create_model config)")
             net = create_model(**net_config)
+        if net_config is not None:  # the checkpoint holds the weights: rebuilding needs no file
+            net_config = {k: v for k, v in net_config.items() if k not in _WEIGHT_SOURCES or not v}
         config_classes = (net_config or {}).get("num_classes")
         if num_classes is None:
             num_classes = config_classes

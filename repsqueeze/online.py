@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import blocks, primitives
-from repsqueeze.algebra import ConvMap, Layout, Pad, chain, dense_kernel, layout, parallel
-from repsqueeze.primitives import STRUCTURE, Geometry, Precision
+from repsqueeze.algebra import ConvMap, Layout, Pad, chain, dense_kernel, grouped_layout, parallel
+from repsqueeze.primitives import Geometry, Precision
 
 MODES = ("chain", "online", "auto")
 AUTO_REPEATS = 3  # timed runs of each form per decision of mode="auto"
@@ -82,14 +82,8 @@ def plan(block: blocks.Squeezable, ndim: int) -> Plan:
         if found is not None:
             block._geometry_cache.clear()
             block._auto_cache.clear()
-        parts = block.named_parts()
-        head = block._online_head(parts)
-        c_in = block._in_channels()
-        if head == len(parts):
-            structure = blocks.node_map(block, c_in, ndim, "", STRUCTURE)
-        else:
-            structure = blocks.chain_map(parts[:head], c_in, ndim, "", STRUCTURE)
-        found = Plan(key, head, layout(structure))
+        head = block._online_head(block.named_parts())
+        found = Plan(key, head, block.layout(ndim, head))
         block._plans[ndim] = found
     return found
 
@@ -140,30 +134,36 @@ def _is_channel_scale(conv: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class _Ctx:
+class Ctx:
+    """How terms are built: spatial dimensionality and precision (``live`` for online
+    training, ``exact`` float64 copies for deploy, ``structure`` for the layout)."""
+
     ndim: int
     how: Precision
 
 
-def term_of(node: nn.Module, c_in: int, path: str, ctx: _Ctx) -> Term:
+def term_of(node: nn.Module, c_in: int, path: str, ctx: Ctx) -> Term:
     """The live term of a node: a block, an ``nn.Sequential`` or one layer."""
     ndim = ctx.ndim
     if isinstance(node, blocks.Squeezable) and not node.deployed and node._combine == "chain":
-        return _chain_of(node.named_parts(), c_in, path, ctx)
+        return chain_of(node.named_parts(), c_in, path, ctx)
     if isinstance(node, blocks.Squeezable) and not node.deployed and node._combine == "sum":
         terms = [term_of(m, c_in, blocks.join(path, n), ctx) for n, m in node.named_parts()]
         return _sum(terms, node.geometry(ndim).c_out or c_in, ctx)
     if isinstance(node, nn.Sequential):
-        return _chain_of(list(node.named_children()), c_in, path, ctx)
+        return chain_of(list(node.named_children()), c_in, path, ctx)
     if isinstance(node, primitives.CONVS):
+        weight, bias = _conv_tensors(node, path, ctx.how)
         if _is_channel_scale(node):
-            return _per_channel(node.weight, node.bias, node.out_channels, ndim)
+            return _per_channel(weight, bias, node.out_channels, ndim)
         pad = primitives.conv_padding(node)
         return Term(
-            node.weight, None, node.bias, node.out_channels, node.groups, tuple(node.stride),
-            pad, tuple(node.dilation),
+            weight, None, bias, node.out_channels, node.groups, tuple(node.stride), pad,
+            tuple(node.dilation),
         )  # fmt: skip
     if isinstance(node, _BatchNorm):
+        if ctx.how.kind == "structure":  # the pattern of a per-channel map: a unit scale
+            return _per_channel(None, None, node.num_features, ndim)
         scale, shift = primitives.bn_affine(node, path, ctx.how)
         return _per_channel(scale.reshape(-1, *(1,) * (ndim + 1)), shift, len(scale), ndim)
     if isinstance(node, nn.Identity):
@@ -178,7 +178,23 @@ def term_of(node: nn.Module, c_in: int, path: str, ctx: _Ctx) -> Term:
     return _from_map(blocks.node_map(node, c_in, ndim, path, ctx.how))  # generic, dense
 
 
-def _chain_of(parts: list[tuple[str, nn.Module]], c_in: int, path: str, ctx: _Ctx) -> Term:
+def _conv_tensors(conv: nn.Module, path: str, how: Precision) -> tuple[Tensor, Tensor | None]:
+    """A conv's ``(weight, bias)`` as ``how`` says: the parameters (``live``), detached
+    ``how.dtype`` copies (``exact``) or indicator ones and no bias (``structure``)."""
+    if how.kind == "live":
+        return conv.weight, conv.bias
+    kw = {"dtype": how.dtype, "device": how.device}
+    if how.kind == "structure":
+        return torch.ones(conv.weight.shape, **kw), None
+    # copies (even when already float64): the exact algebra may then add into them in place
+    weight = primitives.value_of(conv, path, "weight", how).to(**kw, copy=True)
+    bias = conv.bias
+    bias = primitives.value_of(conv, path, "bias", how).to(**kw) if bias is not None else None
+    return weight, bias
+
+
+def chain_of(parts: list[tuple[str, nn.Module]], c_in: int, path: str, ctx: Ctx) -> Term:
+    """The term of named children run in order."""
     total = None
     for name, child in parts:
         t = term_of(child, c_in, blocks.join(path, name), ctx)
@@ -192,7 +208,7 @@ def _from_map(m: ConvMap) -> Term:
     return Term(m.weight, None, m.bias, m.weight.shape[0], 1, m.stride, m.pad, (1,) * ndim)
 
 
-def _as_kernel(t: Term, channels: int, groups: int, ctx: _Ctx) -> Term:
+def _as_kernel(t: Term, channels: int, groups: int, ctx: Ctx) -> Term:
     """A per-channel term as a ``groups``-grouped 1x1 kernel (block-diagonal scales)."""
     if t.weight is not None:
         return t
@@ -208,7 +224,7 @@ def _as_kernel(t: Term, channels: int, groups: int, ctx: _Ctx) -> Term:
     return replace(t, weight=weight, scale=None, channels=channels, groups=groups)
 
 
-def _to_map(t: Term, c_in: int, ctx: _Ctx) -> ConvMap:
+def _to_map(t: Term, c_in: int, ctx: Ctx) -> ConvMap:
     """A term as a dense :class:`ConvMap` (the generic fallback)."""
     t = _as_kernel(t, t.channels or c_in, 1, ctx)
     weight = dense_kernel(t.weight, t.groups, t.dilation)
@@ -243,7 +259,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
+def _chain(a: Term, b: Term, c_mid: int, ctx: Ctx) -> Term:
     """The term ``x -> b(a(x))``; ``c_mid`` is the number of channels between them."""
     if b.weight is None:  # per-channel after anything
         if b.scale is None:
@@ -252,7 +268,9 @@ def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
         if a.weight is None:
             scale = b.scale if a.scale is None else a.scale * b.scale
             return replace(a, scale=scale, bias=_add(bias, b.bias), channels=len(b.scale))
-        return replace(a, weight=a.weight * b.scale, bias=_add(bias, b.bias))
+        # exact-mode kernels are fresh copies (see _conv_tensors): scaled in place
+        weight = a.weight * b.scale if ctx.how.kind == "live" else a.weight.mul_(b.scale)
+        return replace(a, weight=weight, bias=_add(bias, b.bias))
     bias = b.bias
     if a.bias is not None:
         bias = _add(bias, bias_through(b.weight, b.groups, a.bias))
@@ -297,7 +315,7 @@ def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
     return Term(weight, None, bias, b.channels, groups, stride, pad, dilation)
 
 
-def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
+def _sum(terms: list[Term], channels: int, ctx: Ctx) -> Term:
     """The term ``x -> sum_i terms[i](x)`` (branches already checked to be aligned)."""
     ndim = ctx.ndim
     bias = None
@@ -332,11 +350,16 @@ def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
         m = parallel([_to_map(t, channels, ctx) for t in terms])
         return _from_map(m)
     size = tuple((e - 1) // dil + 1 for e, dil in zip(extent, dilation, strict=True))
-    # sum the kernels of one size and place first, then pad each sum once into the window
+    starts = [tuple(o // dil for o, dil in zip(off, dilation, strict=True)) for off in offsets]
+    if ctx.how.kind != "live":
+        weight = _sum_in_place(terms, starts, size, channels, groups, ctx)
+        return Term(weight, None, bias, channels, groups, terms[0].stride, pad, tuple(dilation))
+    # out of place, for autograd and torch.compile: sum the kernels of one size and place
+    # first, then pad each sum once into the window
     placed: dict[tuple, Tensor] = {}
-    for t, offset in zip(terms, offsets, strict=True):
+    for t, start in zip(terms, starts, strict=True):
         w = _as_kernel(t, channels, groups, ctx).weight
-        key = (tuple(w.shape[2:]), tuple(o // dil for o, dil in zip(offset, dilation, strict=True)))
+        key = (tuple(w.shape[2:]), start)
         placed[key] = w if key not in placed else placed[key] + w
     weight = None
     for (kernel, start), w in placed.items():
@@ -348,7 +371,47 @@ def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
     return Term(weight, None, bias, channels, groups, terms[0].stride, pad, tuple(dilation))
 
 
-def pack(t: Term, lay: Layout, c_in: int, ctx: _Ctx) -> tuple[Tensor, Tensor | None]:
+def _sum_in_place(
+    terms: list[Term],
+    starts: list[tuple[int, ...]],
+    size: tuple[int, ...],
+    channels: int,
+    groups: int,
+    ctx: Ctx,
+) -> Tensor:
+    """The kernels of aligned terms summed in place into one ``groups``-grouped kernel of
+    ``size`` (each at its start), per-channel terms added onto its diagonal: no dense
+    diagonal, no padded copies. Only for exact mode, whose kernels are fresh copies (see
+    :func:`_conv_tensors`), never the parameters themselves."""
+    kernels = [(t.weight, s) for t, s in zip(terms, starts, strict=True) if t.weight is not None]
+    weight = next((w for w, s in kernels if tuple(w.shape[2:]) == size), None)
+    if weight is not None and not weight.is_contiguous():  # (viewed per group below)
+        weight = weight.contiguous()
+    if weight is None:
+        shape = (*kernels[0][0].shape[:2], *size)
+        weight = torch.zeros(shape, dtype=ctx.how.dtype, device=ctx.how.device)
+    first = next((w for w, s in kernels if tuple(w.shape[2:]) == size), None)
+    for w, start in kernels:
+        if w is not first:
+            where = tuple(slice(s, s + k) for s, k in zip(start, w.shape[2:], strict=True))
+            weight[(slice(None), slice(None), *where)] += w
+    n = channels // groups
+    for t, start in zip(terms, starts, strict=True):
+        if t.weight is None:  # x -> scale * x: the diagonal of each group's block, one tap
+            taps = weight.view(groups, n, n, *size)[(slice(None), slice(None), slice(None), *start)]
+            diagonal = torch.diagonal(taps, dim1=1, dim2=2)  # (groups, n), a view
+            diagonal += 1.0 if t.scale is None else t.scale.reshape(groups, n)
+    return weight
+
+
+def term_layout(t: Term, c_in: int, ctx: Ctx) -> Layout:
+    """The layout of a structural term (indicator weights), read from its grouped form."""
+    channels = t.channels or c_in
+    t = _as_kernel(t, channels, channels, ctx)  # a per-channel map is depthwise
+    return grouped_layout(t.weight, t.groups, t.dilation, t.stride, t.pad)
+
+
+def pack(t: Term, lay: Layout, c_in: int, ctx: Ctx) -> tuple[Tensor, Tensor | None]:
     """The ``(weight, bias)`` of the planned convolution from the block's term."""
     t = _as_kernel(t, t.channels or c_in, lay.groups, ctx)
     widths = []
@@ -371,11 +434,11 @@ def forward(block: blocks.Squeezable, x: Tensor, ndim: int) -> Tensor:
     parts = block.named_parts()
     lay = p.layout
     param = next(block.parameters(), x)
-    ctx = _Ctx(ndim, Precision("live", param.dtype, param.device))
+    ctx = Ctx(ndim, Precision("live", param.dtype, param.device))
     if p.head == len(parts):
         term = term_of(block, lay.in_channels, "", ctx)
     else:
-        term = _chain_of(parts[: p.head], lay.in_channels, "", ctx)
+        term = chain_of(parts[: p.head], lay.in_channels, "", ctx)
     weight, bias = pack(term, lay, lay.in_channels, ctx)
     mode, padding = block.geometry(ndim).mode, lay.padding
     if mode not in (None, "zeros"):  # zeros are the conv's own padding: no padded copy
@@ -390,8 +453,8 @@ def composed(block: blocks.Squeezable, ndim: int) -> tuple[Tensor, Tensor | None
     """The live ``(weight, bias)`` online mode would convolve with (autograd kept)."""
     p = plan(block, ndim)
     param = next(block.parameters())
-    ctx = _Ctx(ndim, Precision("live", param.dtype, param.device))
-    term = _chain_of(block.named_parts()[: p.head], p.layout.in_channels, "", ctx)
+    ctx = Ctx(ndim, Precision("live", param.dtype, param.device))
+    term = chain_of(block.named_parts()[: p.head], p.layout.in_channels, "", ctx)
     return pack(term, p.layout, p.layout.in_channels, ctx)
 
 

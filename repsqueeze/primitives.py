@@ -131,11 +131,14 @@ def _pool_args(pool: nn.Module, ndim: int) -> tuple[tuple[int, ...], ...]:
 class Precision:
     """How to build a map: ``structure`` (indicator weights, for the architecture), ``exact``
     (detached, checked for non-finite values, float64: for deploy) or ``live`` (the
-    parameters themselves, autograd kept: for online training)."""
+    parameters themselves, autograd kept: for online training). ``check=False`` skips the
+    per-tensor checks of ``exact`` (the caller checks every tensor at once, see
+    :func:`all_finite`, and rebuilds with checks to name the layer when that fails)."""
 
     kind: str
     dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"
+    check: bool = True
 
 
 # Indicator weights are non-negative path counts: float32 keeps every non-zero non-zero.
@@ -150,8 +153,8 @@ def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, how: Precision
         if how.kind == "structure":
             weight, bias = torch.ones(layer.weight.shape, **kw), None
         else:
-            weight = _value(layer, path, "weight", how).to(**kw)
-            bias = _value(layer, path, "bias", how).to(**kw) if layer.bias is not None else None
+            weight = value_of(layer, path, "weight", how).to(**kw, copy=True)
+            bias = value_of(layer, path, "bias", how).to(**kw) if layer.bias is not None else None
         bias = torch.zeros(geo.c_out, **kw) if bias is None else bias
         return ConvMap(
             dense_kernel(weight, layer.groups, layer.dilation), bias, geo.stride, geo.pad
@@ -183,15 +186,15 @@ def bn_affine(bn: _BatchNorm, path: str, how: Precision) -> tuple[Tensor, Tensor
             f"{name_of(bn, path)} has no running statistics (track_running_stats=False): it "
             "normalises with batch statistics, which cannot be folded into a convolution"
         )
-    mean = _cast(_value(bn, path, "running_mean", how), how.dtype)
-    var = _cast(_value(bn, path, "running_var", how), how.dtype)
-    if how.kind == "exact" and (var + bn.eps <= 0).any():
+    mean = _cast(value_of(bn, path, "running_mean", how), how.dtype)
+    var = _cast(value_of(bn, path, "running_var", how), how.dtype)
+    if how.kind == "exact" and how.check and (var + bn.eps <= 0).any():
         raise ValueError(f"{name_of(bn, path)}: running_var + eps must be positive to fold")
     scale = torch.rsqrt(var + bn.eps)
     shift = -mean * scale
     if bn.affine:
-        gamma = _cast(_value(bn, path, "weight", how), how.dtype)
-        beta = _cast(_value(bn, path, "bias", how), how.dtype)
+        gamma = _cast(value_of(bn, path, "weight", how), how.dtype)
+        beta = _cast(value_of(bn, path, "bias", how), how.dtype)
         scale, shift = scale * gamma, shift * gamma + beta
     return scale, shift
 
@@ -205,16 +208,35 @@ def _diagonal(scale: Tensor, shift: Tensor, ndim: int) -> ConvMap:
     return ConvMap(weight, shift, (1,) * ndim, ((0, 0),) * ndim)
 
 
-def _value(layer: nn.Module, path: str, attr: str, how: Precision) -> Tensor:
+def value_of(layer: nn.Module, path: str, attr: str, how: Precision) -> Tensor:
     value = getattr(layer, attr)
     if how.kind == "live":
         return value
     value = value.detach()
-    if not torch.isfinite(value).all():
+    if how.check and not torch.isfinite(value).all():
         raise ValueError(
             f"{name_of(layer, path)}: {attr} has non-finite values; refusing to deploy"
         )
     return value
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every value of every tensor is finite, with one host-device synchronisation
+    per device, not one per tensor.
+
+    A sum is non-finite when any term is (``inf - inf`` is ``nan``); a sum of finite values
+    can overflow, so ``False`` means "maybe": callers then check tensor by tensor to name
+    the offending one.
+    """
+    sums: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        wide = torch.float32 if t.element_size() < 4 else t.dtype  # float16/bfloat16
+        sums.setdefault((t.device, wide), []).append(t.sum(dtype=wide))
+    flags = {}
+    for (device, _), s in sums.items():
+        flag = torch.stack(s).isfinite().all()
+        flags[device] = flag if device not in flags else flags[device] & flag
+    return all(bool(f) for f in flags.values())
 
 
 def uses_batch_stats(bn: _BatchNorm) -> bool:

@@ -806,6 +806,9 @@ def make_block(
     """
     if kind not in BLOCKS:
         raise ValueError(f"unknown block kind {kind!r}; valid kinds: {', '.join(BLOCKS)}")
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"make_block: {arg} must be a positive integer, got {value!r}")
     if online_norm:
         norm = kwargs.pop("norm_layer", None) or _NORMS[dims]
         inner = make_block(

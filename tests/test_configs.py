@@ -78,6 +78,7 @@ def test_default_config(compose_train):
         "block": "repvgg",
         "num_classes": None,  # filled in from the data module
         "in_channels": None,
+        "pretrained": False,
         "online_norm": False,
     }
     assert cfg.model.mode == "chain"

@@ -232,6 +232,25 @@ def test_contract_loads_strictly_into_torchvision_resnet18():
     assert isinstance(expanded.conv1, rs.RepVGGBlock)  # a copy by default
 
 
+@pytest.mark.parametrize("kind", ["dbb", "mobileone"])
+def test_contract_loads_strictly_into_timm_mobilenetv3(kind):
+    """A timm CNN with norm + act modules (BatchNormAct2d), depthwise convs and SE."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    randomize_bn(model, _gen()).eval()
+    x = torch.randn(2, 3, 32, 32, generator=_gen(1))
+    expanded, report = rs.expand(model, block=kind, return_report=True)
+    assert len(report.expanded) > 20
+    _train_steps(expanded, x)
+    with torch.no_grad():
+        trained = expanded(x)
+        contracted = rs.contract(expanded)
+    stock = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    stock.load_state_dict(contracted.state_dict(), strict=True)
+    with torch.no_grad():
+        assert _relative(stock.eval()(x), trained) <= 1e-5
+
+
 def test_contract_of_a_deployed_block_and_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4), nn.ReLU())
     randomize(model, _gen()).eval()

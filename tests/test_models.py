@@ -33,6 +33,13 @@ MODELS = {
     "repvgg_a0": ({"cifar_stem": True}, (3, 32, 32)),
     "repvgg_a1": ({"cifar_stem": True}, (3, 32, 32)),
     "repvgg_b0": ({"cifar_stem": True}, (3, 32, 32)),
+    **{
+        f"repvgg_{v}": ({"cifar_stem": True}, (3, 32, 32))
+        for v in ("a2", "b1", "b1g2", "b1g4", "b2", "b2g2", "b2g4", "b3", "b3g2", "b3g4", "d2se")
+    },
+    **{f"mobileone_s{i}": ({}, (3, 32, 32)) for i in range(5)},
+    "resnet18": ({}, (3, 32, 32)),
+    "resnet50": ({}, (3, 32, 32)),
 }
 FAST = {"digits_net", "resnet20_cifar", "resnet56_cifar"}
 
@@ -216,7 +223,7 @@ def test_unknown_block_kind_is_refused():
 def test_registry_lists_and_creates():
     assert list_models() == sorted(MODELS)
     assert isinstance(create_model("resnet20_cifar"), CifarResNet)
-    with pytest.raises(ValueError, match="available: digits_net, repvgg_a0"):
+    with pytest.raises(ValueError, match="available: digits_net, mobileone_s0"):
         create_model("vgg16")
 
 
@@ -234,7 +241,8 @@ def test_registry_refuses_duplicates(monkeypatch):
 
 
 def test_list_models_filters_by_pattern():
-    assert list_models("repvgg*") == ["repvgg_a0", "repvgg_a1", "repvgg_b0"]
+    assert list_models("repvgg_[ab]0") == ["repvgg_a0", "repvgg_b0"]
+    assert len(list_models("repvgg*")) == 14 and len(list_models("mobileone_s?")) == 5
     assert list_models("*_cifar") == ["resnet20_cifar", "resnet56_cifar"]
     assert list_models("resnet[25]?_cifar") == ["resnet20_cifar", "resnet56_cifar"]
     assert list_models("vgg*") == []
@@ -245,7 +253,7 @@ def test_list_models_filters_by_pattern():
     ("name", "kwargs", "takes"),
     [
         ("digits_net", {}, "it takes block, num_classes, in_channels, deployed, act_layer, and the arguments of a 'repvgg' block: groups, mode, online_norm"),
-        ("repvgg_a0", {"block": "dbb"}, "cifar_stem, deployed, act_layer, and the arguments of a 'dbb' block: "),
+        ("repvgg_a0", {"block": "dbb"}, "cifar_stem, deployed, act_layer, groups, use_se, and the arguments of a 'dbb' block: "),
         ("resnet20_cifar", {"block": "mobileone"}, "and the arguments of a 'mobileone' block: "),
     ],
 )  # fmt: skip
@@ -263,12 +271,11 @@ def test_block_argument_is_accepted_and_a_real_type_error_is_kept():
     model = create_model("digits_net", block="dbb", internal_channels=4)
     assert isinstance(model, nn.Module)
     with pytest.raises(TypeError, match="multiple values"):
-        create_model("digits_net", kernel_size=5)  # not an unknown name: Python's own error
+        create_model("digits_net", stride=2)  # not an unknown name: Python's own error
 
 
-def test_pretrained_points_to_from_timm():
+def test_pretrained_true_without_published_weights_says_what_to_pass():
+    pytest.importorskip("timm")
     assert isinstance(create_model("digits_net", pretrained=False), nn.Module)
-    with pytest.raises(
-        ValueError, match="digits_net: no weights ship with repsqueeze.*rs.from_timm"
-    ):
+    with pytest.raises(ValueError, match="digits_net: no published weights .* pretrained=PATH"):
         create_model("digits_net", pretrained=True)

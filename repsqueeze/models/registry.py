@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -24,30 +25,52 @@ def register_model(fn: Constructor) -> Constructor:
     return fn
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """Builds a registered model.
+def create_model(
+    name: str,
+    pretrained: bool | str | os.PathLike | Mapping = False,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Builds a registered model, optionally from published or saved weights, as in timm.
 
     Args:
         name: a name from :func:`list_models`.
-        pretrained: only ``False``: no weights ship with repsqueeze (``True`` raises and
-            points to ``rs.from_timm``, which converts timm's trained RepVGG and MobileOne).
+        pretrained: ``False`` (fresh initialisation); ``True`` (the architecture's default
+            published weights, through timm); ``"timm:<model>[.<tag>]"`` (those of a timm
+            model and tag); a file path (repsqueeze's own checkpoint or state dict, timm's,
+            or an official RepVGG / QARepVGG / MobileOne / DBB / ACNet one, training form or
+            deployed, recognised from its keys); or a state dict. Another ``num_classes``
+            re-initialises the head, another ``in_channels`` adapts the stem
+            (timm's ``adapt_input_conv``); see :mod:`repsqueeze.models.pretrained`. What was
+            loaded is logged and kept in the model's ``pretrained_report``.
+        features_only: return a :class:`~repsqueeze.models.layers.FeatureNet`: the feature
+            maps of ``out_indices`` instead of logits.
+        out_indices: feature levels for ``features_only`` (0: the stem, ``i``: stage ``i``;
+            default all).
+        pretrained_cfg_overlay: passed to timm with a ``timm:`` or ``True`` source, e.g.
+            ``{"file": PATH}`` to read timm's weights from a local file.
         **kwargs: arguments of the model's constructor (``block``, ``num_classes``,
-            ``deployed``, ...) and of its blocks (``norm_layer``, ...).
+            ``in_channels``, ``deployed``, ...) and of its blocks (``norm_layer``, ...).
 
     Raises:
-        ValueError: an unknown name, or ``pretrained=True``.
+        ValueError: an unknown name, ``num_classes`` / ``in_channels`` not a positive
+            integer, weights that do not fit (one line naming keys and shapes), or
+            ``features_only`` for a model without feature levels.
         TypeError: an argument that neither the model nor its blocks take; the message
             names the model and the arguments it takes.
+        FileNotFoundError, OSError, ImportError: a missing file, weights timm could not
+            fetch, timm not installed (``pip install 'repsqueeze[timm]'``).
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    if pretrained:
-        raise ValueError(
-            f"{name}: no weights ship with repsqueeze (pretrained=True); use rs.from_timm to "
-            "convert a pretrained timm RepVGG or MobileOne, or load your own checkpoint"
-        )
+    for arg in ("num_classes", "in_channels"):
+        value = kwargs.get(arg, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
     try:
-        return _MODELS[name](**kwargs)
+        model = _MODELS[name](**kwargs)
     except TypeError as err:
         match = _UNEXPECTED.search(str(err))
         if match is None or match.group(1) not in kwargs:
@@ -56,6 +79,19 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
             f"{name} got an unexpected keyword argument {match.group(1)!r}; it takes "
             f"{_arguments(_MODELS[name], kwargs.get('block', 'repvgg'))}"
         ) from err
+    if pretrained is not False and pretrained is not None:
+        from repsqueeze.models.pretrained import load_pretrained
+
+        report = load_pretrained(model, pretrained, name, kwargs, pretrained_cfg_overlay)
+        model.__dict__["pretrained_report"] = report
+    if features_only:
+        from repsqueeze.models.layers import FeatureNet
+
+        info = getattr(model, "feature_info", None)
+        if info is None:
+            raise ValueError(f"{name}: features_only needs a model with feature_info levels")
+        model = FeatureNet(model, range(len(info)) if out_indices is None else out_indices)
+    return model
 
 
 def _arguments(fn: Callable[..., nn.Module], block: str) -> str:

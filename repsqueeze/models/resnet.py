@@ -1,8 +1,11 @@
-"""ResNet for CIFAR: three stages of basic blocks, widths 16/32/64, ``6n + 2`` layers.
+"""ResNets: the CIFAR ResNets (three stages of basic blocks, widths 16/32/64, ``6n + 2``
+layers) and the ImageNet ResNet-18 / ResNet-50 that DBB, ACNet and OREPA convert.
 
-He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (Section 4.2). Each
-3x3 conv-BN is a block of any kind; the residual add and the ReLUs stay outside the
-blocks, and a shortcut that changes shape is a 1x1 :class:`~repsqueeze.zoo.ConvBN`.
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016. Each 3x3 conv-BN is a
+block of any kind; the residual add and the ReLUs stay outside the blocks. As in the DBB
+and ACNet ResNets, the 7x7 stem, the 1x1 convs of the bottleneck and a shortcut that
+changes shape are plain :class:`~repsqueeze.zoo.ConvBN` (also one convolution deployed);
+the stride of a bottleneck is on its 3x3 conv (torchvision's ResNet v1.5).
 """
 
 from __future__ import annotations
@@ -94,7 +97,109 @@ class CifarResNet(ConvClassifier):
         kw = {"block": block, "deployed": deployed, "act_layer": act_layer, **block_kwargs}
         stem = block_act(in_channels=in_channels, out_channels=16, **kw)
         stages = make_stages(partial(BasicBlock, **kw), 16, (16, 32, 64), (n, n, n), (1, 2, 2))
-        super().__init__(stem, stages, 64, num_classes)
+        super().__init__(stem, stages, 64, num_classes, (16, 16, 32, 64), (1, 1, 2, 4))
+
+
+def _plain(block_kwargs: dict) -> dict:
+    """The arguments a plain ConvBN shares with the blocks: the norm and the mode."""
+    return {k: block_kwargs[k] for k in ("norm_layer", "mode") if k in block_kwargs}
+
+
+class Bottleneck(nn.Module):
+    """``act(conv3(conv2(conv1(x))) + shortcut(x))``: 1x1 ConvBN -> act, 3x3 block (the
+    stride) -> act, 1x1 ConvBN to ``4 * planes`` channels.
+
+    Args:
+        in_channels: input channels.
+        planes: channels of the 3x3 block (the output has ``4 * planes``).
+        stride: stride of the 3x3 block and of the shortcut.
+        block: block kind of the 3x3 conv (see :data:`repsqueeze.zoo.BLOCKS`).
+        deployed: build every block's single convolution directly.
+        act_layer: activation constructor.
+        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        block: str = "repvgg",
+        deployed: bool = False,
+        act_layer: ActLayer = relu,
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        out_channels = self.expansion * planes
+        plain = _plain(block_kwargs)
+        self.conv1 = block_act("plain", in_channels, planes, 1, deployed, act_layer, 1, **plain)
+        self.conv2 = block_act(block, planes, planes, stride, deployed, act_layer, **block_kwargs)
+        self.conv3 = ConvBN(planes, out_channels, 1, deployed=deployed, **plain)
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = ConvBN(in_channels, out_channels, 1, stride, deployed=deployed, **plain)
+        self.act = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv3(self.conv2(self.conv1(x)))  # (N, 4 planes, H/s, W/s)
+        return self.act(y + self.shortcut(x))
+
+
+class ResNet(ConvClassifier):
+    """An ImageNet ResNet: 7x7 stride-2 ConvBN stem, 3x3 max pool, four stages.
+
+    Args:
+        unit: :class:`BasicBlock` or :class:`Bottleneck`.
+        depths: units per stage.
+        block: block kind of every 3x3 conv (see :data:`repsqueeze.zoo.BLOCKS`).
+        num_classes: outputs of the linear head.
+        in_channels: input channels.
+        deployed: build every block's single convolution directly.
+        act_layer: activation constructor.
+        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
+    """
+
+    def __init__(
+        self,
+        unit: type[BasicBlock] | type[Bottleneck],
+        depths: tuple[int, ...],
+        block: str = "repvgg",
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        deployed: bool = False,
+        act_layer: ActLayer = relu,
+        **block_kwargs,
+    ) -> None:
+        plain = _plain(block_kwargs)
+        stem_conv = block_act("plain", in_channels, 64, 2, deployed, act_layer, 7, **plain)
+        stem = nn.Sequential(stem_conv, nn.MaxPool2d(3, 2, 1))
+        e = getattr(unit, "expansion", 1)
+        kw = {"block": block, "deployed": deployed, "act_layer": act_layer, **block_kwargs}
+        stages, c_in = [], 64
+        for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths, strict=True)):
+            units = []
+            for j in range(depth):
+                stride = 2 if i > 0 and j == 0 else 1
+                units.append(unit(c_in, planes, stride, **kw))
+                c_in = planes * e
+            stages.append(nn.Sequential(*units))
+        channels = (64, 64 * e, 128 * e, 256 * e, 512 * e)
+        super().__init__(stem, stages, 512 * e, num_classes, channels, (4, 4, 8, 16, 32))
+
+
+@register_model
+def resnet18(**kwargs) -> ResNet:
+    """ResNet-18: basic blocks, depths 2/2/2/2. Args: :class:`ResNet`."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def resnet50(**kwargs) -> ResNet:
+    """ResNet-50: bottleneck blocks, depths 3/4/6/3. Args: :class:`ResNet`."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
 
 
 @register_model

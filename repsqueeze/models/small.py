@@ -34,4 +34,4 @@ def digits_net(
     unit = partial(block_act, block, deployed=deployed, act_layer=act_layer, **block_kwargs)
     stem = unit(in_channels, 32, 1)
     stages = make_stages(unit, 32, (32, 64), (1, 2), (1, 2))
-    return ConvClassifier(stem, stages, 64, num_classes)
+    return ConvClassifier(stem, stages, 64, num_classes, (32, 32, 64), (1, 1, 2))

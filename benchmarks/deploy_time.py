@@ -1,0 +1,356 @@
+"""Deploy time: how long a whole model takes to reach its deployed form.
+
+    python benchmarks/deploy_time.py              # 1 thread: results_deploy.{md,json} (~3 min)
+    python benchmarks/deploy_time.py --quick      # tiny sizes, the CI smoke test (temp folder)
+
+Rows, all in one process at 1 thread, interleaved (every variant once per round, each on a
+fresh copy of its model built outside the timed region):
+
+* repsqueeze's ``repvgg_a0`` (1000 classes) with every block kind, ``rs.deploy`` in place
+  and as a copy (its default); ``plain``, ``expand_ck`` and ``expand_cl`` in place, in a
+  second interleaved group with a fifth of the rounds (timm's row timed beside them);
+* timm's ``repvgg_a0`` with ``timm.utils.reparameterize_model``, in place and as a copy (its
+  default), the reference of the ratios;
+* the official fusions (RepVGG ``repvgg_model_convert``; DBB, ACNet and OREPA
+  ``switch_to_deploy`` of every block) on the same 22 convolution shapes, run from copies
+  of their repositories fetched into ``$REPSQUEEZE_MIRROR`` (default ``/work/.mirror``,
+  ``owner+name/repo`` git folders); a repository that is not there is skipped with a note;
+* a torchvision ResNet-50 expanded with ``rs.expand``: ``rs.deploy`` and ``rs.contract``.
+
+Figures: median seconds with the interquartile range, the ratio to timm's row of the same
+form and, for the kinds that have one, to the official fusion of the same kind (medians of
+the per-round ratios, with their interquartile ranges).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+import repsqueeze as rs
+from repsqueeze.models import create_model
+from repsqueeze.tables import table
+
+HERE = Path(__file__).resolve().parent
+KINDS = ("repvgg", "acb", "mobileone", "qarepvgg", "dbb")
+# the other kinds, timed in a second group with fewer rounds (expand_cl: seconds of float64
+# matrix products per deploy), in place only
+MORE_KINDS = ("plain", "expand_ck", "expand_cl")
+MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))
+TIMM = "timm reparameterize_model"
+
+# official repositories: (owner+name, files to load, module holding the block)
+OFFICIAL = {
+    "official RepVGG repvgg_model_convert": ("DingXiaoH+RepVGG", ["repvgg.py", "se_block.py"]),
+    "official DBB switch_to_deploy": (
+        "DingXiaoH+DiverseBranchBlock",
+        ["diversebranchblock.py", "dbb_transforms.py"],
+    ),
+    "official ACNet switch_to_deploy": ("DingXiaoH+ACNet", ["acnet/acb.py"]),
+    "official OREPA switch_to_deploy": (
+        "JUGGHM+OREPA_CVPR2022",
+        ["blocks.py", "basic.py", "dbb_transforms.py"],
+    ),
+}
+
+# the official fusion of the same block kind, for the "x official" ratio
+PEERS = {
+    "repsqueeze repvgg (copy)": "official RepVGG repvgg_model_convert",
+    "repsqueeze acb": "official ACNet switch_to_deploy",
+    "repsqueeze dbb": "official DBB switch_to_deploy",
+}
+
+Variant = tuple[Callable[[], nn.Module], Callable[[nn.Module], object]]
+Row = tuple[str, str, Variant]  # (model, form, variant)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine parameters (folding is then real arithmetic)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=gen) * 2 - 1)
+    return model.eval()
+
+
+# --- official code from fetched repositories ---------------------------------------------------
+@contextlib.contextmanager
+def official_modules(repo: str, files: list[str]) -> Iterator[dict[str, ModuleType] | None]:
+    """The repository's files imported from ``MIRROR/repo/repo`` (a bare git folder), by
+    module name; ``None`` when the copy or a file is missing. Nothing is written outside a
+    temporary folder, and the imported names leave ``sys.modules`` afterwards."""
+    git_dir = MIRROR / repo / "repo"
+    if not git_dir.is_dir():
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        for f in files:
+            shown = subprocess.run(
+                ["git", f"--git-dir={git_dir}", "show", f"HEAD:{f}"],
+                capture_output=True,
+                check=False,
+            )
+            if shown.returncode != 0:
+                yield None
+                return
+            (Path(tmp) / Path(f).name).write_bytes(shown.stdout)
+            names.append(Path(f).stem)
+        before = set(sys.modules)
+        sys.path.insert(0, tmp)
+        try:
+            yield {n: importlib.import_module(n) for n in names}
+        finally:
+            sys.path.remove(tmp)
+            for name in set(sys.modules) - before:
+                del sys.modules[name]
+
+
+class ShapeStack(nn.Module):
+    """Blocks of another library on given ``(c_in, c_out, stride)`` 3x3 shapes, ReLU between."""
+
+    def __init__(self, make: Callable[[int, int, int], nn.Module], shapes: list) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(nn.Sequential(make(*s), nn.ReLU()) for s in shapes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def switch_all(model: nn.Module) -> nn.Module:
+    """The official scripts' conversion: ``switch_to_deploy()`` of every module that has one."""
+    for m in list(model.modules()):
+        if hasattr(m, "switch_to_deploy"):
+            m.switch_to_deploy()
+    return model
+
+
+def official_variant(label: str, mods: dict[str, ModuleType], shapes: list) -> Variant:
+    if label.startswith("official RepVGG"):
+        repvgg = mods["repvgg"]
+        return lambda: repvgg.create_RepVGG_A0(), repvgg.repvgg_model_convert
+    if label.startswith("official DBB"):
+        cls = mods["diversebranchblock"].DiverseBranchBlock
+    elif label.startswith("official ACNet"):
+        cls = mods["acb"].ACBlock
+    else:
+        cls = mods["blocks"].OREPA
+    return lambda: ShapeStack(lambda i, o, s: cls(i, o, 3, stride=s, padding=1), shapes), switch_all
+
+
+def a0_shapes(quick: bool) -> list[tuple[int, int, int]]:
+    """``(c_in, c_out, stride)`` of the 3x3 convolutions of repsqueeze's ``repvgg_a0``."""
+    model = create_model("repvgg_a0", block="plain", num_classes=10, deployed=True)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    shapes = [(c.in_channels, c.out_channels, c.stride[0]) for c in convs]
+    return shapes[:3] if quick else shapes
+
+
+# --- the variants ----------------------------------------------------------------------------
+def variants(
+    quick: bool, kinds: tuple[str, ...] = KINDS, more: bool = True
+) -> tuple[dict[str, Row], list[str]]:
+    """``{row: (model, form, (build, deploy))}`` and notes on the rows skipped.
+
+    Args:
+        quick: tiny sizes.
+        kinds: repsqueeze block kinds.
+        more: also the copy forms and the official fusions.
+    """
+    classes = 10 if quick else 1000
+    name = "repvgg_a0"
+    ours = "digits_net" if quick else name
+    rows: dict[str, Row] = {}
+    for kind in kinds[:2] if quick else kinds:
+
+        def build(kind=kind) -> nn.Module:
+            extra = {"in_channels": 1} if quick else {}
+            return randomize_bn(create_model(ours, block=kind, num_classes=classes, **extra))
+
+        in_place = (build, lambda m: rs.deploy(m, inplace=True))
+        rows[f"repsqueeze {kind}"] = (ours, "in place", in_place)
+        if more:
+            rows[f"repsqueeze {kind} (copy)"] = (ours, "copy", (build, rs.deploy))
+    notes = []
+    try:
+        import timm
+        from timm.utils.model import reparameterize_model
+    except ImportError:
+        notes.append(f"{TIMM}: timm is not installed")
+    else:
+
+        def build_timm() -> nn.Module:
+            return randomize_bn(timm.create_model(name, num_classes=classes))
+
+        in_place = (build_timm, lambda m: reparameterize_model(m, inplace=True))
+        rows[TIMM] = (name, "in place", in_place)
+        if more:
+            rows[f"{TIMM} (copy)"] = (name, "copy", (build_timm, reparameterize_model))
+    if not more:
+        return rows, notes
+    shapes = a0_shapes(quick)
+    for label, (repo, files) in OFFICIAL.items():
+        with official_modules(repo, files) as mods:
+            if mods is None:
+                notes.append(f"{label}: skipped, no copy of {repo.replace('+', '/')} in {MIRROR}")
+                continue
+            build, fn = official_variant(label, mods, shapes)
+            form = "copy" if "repvgg_model_convert" in label else "in place"
+            model = f"{name} shapes" if "switch_to_deploy" in label else name
+            rows[label] = (model, form, (lambda build=build: randomize_bn(build()), fn))
+    return rows, notes
+
+
+def interleaved(rows: dict[str, Row], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each variant's deploy per round, each on a fresh model, interleaved."""
+    with contextlib.redirect_stdout(sys.stderr):  # the official builders print
+        models = {k: build() for k, (_, _, (build, _)) in rows.items()}
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for r in range(rounds + 1):  # round 0 warms up (imports, allocator, first calls)
+        for key, (_, _, (_, deploy)) in rows.items():
+            fresh = copy.deepcopy(models[key])
+            start = time.perf_counter()
+            deploy(fresh)
+            if r:
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], 0.0
+    q = statistics.quantiles(values, n=4)
+    return statistics.median(values), q[2] - q[0]
+
+
+def bench_a0(
+    quick: bool, rounds: int, kinds: tuple[str, ...] = KINDS, more: bool = True
+) -> tuple[list[dict], list[str]]:
+    rows, notes = variants(quick, kinds, more)
+    times = interleaved(rows, rounds)
+    out = []
+    for key, (model, form, _) in rows.items():
+        median, iqr = _quartiles(times[key])
+        ref = TIMM if form == "in place" else f"{TIMM} (copy)"
+        row = {"model": model, "variant": key, "form": form, "s": median, "IQR s": iqr}
+        for column, other in (("x timm", ref), ("x official", PEERS.get(key))):
+            if other in times:
+                ratios = [a / b for a, b in zip(times[key], times[other], strict=True)]
+                row[column], row[f"IQR {column}"] = _quartiles(ratios)
+        out.append(row)
+    return out, notes
+
+
+def bench_resnet50(quick: bool, rounds: int) -> list[dict]:
+    """``rs.deploy`` and ``rs.contract`` of an expanded torchvision ResNet-50 (quick: two
+    torchvision conv-BN-ReLU layers)."""
+    import torchvision
+
+    if quick:
+        name, layer = "two conv-BN-ReLU", torchvision.ops.Conv2dNormActivation
+        plain = nn.Sequential(layer(3, 8), layer(8, 8))
+    else:
+        name, plain = "resnet50", torchvision.models.resnet50()
+    model = randomize_bn(rs.expand(plain))
+    fns = {"rs.deploy": rs.deploy, "rs.contract": rs.contract}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 1):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn(model)  # both return a new model, this one untouched
+            if r:
+                times[key].append(time.perf_counter() - start)
+    rows = []
+    for key, ts in times.items():
+        median, iqr = _quartiles(ts)
+        variant = f"{key} (expanded {name}, repvgg blocks)"
+        rows.append({"model": name, "variant": variant, "form": "copy", "s": median, "IQR s": iqr})
+    return rows
+
+
+def run(quick: bool = False, rounds: int | None = None) -> dict:
+    """The table's rows and notes; pins 1 thread for the run and restores the count."""
+    rounds = rounds or (1 if quick else 15)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            a0, notes = bench_a0(quick, rounds)
+            if not quick:
+                others, _ = bench_a0(quick, max(1, rounds // 5), MORE_KINDS, more=False)
+                a0 += [r for r in others if r["variant"] != TIMM]
+            resnet = bench_resnet50(quick, max(1, rounds // 3))
+    finally:
+        torch.set_num_threads(threads)
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "threads": 1,
+        "rounds": rounds,
+        "quick": quick,
+        "command": " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else None,
+    }
+    return {"environment": env, "deploy": a0 + resnet, "notes": notes}
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    command = env["command"] or "benchmarks.deploy_time.run()"
+    notes = "".join(f"\n- {n}" for n in results["notes"])
+    return (
+        f"# Deploy time\n\n`{command}`; torch {env['torch']}; CPU, 1 thread; "
+        f"{env['rounds']} interleaved rounds (the plain and expand rows: a fifth of them, "
+        "beside timm's again); medians with interquartile ranges; ratios to "
+        f"timm's row of the same form and to the official fusion of the same kind.\n\n"
+        f"{table(results['deploy'])}\n" + (f"\nSkipped:{notes}\n" if notes else "")
+    )
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
+    parser.add_argument("--out", default=None, help="writes OUT.md and OUT.json")
+    args = parser.parse_args(argv)
+    default = (
+        Path(tempfile.gettempdir()) / "repsqueeze-bench-quick" / "results_deploy"
+        if args.quick
+        else HERE / "results_deploy"
+    )
+    out = Path(args.out) if args.out else default
+    results = run(args.quick, args.rounds)
+    write(results, out)
+    print(markdown(results))
+    print(f"wrote {out}.md, {out}.json", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
