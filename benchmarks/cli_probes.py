@@ -3,6 +3,7 @@
     python benchmarks/cli_probes.py                 # this checkout, all probes (about 10 min)
     python benchmarks/cli_probes.py --root DIR      # another checkout (e.g. an older commit)
     python benchmarks/cli_probes.py -k deploy       # only probes whose name contains "deploy"
+    python benchmarks/cli_probes.py --start SIGTERM # from the first probe named ...SIGTERM...
 
 Every probe runs ``python train.py ...`` or ``python deploy.py ...`` in a fresh folder, as a
 user would, and is put in one class:
@@ -496,12 +497,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("-k", default="", help="only probes whose name contains this")
+    parser.add_argument("--start", default="", help="skip the probes before the first whose name contains this")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the verdicts here")
     args = parser.parse_args()
     root = args.root.resolve()
     counts: Counter = Counter()
     verdicts = {}
-    for probe in TRAIN + DEPLOY:
+    probes = TRAIN + DEPLOY
+    first = next((i for i, p in enumerate(probes) if args.start in p.name), 0)
+    for probe in probes[first:]:
         if args.k not in probe.name:
             continue
         if probe.root_only and os.geteuid() != 0:

@@ -97,14 +97,30 @@ def _bad_checkpoint(kind: str, tmp_path: Path) -> Path:
     return _checkpoint(tmp_path / "dbb.ckpt", {**NET, "block": "dbb"})
 
 
+def _has_xla() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_xla") is not None
+
+
 TRAIN_REFUSALS = [
     ("trainer.max_epochs=abc", "trainer.max_epochs=abc: must be an integer"),
     ("seed=abc", "seed=abc: must be an integer"),
     ("model.label_smoothing=2", "model.label_smoothing=2: must be < 1"),
     ("model.deploy_tolerance=-1", "model.deploy_tolerance=-1: must be >= 0"),
     ("trainer.precision=7", "trainer.precision=7: must be one of 64, 32, 16,"),
-    ("trainer.devices=[a]", "trainer.devices=[a]: must be"),
+    (
+        "trainer.devices=[a]",
+        "trainer.devices=[a]: must be auto, a count >= 1 (-1: all), or a list of device indices",
+    ),  # fmt: skip
+    ("trainer.devices=abc", "trainer.devices=abc: must be auto, a count >= 1"),
+    ("trainer.devices=0", "trainer.devices=0: must be auto, a count >= 1"),
     ("trainer.accelerator=tpux", "trainer.accelerator=tpux: must be one of auto, gpu"),
+    pytest.param(
+        "trainer.accelerator=tpu",
+        "trainer.accelerator=tpu: this machine has no tpu: use trainer.accelerator=cpu or auto",
+        marks=pytest.mark.skipif(_has_xla(), reason="has a TPU"),
+    ),  # fmt: skip
     ("optimizer.lr=0", "optimizer.lr=0: must be > 0 (a learning rate of 0 trains nothing)"),
     ("data.batch_size=abc", "data.batch_size=abc: must be an integer"),
     ("data.val_fraction=1.5", "data.val_fraction=1.5: must be < 1"),
@@ -163,7 +179,7 @@ TRAIN_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "expected"), TRAIN_REFUSALS, ids=[o for o, _ in TRAIN_REFUSALS])  # fmt: skip
+@pytest.mark.parametrize(("overrides", "expected"), TRAIN_REFUSALS, ids=[str(r[0] if isinstance(r, tuple) else r.values[0]) for r in TRAIN_REFUSALS])  # fmt: skip
 def test_train_setting_is_refused_in_one_line(compose_cfg, overrides, expected, monkeypatch):
     monkeypatch.setattr(train_script.L.Trainer, "fit", _no_fit)
     with pytest.raises(ConfigError) as info:

@@ -195,7 +195,7 @@ def _check_rule(rule: Rule, value: Any, path: str, cfg: DictConfig, param: Any) 
     expected = rule.type
     if expected is not None and not _is_instance(value, expected):
         raise SettingError(f"must be {_type_name(expected)}", path, value)
-    if expected is None and param is not None and not _fits(value, param):
+    if expected is None and rule.check is None and param is not None and not _fits(value, param):
         raise SettingError(f"must be {_annotation_name(param)}", path, value)
     for bound, holds, word in (
         (rule.ge, lambda b: value >= b, ">="),

@@ -107,10 +107,41 @@ def _modes() -> list[str]:
     return list(MODES)
 
 
-def _accelerators() -> list[str]:
+def _accelerator(value: Any, cfg: DictConfig) -> str | None:
+    """A Lightning accelerator that this machine has (``auto`` always)."""
+    import torch
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
-    return ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]
+    known = ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]
+    if value not in known:
+        return f"must be one of {', '.join(known)}"
+    if value == "auto":
+        return None
+    if value == "gpu":
+        available = torch.cuda.is_available() or torch.backends.mps.is_available()
+    else:
+        try:
+            available = AcceleratorRegistry[value]["accelerator"].is_available()
+        except Exception:  # a plugin whose own library is missing (torch_xla for tpu)
+            available = False
+    return (
+        None if available else f"this machine has no {value}: use trainer.accelerator=cpu or auto"
+    )
+
+
+def _devices(value: Any, cfg: DictConfig) -> str | None:
+    """``auto``, a count (-1: all), a list of indices, or ``"0,1"``."""
+    if isinstance(value, list):
+        ok = value and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    elif isinstance(value, str):
+        ok = (
+            value == "auto"
+            or value.strip() == "-1"
+            or all(p.strip().isdigit() for p in value.split(","))
+        )
+    else:
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1)
+    return None if ok else "must be auto, a count >= 1 (-1: all), or a list of device indices"
 
 
 def _batches(value: Any, cfg: DictConfig) -> str | None:
@@ -228,7 +259,8 @@ TRAIN_SCHEMA = Schema(
         "scheduler.step_size": Int(ge=1),
         "scheduler.gamma": Float(gt=0),
         "scheduler.eta_min": Float(ge=0),
-        "trainer.accelerator": Rule(type=str, choices=_accelerators),
+        "trainer.accelerator": Rule(type=str, check=_accelerator),
+        "trainer.devices": Rule(check=_devices),
         "trainer.max_epochs": Int(ge=-1, nullable=True, why="-1: no limit"),
         "trainer.min_epochs": Int(ge=0, nullable=True),
         "trainer.max_steps": Int(ge=-1),
