@@ -255,6 +255,7 @@ def bench_a0(
         ref = TIMM if form == "in place" else f"{TIMM} (copy)"
         row = {"model": model, "variant": key, "form": form, "s": median, "IQR s": iqr}
         for column, other in (("x timm", ref), ("x official", PEERS.get(key))):
+            row[column] = row[f"IQR {column}"] = None  # n/a: every row has every column
             if other in times:
                 ratios = [a / b for a, b in zip(times[key], times[other], strict=True)]
                 row[column], row[f"IQR {column}"] = _quartiles(ratios)

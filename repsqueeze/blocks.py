@@ -35,7 +35,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from repsqueeze import online, primitives
 from repsqueeze.algebra import ConvMap, Layout, Pad, chain, concat, conv_of, parallel
-from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
+from repsqueeze.primitives import Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = online.MODES
 
@@ -148,19 +148,12 @@ class Squeezable(nn.Module):
             head: compose only the first ``head`` children (online mode's plan); ``None``:
                 all of them.
         """
-        parts = self.named_parts()
-        head = len(parts) if head is None else head
+        head = len(self.named_parts()) if head is None else head
         key = structure_key(self)
         key = (key, ndim, head) if key is not None else None
         found = _LAYOUTS.get(key) if key is not None else None
         if found is None:
-            ctx = online.Ctx(ndim, STRUCTURE)
-            c_in = self._in_channels()
-            if head == len(parts):
-                term = online.term_of(self, c_in, "", ctx)
-            else:
-                term = online.chain_of(parts[:head], c_in, "", ctx)
-            found = online.term_layout(term, c_in, ctx)
+            found = online.block_layout(self, ndim, head)
             if key is not None:
                 if len(_LAYOUTS) >= _LAYOUTS_KEPT:
                     _LAYOUTS.clear()
@@ -968,10 +961,8 @@ def _composite(block: Squeezable, check: bool) -> tuple[tuple[Tensor, Tensor], l
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
         pair = conv.weight.detach().double(), bias.detach().to(conv.weight.device).double()
         return pair, list(pair)
-    ndim, c_in = block._require_ndim(), block._in_channels()
     how = Precision("exact", torch.float64, primitives.device_of(block), check=check)
-    ctx = online.Ctx(ndim, how)
-    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), block.layout(ndim), c_in, ctx)
+    weight, bias = online.exact_composite(block, block.layout(block._require_ndim()), how)
     bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
     return (weight, bias), [weight, bias]
 
@@ -1008,14 +999,14 @@ def deploy_blocks(
 def _squeezed(block: Squeezable, check: bool) -> tuple[nn.Module, list[Tensor]]:
     """``(conv, its tensors)``; ``check``: per-tensor checks, named errors."""
     ndim = block._require_ndim()
-    c_in = block._in_channels()
+    block._in_channels()  # the error for a block that fixes no channel count
     lay = block.layout(ndim)
     device, dtype, mode = primitives.device_of(block), block._dtype(), block._padding_mode()
     fmt = memory_format_of(block)
     if device.type == "meta":  # no values: the architecture alone, from the structure
         return conv_of(lay, mode, dtype, device, memory_format=fmt), []
-    ctx = online.Ctx(ndim, Precision("exact", torch.float64, device, check=check))
-    weight, bias = online.pack(online.term_of(block, c_in, "", ctx), lay, c_in, ctx)
+    how = Precision("exact", torch.float64, device, check=check)
+    weight, bias = online.exact_composite(block, lay, how)
     conv = conv_of(lay, mode, dtype, device, weight, bias, fmt)
     if check:
         _check_cast(block, conv, weight, bias)

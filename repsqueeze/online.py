@@ -43,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import blocks, primitives
 from repsqueeze.algebra import ConvMap, Layout, Pad, chain, dense_kernel, grouped_layout, parallel
-from repsqueeze.primitives import Geometry, Precision
+from repsqueeze.primitives import STRUCTURE, Geometry, Precision
 
 MODES = ("chain", "online", "auto")
 AUTO_REPEATS = 3  # timed runs of each form per decision of mode="auto"
@@ -134,7 +134,7 @@ def _is_channel_scale(conv: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class Ctx:
+class _Ctx:
     """How terms are built: spatial dimensionality and precision (``live`` for online
     training, ``exact`` float64 copies for deploy, ``structure`` for the layout)."""
 
@@ -142,16 +142,16 @@ class Ctx:
     how: Precision
 
 
-def term_of(node: nn.Module, c_in: int, path: str, ctx: Ctx) -> Term:
+def term_of(node: nn.Module, c_in: int, path: str, ctx: _Ctx) -> Term:
     """The live term of a node: a block, an ``nn.Sequential`` or one layer."""
     ndim = ctx.ndim
     if isinstance(node, blocks.Squeezable) and not node.deployed and node._combine == "chain":
-        return chain_of(node.named_parts(), c_in, path, ctx)
+        return _chain_of(node.named_parts(), c_in, path, ctx)
     if isinstance(node, blocks.Squeezable) and not node.deployed and node._combine == "sum":
         terms = [term_of(m, c_in, blocks.join(path, n), ctx) for n, m in node.named_parts()]
         return _sum(terms, node.geometry(ndim).c_out or c_in, ctx)
     if isinstance(node, nn.Sequential):
-        return chain_of(list(node.named_children()), c_in, path, ctx)
+        return _chain_of(list(node.named_children()), c_in, path, ctx)
     if isinstance(node, primitives.CONVS):
         weight, bias = _conv_tensors(node, path, ctx.how)
         if _is_channel_scale(node):
@@ -193,7 +193,7 @@ def _conv_tensors(conv: nn.Module, path: str, how: Precision) -> tuple[Tensor, T
     return weight, bias
 
 
-def chain_of(parts: list[tuple[str, nn.Module]], c_in: int, path: str, ctx: Ctx) -> Term:
+def _chain_of(parts: list[tuple[str, nn.Module]], c_in: int, path: str, ctx: _Ctx) -> Term:
     """The term of named children run in order."""
     total = None
     for name, child in parts:
@@ -208,7 +208,7 @@ def _from_map(m: ConvMap) -> Term:
     return Term(m.weight, None, m.bias, m.weight.shape[0], 1, m.stride, m.pad, (1,) * ndim)
 
 
-def _as_kernel(t: Term, channels: int, groups: int, ctx: Ctx) -> Term:
+def _as_kernel(t: Term, channels: int, groups: int, ctx: _Ctx) -> Term:
     """A per-channel term as a ``groups``-grouped 1x1 kernel (block-diagonal scales)."""
     if t.weight is not None:
         return t
@@ -224,7 +224,7 @@ def _as_kernel(t: Term, channels: int, groups: int, ctx: Ctx) -> Term:
     return replace(t, weight=weight, scale=None, channels=channels, groups=groups)
 
 
-def _to_map(t: Term, c_in: int, ctx: Ctx) -> ConvMap:
+def _to_map(t: Term, c_in: int, ctx: _Ctx) -> ConvMap:
     """A term as a dense :class:`ConvMap` (the generic fallback)."""
     t = _as_kernel(t, t.channels or c_in, 1, ctx)
     weight = dense_kernel(t.weight, t.groups, t.dilation)
@@ -259,7 +259,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _chain(a: Term, b: Term, c_mid: int, ctx: Ctx) -> Term:
+def _chain(a: Term, b: Term, c_mid: int, ctx: _Ctx) -> Term:
     """The term ``x -> b(a(x))``; ``c_mid`` is the number of channels between them."""
     if b.weight is None:  # per-channel after anything
         if b.scale is None:
@@ -315,7 +315,7 @@ def _chain(a: Term, b: Term, c_mid: int, ctx: Ctx) -> Term:
     return Term(weight, None, bias, b.channels, groups, stride, pad, dilation)
 
 
-def _sum(terms: list[Term], channels: int, ctx: Ctx) -> Term:
+def _sum(terms: list[Term], channels: int, ctx: _Ctx) -> Term:
     """The term ``x -> sum_i terms[i](x)`` (branches already checked to be aligned)."""
     ndim = ctx.ndim
     bias = None
@@ -377,7 +377,7 @@ def _sum_in_place(
     size: tuple[int, ...],
     channels: int,
     groups: int,
-    ctx: Ctx,
+    ctx: _Ctx,
 ) -> Tensor:
     """The kernels of aligned terms summed in place into one ``groups``-grouped kernel of
     ``size`` (each at its start), per-channel terms added onto its diagonal: no dense
@@ -404,14 +404,32 @@ def _sum_in_place(
     return weight
 
 
-def term_layout(t: Term, c_in: int, ctx: Ctx) -> Layout:
+def block_layout(block: blocks.Squeezable, ndim: int, head: int) -> Layout:
+    """The layout of a block's first ``head`` children, composed with indicator weights."""
+    ctx, c_in = _Ctx(ndim, STRUCTURE), block._in_channels()
+    parts = block.named_parts()
+    if head == len(parts):
+        return term_layout(term_of(block, c_in, "", ctx), c_in, ctx)
+    return term_layout(_chain_of(parts[:head], c_in, "", ctx), c_in, ctx)
+
+
+def exact_composite(
+    block: blocks.Squeezable, lay: Layout, how: Precision
+) -> tuple[Tensor, Tensor | None]:
+    """The block's ``(weight, bias)`` in the layout ``lay``, from its tensors as ``how`` says
+    (``exact``: detached float64 copies)."""
+    ctx, c_in = _Ctx(block._require_ndim(), how), block._in_channels()
+    return pack(term_of(block, c_in, "", ctx), lay, c_in, ctx)
+
+
+def term_layout(t: Term, c_in: int, ctx: _Ctx) -> Layout:
     """The layout of a structural term (indicator weights), read from its grouped form."""
     channels = t.channels or c_in
     t = _as_kernel(t, channels, channels, ctx)  # a per-channel map is depthwise
     return grouped_layout(t.weight, t.groups, t.dilation, t.stride, t.pad)
 
 
-def pack(t: Term, lay: Layout, c_in: int, ctx: Ctx) -> tuple[Tensor, Tensor | None]:
+def pack(t: Term, lay: Layout, c_in: int, ctx: _Ctx) -> tuple[Tensor, Tensor | None]:
     """The ``(weight, bias)`` of the planned convolution from the block's term."""
     t = _as_kernel(t, t.channels or c_in, lay.groups, ctx)
     widths = []
@@ -434,11 +452,11 @@ def forward(block: blocks.Squeezable, x: Tensor, ndim: int) -> Tensor:
     parts = block.named_parts()
     lay = p.layout
     param = next(block.parameters(), x)
-    ctx = Ctx(ndim, Precision("live", param.dtype, param.device))
+    ctx = _Ctx(ndim, Precision("live", param.dtype, param.device))
     if p.head == len(parts):
         term = term_of(block, lay.in_channels, "", ctx)
     else:
-        term = chain_of(parts[: p.head], lay.in_channels, "", ctx)
+        term = _chain_of(parts[: p.head], lay.in_channels, "", ctx)
     weight, bias = pack(term, lay, lay.in_channels, ctx)
     mode, padding = block.geometry(ndim).mode, lay.padding
     if mode not in (None, "zeros"):  # zeros are the conv's own padding: no padded copy
@@ -453,8 +471,8 @@ def composed(block: blocks.Squeezable, ndim: int) -> tuple[Tensor, Tensor | None
     """The live ``(weight, bias)`` online mode would convolve with (autograd kept)."""
     p = plan(block, ndim)
     param = next(block.parameters())
-    ctx = Ctx(ndim, Precision("live", param.dtype, param.device))
-    term = chain_of(block.named_parts()[: p.head], p.layout.in_channels, "", ctx)
+    ctx = _Ctx(ndim, Precision("live", param.dtype, param.device))
+    term = _chain_of(block.named_parts()[: p.head], p.layout.in_channels, "", ctx)
     return pack(term, p.layout, p.layout.in_channels, ctx)
 
 
