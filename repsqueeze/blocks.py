@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import online, primitives
+from repsqueeze import bnpad, online, primitives
 from repsqueeze.algebra import ConvMap, Pad, chain, concat, parallel, to_conv
 from repsqueeze.primitives import STRUCTURE, Geometry, Precision, identity_geometry, name_of, pad
 
@@ -520,11 +520,11 @@ def chain_run(
                 x, fill = kept
                 continue
             if fill is not None:
-                x, lazy, fill = primitives.pad_filled(x, lazy, fill), None, None
+                x, lazy, fill = bnpad.pad_filled(x, lazy, fill), None, None
         x = node_run(layer, x, e, ndim, lazy)
         lazy = None
     if fill is not None:
-        x = primitives.pad_filled(x, lazy, fill)
+        x = bnpad.pad_filled(x, lazy, fill)
     elif lazy is not None:
         x = pad(x, lazy, "zeros")
     return x
@@ -552,6 +552,8 @@ def _constant_border_through(
     if isinstance(layer, _BatchNorm) and not primitives.syncs(layer):
         if primitives.uses_batch_stats(layer):
             primitives.check_values_per_channel(layer, x, ((0, 0),) * ndim)
+            if bnpad.fast_path(layer):  # one reduction for the interior and the border
+                return bnpad.batch_norm_with_border(layer, x, fill)
             # the statistics bn(x) normalises with, kept differentiable for the border
             var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
             scale = torch.rsqrt(var + layer.eps)

@@ -337,14 +337,6 @@ _TORCH_MODE = {
 }
 
 
-def pad_filled(x: Tensor, amount: Pad, fill: Tensor) -> Tensor:
-    """Pads the spatial dims of ``x`` by ``(left, right)`` each with a per-channel constant
-    ``fill`` (shape ``(C,)``); the interior is copied exactly (no arithmetic on it)."""
-    flat = [v for pair in reversed(amount) for v in pair]
-    border = F.pad(x.new_zeros(1, 1, *x.shape[2:]), flat, value=1.0)  # 1 on the border only
-    return torch.addcmul(F.pad(x, flat), fill.reshape(1, -1, *(1,) * (x.dim() - 2)), border)
-
-
 def pad(x: Tensor, amount: Pad | None, mode: str | None) -> Tensor:
     """Pads the spatial dims of ``x`` by ``(left, right)`` each, with a conv padding mode."""
     if amount is None or not any(map(any, amount)):
