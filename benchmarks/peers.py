@@ -32,13 +32,13 @@ MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))
 MakeBlock = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, stride)
 _COPIES: list[tempfile.TemporaryDirectory] = []  # the extracted sources, kept while running
 
-# label: (repository, module, class, constructor keywords besides channels and stride)
+# label: (our block kind it compares with, repository, module, class)
 OFFICIAL = {
     "official DBB (DingXiaoH/DiverseBranchBlock)": (
-        "DingXiaoH/DiverseBranchBlock", "diversebranchblock", "DiverseBranchBlock", {}
+        "dbb", "DingXiaoH/DiverseBranchBlock", "diversebranchblock", "DiverseBranchBlock"
     ),
-    "official ACB (DingXiaoH/ACNet)": ("DingXiaoH/ACNet", "acnet.acb", "ACBlock", {}),
-    "official OREPA (JUGGHM/OREPA_CVPR2022)": ("JUGGHM/OREPA_CVPR2022", "blocks", "OREPA", {}),
+    "official OREPA (JUGGHM/OREPA_CVPR2022)": ("dbb", "JUGGHM/OREPA_CVPR2022", "blocks", "OREPA"),
+    "official ACB (DingXiaoH/ACNet)": ("acb", "DingXiaoH/ACNet", "acnet.acb", "ACBlock"),
 }  # fmt: skip
 
 
@@ -81,41 +81,49 @@ def with_blocks(model: nn.Module, make: MakeBlock) -> nn.Module:
     return model
 
 
-def timm_blocks() -> dict[str, MakeBlock]:
+def timm_blocks() -> dict[str, tuple[str, MakeBlock]]:
     """timm's training-form RepVGG and MobileOne blocks (``timm.models.byobnet``), with an
-    identity in place of their own activation; empty without timm."""
+    identity in place of their own activation: label -> (our kind, builder); empty without
+    timm."""
     try:
         from timm.models.byobnet import LayerFn, MobileOneBlock, RepVggBlock
     except ImportError:
         return {}
     layers = LayerFn(act=nn.Identity)
     return {
-        "timm RepVggBlock": lambda i, o, s: RepVggBlock(i, o, 3, s, layers=layers),
-        "timm MobileOneBlock": lambda i, o, s: MobileOneBlock(i, o, 3, s, layers=layers),
+        "timm RepVggBlock": ("repvgg", lambda i, o, s: RepVggBlock(i, o, 3, s, layers=layers)),
+        "timm MobileOneBlock": (
+            "mobileone",
+            lambda i, o, s: MobileOneBlock(i, o, 3, s, layers=layers),
+        ),
     }
 
 
-def official_blocks() -> tuple[dict[str, MakeBlock], list[str]]:
-    """The official blocks found (label -> builder) and a note for each one not found."""
+def official_blocks() -> tuple[dict[str, tuple[str, MakeBlock]], list[str]]:
+    """The official blocks found (label -> (our kind, builder)) and a note for each one not
+    found."""
     found, notes = {}, []
-    for label, (repo, module, name, kw) in OFFICIAL.items():
+    for label, (kind, repo, module, name) in OFFICIAL.items():
         cls = official_class(repo, module, name)
         if cls is None:
             notes.append(f"{label}: left out, no copy at {MIRROR / repo.replace('/', '+')}")
             continue
-        found[label] = lambda i, o, s, cls=cls, kw=kw: cls(i, o, 3, stride=s, padding=1, **kw)
+        found[label] = (kind, lambda i, o, s, cls=cls: cls(i, o, 3, stride=s, padding=1))
     return found, notes
 
 
-def peer_variants(model_name: str, num_classes: int) -> tuple[dict[str, Callable], list[str]]:
-    """Label -> builder of ``model_name`` with each peer's blocks, and the notes of peers left
-    out."""
+def peer_variants(
+    model_name: str, num_classes: int
+) -> tuple[dict[str, dict[str, Callable[[], nn.Module]]], list[str]]:
+    """Builders of ``model_name`` with each peer's blocks, grouped by the block kind of ours
+    they compare with (kind -> label -> builder), and the notes of the peers left out."""
     official, notes = official_blocks()
-    variants = {}
-    for label, make in {**official, **timm_blocks()}.items():
-        variants[label] = lambda make=make: with_blocks(
+    timm = timm_blocks()
+    if not timm:
+        notes.append("timm's blocks: left out, timm is not installed")
+    variants: dict[str, dict[str, Callable[[], nn.Module]]] = {}
+    for label, (kind, make) in {**official, **timm}.items():
+        variants.setdefault(kind, {})[label] = lambda make=make: with_blocks(
             create_model(model_name, block="plain", num_classes=num_classes), make
         )
-    if not timm_blocks():
-        notes.append("timm's blocks: left out, timm is not installed")
     return variants, notes

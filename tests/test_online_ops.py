@@ -59,7 +59,7 @@ def test_dbb_chain_op_count_dropped():
     n, names = _count("dbb", "chain")
     assert n + HARNESS <= 35, names  # 67, then 45: BatchNorm on a bordered tensor by hand
     # the border constant comes from the statistics BatchNorm computes anyway (no second
-    # reduction); the two BatchNorms before a border run as one op each (repsqueeze.bnpad)
+    # reduction); the two BatchNorms before a border run as one op each (repsqueeze.chainops)
     assert "aten::var_mean" not in names
     assert names.count("aten::batch_norm") == 4  # the others native
 
