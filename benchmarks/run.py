@@ -4,6 +4,7 @@
     python benchmarks/run.py --device cuda    # GPU: results_cuda.{md,json} (~5 min on an H200)
     python benchmarks/run.py --quick          # tiny sizes, the CI smoke test (temp folder)
     python benchmarks/run.py --only latency,exactness
+    python benchmarks/run.py --only training --threads 1 --merge  # one table, the rest kept
     python benchmarks/run.py --plot-only      # redraw the PNGs from the committed JSON files
 
 Every comparison runs in this one process with a fixed number of threads, interleaved
@@ -18,7 +19,10 @@ their interquartile range, and ratios to the plain network. Sections:
    Python that a launch-bound GPU forward pays on top of identical kernels). On CUDA,
    ``graph ms`` replays a captured CUDA graph of the forward: kernel time alone.
 2. ``training``: one SGD step. CPU: resnet20_cifar, batch 64, 32x32, fp32, memory = bytes
-   autograd saves for backward. CUDA: repvgg_a0 224x224, batch 64 and 256, fp32 and bf16
+   autograd saves for backward. Beside each block kind, the peers' blocks on the same
+   network (``peers.py``: the official DBB, OREPA and ACB blocks, run from fetched copies of
+   their repositories and left out with a note without one; timm's RepVGG and MobileOne
+   blocks), and DBB's chain with recomputation. CUDA: repvgg_a0 224x224, batch 64 and 256, fp32 and bf16
    autocast, every block kind in chain and online form, timm's ``repvgg_a0`` training form,
    the hand-written OREPA-style floor (``floor.py``) and compiled rows; memory = peak
    ``torch.cuda.max_memory_allocated`` of the step above what was allocated before the
@@ -405,12 +409,21 @@ def bench_training(args: argparse.Namespace) -> list[dict]:
                 "step ms": ms,
                 "iqr ms": iqr,
                 "time vs plain": m.median / times[base].median,
+                "ratio IQR": _ratio_spread(m, times[base]),
                 "activations MiB": memory[k] / 2**20,
                 "memory vs plain": memory[k] / memory[base],
                 "params": params[k],
             }
         )
     return rows
+
+
+def _ratio_spread(m: Measurement, base: Measurement) -> str:
+    """Interquartile range of the per-round ratios ``m / base`` (each round times every
+    variant once, so a ratio within a round is immune to drift across rounds)."""
+    ratios = sorted(a / b for a, b in zip(m.times, base.times, strict=True))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{q1:.2f}-{q3:.2f}"
 
 
 def bench_training_cuda(args: argparse.Namespace) -> list[dict]:

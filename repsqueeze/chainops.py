@@ -36,13 +36,18 @@ _PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 def fast_path(bn: _BatchNorm) -> bool:
     """Whether :func:`batch_norm_with_border` may stand in for calling ``bn``: a stock
-    BatchNorm (no subclass ``forward``) with no forward hooks, its own or global, that would
+    BatchNorm (no subclass ``forward``) with no module hooks, its own or global, that would
     otherwise see the call."""
+    glob = nn.modules.module
     hooks = (
         bn._forward_hooks,
         bn._forward_pre_hooks,
-        nn.modules.module._global_forward_hooks,
-        nn.modules.module._global_forward_pre_hooks,
+        bn._backward_hooks,
+        bn._backward_pre_hooks,
+        glob._global_forward_hooks,
+        glob._global_forward_pre_hooks,
+        glob._global_backward_hooks,
+        glob._global_backward_pre_hooks,
     )
     return type(bn).forward in _PLAIN_FORWARDS and not any(hooks)
 
