@@ -250,3 +250,25 @@ def test_official_dbb_loads_from_its_fetched_copy_with_our_parameter_count():
     ours = rs.create_model("resnet20_cifar", block="dbb")
     assert bench.count_params(official) == bench.count_params(ours)
     assert official(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_merge_reruns_some_sections_and_keeps_the_others_with_their_settings(tmp_path, monkeypatch):
+    bench = _load_benchmarks()
+    monkeypatch.setitem(bench.SECTIONS, "one", ("One", lambda args: [{"x": 1.0}]))
+    monkeypatch.setitem(bench.SECTIONS, "two", ("Two", lambda args: [{"y": 2.0}]))
+    out = str(tmp_path / "r")
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--only", "one,two", "--threads", "2", "--out", out])
+        monkeypatch.setitem(bench.SECTIONS, "one", ("One", lambda args: [{"x": 3.0}]))
+        bench.main(["--only", "one", "--threads", "1", "--out", out, "--merge"])
+    finally:
+        torch.set_num_threads(threads)
+    on_disk = json.loads((tmp_path / "r.json").read_text())
+    assert on_disk["one"] == [{"x": 3.0}] and on_disk["two"] == [{"y": 2.0}]
+    assert on_disk["environment"]["threads"] == 1
+    assert on_disk["environment"]["kept"]["two"]["environment"]["threads"] == 2
+    markdown = (tmp_path / "r.md").read_text()
+    assert markdown.index("## One") < markdown.index("## Two")  # the sections' order
+    assert "_Kept from an earlier run (2 threads" in markdown.split("## Two")[1]
+    assert "Kept" not in markdown.split("## Two")[0]
