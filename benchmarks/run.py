@@ -4,6 +4,7 @@
     python benchmarks/run.py --device cuda    # GPU: results_cuda.{md,json} (~5 min on an H200)
     python benchmarks/run.py --quick          # tiny sizes, the CI smoke test (temp folder)
     python benchmarks/run.py --only latency,exactness
+    python benchmarks/run.py --only training --threads 1 --merge  # one table, the rest kept
     python benchmarks/run.py --plot-only      # redraw the PNGs from the committed JSON files
     python benchmarks/run.py --deploy-time    # deploy time vs timm and the official fusions
 
@@ -19,7 +20,10 @@ their interquartile range, and ratios to the plain network. Sections:
    Python that a launch-bound GPU forward pays on top of identical kernels). On CUDA,
    ``graph ms`` replays a captured CUDA graph of the forward: kernel time alone.
 2. ``training``: one SGD step. CPU: resnet20_cifar, batch 64, 32x32, fp32, memory = bytes
-   autograd saves for backward. CUDA: repvgg_a0 224x224, batch 64 and 256, fp32 and bf16
+   autograd saves for backward. Beside each block kind, the peers' blocks on the same
+   network (``peers.py``: the official DBB, OREPA and ACB blocks, run from fetched copies of
+   their repositories and left out with a note without one; timm's RepVGG and MobileOne
+   blocks), and DBB's chain with recomputation. CUDA: repvgg_a0 224x224, batch 64 and 256, fp32 and bf16
    autocast, every block kind in chain and online form, timm's ``repvgg_a0`` training form,
    the hand-written OREPA-style floor (``floor.py``) and compiled rows; memory = peak
    ``torch.cuda.max_memory_allocated`` of the step above what was allocated before the
@@ -58,10 +62,12 @@ from repsqueeze.zoo import BLOCKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
+import peers  # noqa: E402
 
 KINDS = list(BLOCKS)
 HERE = Path(__file__).resolve().parent
 PLAIN = "hand-written plain"
+NOTES: dict[str, list[str]] = {}  # section -> lines printed under its table
 
 
 # --- timing ----------------------------------------------------------------------------------
@@ -314,27 +320,35 @@ def training_variants(model_name: str, quick: bool, gpu: bool) -> dict[str, Buil
     """Label -> builder of the network, for the training-step comparison.
 
     Chain and online form of every block kind (online with the OREPA-style norm, one
-    BatchNorm after the block, except ExpandNets blocks, which fold without it); on the GPU
-    also timm's ``repvgg_a0`` training form and the hand-written OREPA-style floor.
+    BatchNorm after the block, except ExpandNets blocks, which fold without it), DBB's chain
+    also with recomputation, each followed by the peers' blocks it compares with on the same
+    network (:mod:`peers`: the official DBB, OREPA and ACB blocks from fetched copies of their
+    repositories, timm's RepVGG and MobileOne blocks); on the GPU also timm's ``repvgg_a0``
+    training form and the hand-written OREPA-style floor.
     """
     num_classes = 1000 if gpu else 10
 
-    def build(kind: str, mode: str, **kw) -> Builder:
+    def build(kind: str, mode: str, recompute: bool | None = None, **kw) -> Builder:
         return lambda: rs.set_mode(
-            create_model(model_name, block=kind, num_classes=num_classes, **kw), mode
+            create_model(model_name, block=kind, num_classes=num_classes, **kw), mode, recompute
         )
 
+    found, notes = peers.peer_variants(model_name, num_classes)
+    NOTES["training"] = notes
     variants = {"plain (ConvBN)": build("plain", "chain")}
-    kinds = (
-        [k for k in KINDS if k != "plain"] if gpu else ["expand_ck", "expand_cl", "dbb", "repvgg"]
-    )
+    kinds = [k for k in KINDS if k != "plain"]
+    if not gpu:
+        kinds = ["expand_ck", "expand_cl", "dbb", "repvgg", "acb", "mobileone"]
     for kind in kinds:
         kw = {"expansion": 4} if kind.startswith("expand") else {}
         variants[f"{kind} chain"] = build(kind, "chain", **kw)
+        if kind == "dbb":
+            variants["dbb chain, recompute"] = build(kind, "chain", recompute=True)
         if kind.startswith("expand"):
             variants[f"{kind} online"] = build(kind, "online", **kw)
         else:
             variants[f"{kind} online (OREPA-style norm)"] = build(kind, "online", online_norm=True)
+        variants.update(found.get(kind, {}))
     if gpu:
         if _has_timm():
             import timm
@@ -344,6 +358,7 @@ def training_variants(model_name: str, quick: bool, gpu: bool) -> dict[str, Buil
     if quick:
         keep = ["plain (ConvBN)", "repvgg chain", "repvgg online (OREPA-style norm)"]
         keep += ["expand_ck chain", "expand_ck online"]  # the largest chain/online gap
+        keep += ["dbb chain, recompute", "timm RepVggBlock"]
         variants = {k: variants[k] for k in keep if k in variants}
     return variants
 
@@ -395,12 +410,21 @@ def bench_training(args: argparse.Namespace) -> list[dict]:
                 "step ms": ms,
                 "iqr ms": iqr,
                 "time vs plain": m.median / times[base].median,
+                "ratio IQR": _ratio_spread(m, times[base]),
                 "activations MiB": memory[k] / 2**20,
                 "memory vs plain": memory[k] / memory[base],
                 "params": params[k],
             }
         )
     return rows
+
+
+def _ratio_spread(m: Measurement, base: Measurement) -> str:
+    """Interquartile range of the per-round ratios ``m / base`` (each round times every
+    variant once, so a ratio within a round is immune to drift across rounds)."""
+    ratios = sorted(a / b for a, b in zip(m.times, base.times, strict=True))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{q1:.2f}-{q3:.2f}"
 
 
 def bench_training_cuda(args: argparse.Namespace) -> list[dict]:
@@ -629,6 +653,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.backends.cudnn.benchmark (autotuned algorithms; all variants alike)")  # fmt: skip
     parser.add_argument("--out", default=None, help="writes OUT.md, OUT.json and OUT_*.png")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other sections of an existing OUT.json (each with the settings it ran under) and rewrite OUT.md from all of them")  # fmt: skip
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the PNGs of benchmarks/results*.json (or --out) and exit")  # fmt: skip
     parser.add_argument("--deploy-time", action="store_true",
@@ -675,18 +701,69 @@ def main(argv: list[str] | None = None) -> dict:
     md = [f"# repsqueeze benchmarks\n\n`{command}`; torch {torch.__version__}; {where}.\n"]
     out = Path(args.out) if args.out else default_out(args.device, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
+    chunks = {}  # section -> its markdown
+    if args.merge:
+        env["kept"], kept_rows, chunks = _kept_sections(out, only)
+        results.update(kept_rows)
     for key in only:
         start = time.perf_counter()
         rows = SECTIONS[key][1](args)
         results[key] = rows
-        md.append(f"\n## {_title(key, args)}\n\n{table(rows)}\n")
+        notes = NOTES.pop(key, [])
+        if notes:
+            results.setdefault("notes", {})[key] = notes
+        chunks[key] = f"\n## {_title(key, args)}\n\n{table(rows)}\n{_notes(notes)}"
         print(f"[{key}] {time.perf_counter() - start:.1f} s", file=sys.stderr)
         env["seconds"] = round(time.perf_counter() - started, 1)
+        md[1:] = [chunks[k] for k in sorted(chunks, key=list(SECTIONS).index)]
         _write(results, md, out)  # after every section: a run cut short keeps what it measured
     pngs = plot(results, out)
     print("".join(md))
     print(f"wrote {out}.md, {out}.json, {', '.join(map(str, pngs))}", file=sys.stderr)
     return results
+
+
+def _notes(notes: list[str]) -> str:
+    return "".join(f"\n_{note}_\n" for note in notes)
+
+
+def _kept_sections(out: Path, rerun: list[str]) -> tuple[dict, dict, dict]:
+    """``--merge``: the sections of ``OUT.json`` not rerun now.
+
+    Returns:
+        Per kept section its settings (environment, title, notes), its rows, and its
+        markdown (the title, a line saying when and how it ran, the table).
+    """
+    path = out.with_suffix(".json")
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    env = old.get("environment", {})
+    settings = {k: v for k, v in env.items() if k not in ("kept", "seconds")}
+    kept, rows, chunks = {}, {}, {}
+    for key in SECTIONS:
+        if key not in old or key in rerun:
+            continue
+        previous = env.get("kept", {}).get(key, {})
+        kept[key] = {
+            "environment": previous.get("environment", settings),
+            "title": previous.get("title") or _markdown_title(path, key),
+            "notes": previous.get("notes", old.get("notes", {}).get(key, [])),
+        }
+        rows[key] = old[key]
+        ran = kept[key]["environment"]
+        when = f"{ran.get('threads')} threads, {ran.get('date')}, `{ran.get('command')}`"
+        chunks[key] = (
+            f"\n## {kept[key]['title']}\n\n_Kept from an earlier run ({when})._\n\n"
+            f"{table(old[key])}\n{_notes(kept[key]['notes'])}"
+        )
+    return kept, rows, chunks
+
+
+def _markdown_title(json_path: Path, key: str) -> str:
+    """The heading a section had in the markdown file written with the JSON."""
+    md = json_path.with_suffix(".md")
+    lines = md.read_text().splitlines() if md.is_file() else []
+    prefix = f"## {SECTIONS[key][0]}"
+    return next((line[3:] for line in lines if line.startswith(prefix)), SECTIONS[key][0])
 
 
 def _write(results: dict, md: list[str], out: Path) -> None:

@@ -33,7 +33,7 @@ from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from repsqueeze import online, primitives
+from repsqueeze import chainops, online, primitives, recompute
 from repsqueeze.algebra import ConvMap, Layout, Pad, chain, concat, conv_of, parallel
 from repsqueeze.primitives import Geometry, Precision, identity_geometry, name_of, pad
 
@@ -50,6 +50,7 @@ class Squeezable(nn.Module):
     # Class defaults without annotations: TorchScript cannot read postponed (string) ones.
     deployed = False
     mode = "chain"
+    recompute = False
     _children_attr = ""
     # How the children combine: "chain" (in order) and "sum" (parallel branches) have fast
     # online rules; any other value (a subclass with its own _combine_maps) is composed
@@ -179,6 +180,8 @@ class Squeezable(nn.Module):
         x = x.unsqueeze(0) if unbatched else x  # (N, C, *spatial)
         if online.pick_mode(self, x, ndim) == "online":
             y = online.forward(self, x, ndim)
+        elif self.recompute and torch.is_grad_enabled():
+            y = recompute.checkpointed(lambda x: self._run_chain(x, ndim), x, self)
         else:
             y = self._run_chain(x, ndim)
         return y.squeeze(0) if unbatched else y
@@ -196,7 +199,7 @@ class Squeezable(nn.Module):
         return self
 
     # --- modes: chain, online (repsqueeze.online), auto ------------------------------------------
-    def set_mode(self, mode: str) -> Squeezable:
+    def set_mode(self, mode: str, recompute: bool | None = None) -> Squeezable:
         """Chooses how the training form runs.
 
         Args:
@@ -207,9 +210,15 @@ class Squeezable(nn.Module):
                 BatchNorm with batch statistics cannot be folded online, except trailing
                 BatchNorms, which run after the composed convolution. See
                 :mod:`repsqueeze.online`.
+            recompute: in chain mode keep only the block's input for backward and run the
+                layers again during backward (:mod:`repsqueeze.recompute`: less memory, one
+                more forward pass of the block; BatchNorm statistics updated once).
+                ``None`` leaves the setting as it is.
         """
         if mode not in MODES:
             raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, got {mode!r}")
+        if recompute is not None:
+            self.recompute = bool(recompute)
         self.mode = mode
         self._auto_cache = {}
         if mode != "chain" and not self.deployed and self._ndim is not None:
@@ -642,11 +651,11 @@ def chain_run(
                 x, fill = kept
                 continue
             if fill is not None:
-                x, lazy, fill = primitives.pad_filled(x, lazy, fill), None, None
+                x, lazy, fill = chainops.pad_filled(x, lazy, fill), None, None
         x = node_run(layer, x, e, ndim, lazy)
         lazy = None
     if fill is not None:
-        x = primitives.pad_filled(x, lazy, fill)
+        x = chainops.pad_filled(x, lazy, fill)
     elif lazy is not None:
         x = pad(x, lazy, "zeros")
     return x
@@ -674,6 +683,8 @@ def _constant_border_through(
     if isinstance(layer, _BatchNorm) and not primitives.syncs(layer):
         if primitives.uses_batch_stats(layer):
             primitives.check_values_per_channel(layer, x, ((0, 0),) * ndim)
+            if chainops.fast_path(layer):  # one reduction for the interior and the border
+                return chainops.batch_norm_with_border(layer, x, fill)
             # the statistics bn(x) normalises with, kept differentiable for the border
             var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
             scale = torch.rsqrt(var + layer.eps)

@@ -8,12 +8,16 @@ file). About 40 s on 2 CPU cores, most of it the latency section (repvgg_a0 at 6
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+import repsqueeze as rs
+
 ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))  # as benchmarks/peers.py
 SECTIONS = ("latency", "training", "squeeze", "exactness", "accuracy")
 
 
@@ -192,7 +196,9 @@ def test_gpu_training_variants_cover_every_kind_and_mode():
     bench = _load_benchmarks()
     labels = list(bench.training_variants("repvgg_a0", quick=False, gpu=True))
     for kind in bench.KINDS[1:]:
-        assert sum(label.startswith(f"{kind} ") for label in labels) == 2, (kind, labels)
+        rows = 3 if kind == "dbb" else 2  # chain, online; DBB's chain also recomputed
+        assert sum(label.startswith(f"{kind} ") for label in labels) == rows, (kind, labels)
+    assert "dbb chain, recompute" in labels
     assert "floor: hand-written OREPA-style" in labels
     assert "timm repvgg_a0 training form" in labels
     assert set(bench.COMPILED.values()) <= set(labels)
@@ -215,3 +221,54 @@ def test_non_finite_figures_are_written_as_strict_json(tmp_path, monkeypatch):
 
     on_disk = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
     assert on_disk["fake"] == [{"ratio": "nan", "ms": "inf"}]
+
+
+def test_peer_blocks_take_the_place_of_every_3x3_conv_bn_like_for_like(monkeypatch, tmp_path):
+    """timm's blocks (installed) swap in for each 3x3 ConvBN of the same network, with the
+    parameters of our block of that kind; an official block without a fetched copy is left
+    out with a note naming where it was looked for."""
+    bench = _load_benchmarks()
+    monkeypatch.setattr(bench.peers, "MIRROR", tmp_path)
+    variants, notes = bench.peers.peer_variants("resnet20_cifar", 10)
+    assert len(notes) == len(bench.peers.OFFICIAL)
+    assert all(str(tmp_path) in note for note in notes)
+    timm_net = variants["repvgg"]["timm RepVggBlock"]()
+    ours = rs.create_model("resnet20_cifar", block="repvgg")
+    assert bench.count_params(timm_net) == bench.count_params(ours)
+    assert not any(isinstance(m, rs.ConvBN) and m.layers[0].kernel_size == (3, 3) for m in timm_net.modules())  # fmt: skip
+    assert timm_net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.skipif(
+    not (MIRROR / "DingXiaoH+DiverseBranchBlock").is_dir(),
+    reason="no fetched copy of DingXiaoH/DiverseBranchBlock",
+)
+def test_official_dbb_loads_from_its_fetched_copy_with_our_parameter_count():
+    bench = _load_benchmarks()
+    variants, _ = bench.peers.peer_variants("resnet20_cifar", 10)
+    official = variants["dbb"]["official DBB (DingXiaoH/DiverseBranchBlock)"]()
+    ours = rs.create_model("resnet20_cifar", block="dbb")
+    assert bench.count_params(official) == bench.count_params(ours)
+    assert official(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_merge_reruns_some_sections_and_keeps_the_others_with_their_settings(tmp_path, monkeypatch):
+    bench = _load_benchmarks()
+    monkeypatch.setitem(bench.SECTIONS, "one", ("One", lambda args: [{"x": 1.0}]))
+    monkeypatch.setitem(bench.SECTIONS, "two", ("Two", lambda args: [{"y": 2.0}]))
+    out = str(tmp_path / "r")
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--only", "one,two", "--threads", "2", "--out", out])
+        monkeypatch.setitem(bench.SECTIONS, "one", ("One", lambda args: [{"x": 3.0}]))
+        bench.main(["--only", "one", "--threads", "1", "--out", out, "--merge"])
+    finally:
+        torch.set_num_threads(threads)
+    on_disk = json.loads((tmp_path / "r.json").read_text())
+    assert on_disk["one"] == [{"x": 3.0}] and on_disk["two"] == [{"y": 2.0}]
+    assert on_disk["environment"]["threads"] == 1
+    assert on_disk["environment"]["kept"]["two"]["environment"]["threads"] == 2
+    markdown = (tmp_path / "r.md").read_text()
+    assert markdown.index("## One") < markdown.index("## Two")  # the sections' order
+    assert "_Kept from an earlier run (2 threads" in markdown.split("## Two")[1]
+    assert "Kept" not in markdown.split("## Two")[0]

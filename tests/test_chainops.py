@@ -1,0 +1,211 @@
+"""Chain mode's BatchNorm before a constant border, from one set of statistics, and
+recomputation: exact against independent oracles (autograd through ``var_mean``, the naive
+chain, ``gradcheck``, the same block without recomputation), running statistics included."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_equivalent, randomize
+from torch import Tensor, nn
+
+import repsqueeze as rs
+from repsqueeze import chainops
+from repsqueeze.models import create_model
+from repsqueeze.zoo import make_block
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference(bn: nn.BatchNorm2d, x: Tensor, fill: Tensor) -> tuple[Tensor, Tensor]:
+    """Autograd through explicit statistics; running statistics as ``bn(x)`` updates them."""
+    var, mean = torch.var_mean(x, [0, 2, 3], correction=0)
+    scale = torch.rsqrt(var + bn.eps)
+    scale = scale * bn.weight if bn.affine else scale
+    shift = bn.bias if bn.affine else torch.zeros_like(mean)
+    return bn(x), shift + (fill - mean) * scale
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_border_values_gradients_and_running_stats_match_explicit_statistics(momentum, affine):
+    ours = nn.BatchNorm2d(3, momentum=momentum, affine=affine, dtype=F64)
+    randomize(ours, _gen(0))
+    ref = copy.deepcopy(ours)
+    for step in range(3):  # momentum=None: the cumulative average over the steps
+        x = torch.randn(4, 3, 5, 6, dtype=F64, generator=_gen(step + 1)) * 3 + 2
+        fill = torch.randn(3, dtype=F64, generator=_gen(10 + step))
+        x1, f1 = x.clone().requires_grad_(True), fill.clone().requires_grad_(True)
+        x2, f2 = x.clone().requires_grad_(True), fill.clone().requires_grad_(True)
+        y, border = chainops.batch_norm_with_border(ours, x1, f1)
+        y_ref, border_ref = _reference(ref, x2, f2)
+        assert_equivalent(y, y_ref, 1e-12)
+        assert_equivalent(border, border_ref, 1e-12)
+        gy = torch.randn(y.shape, dtype=F64, generator=_gen(20 + step))
+        gb = torch.randn(3, dtype=F64, generator=_gen(30 + step))
+        ((y * gy).sum() + (border * gb).sum()).backward()
+        ((y_ref * gy).sum() + (border_ref * gb).sum()).backward()
+        assert_equivalent(x1.grad, x2.grad, 1e-10)
+        assert_equivalent(f1.grad, f2.grad, 1e-10)
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert_equivalent(p.grad, q.grad, 1e-10)
+        for name in ("running_mean", "running_var"):
+            assert_equivalent(getattr(ours, name), getattr(ref, name), 1e-12)
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
+
+
+def test_border_batch_norm_and_pad_pass_gradcheck():
+    """Both functions against finite differences: the interior, the border constant, and
+    the weight and bias through both."""
+    x = torch.randn(3, 2, 3, 4, dtype=F64, generator=_gen(2))
+    fill, weight, bias = (torch.randn(2, dtype=F64, generator=_gen(s)) for s in (3, 4, 5))
+    amount = ((1, 2), (0, 1))
+
+    def bn_and_pad(x, fill, weight, bias):
+        y, border = chainops._BatchNormBorder.apply(x, fill, weight, bias, None, None, 0.0, 1e-5)
+        return chainops.pad_filled(y, amount, border)
+
+    inputs = tuple(t.requires_grad_(True) for t in (x, fill, weight, bias))
+    assert torch.autograd.gradcheck(bn_and_pad, inputs, fast_mode=True)
+    out = bn_and_pad(*inputs)
+    assert out.shape == (3, 2, 6, 5)
+    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
+    assert_equivalent(out[..., 1:4, 0:4], y, 1e-12)  # the interior, copied
+    ring = torch.ones(6, 5, dtype=torch.bool)
+    ring[1:4, 0:4] = False
+    border = out[..., ring]  # (3, 2, ring positions): one value per channel
+    assert torch.equal(border, border[..., :1].expand_as(border))
+
+
+def _dbb_pair(seed: int, **kw) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    block = randomize(make_block("dbb", 4, 6, **kw).double(), _gen(seed)).train()
+    return block, copy.deepcopy(block)
+
+
+def _force_explicit_statistics(block: nn.Module) -> list:
+    """A forward hook on every BatchNorm: the chain calls each module itself (explicit
+    ``var_mean`` for the border), the independent path."""
+    seen = []
+    return [
+        m.register_forward_hook(lambda *a: seen.append(1))
+        for m in block.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ], seen
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dbb_chain_equals_the_explicit_statistics_path_values_gradients_running_stats(stride):
+    fast, slow = _dbb_pair(3, stride=stride)
+    handles, seen = _force_explicit_statistics(slow)
+    for step in range(2):
+        x = torch.randn(3, 4, 9, 8, dtype=F64, generator=_gen(40 + step))
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1, y2 = fast(x1), slow(x2)
+        assert_equivalent(y1, y2, 1e-12)
+        w = torch.randn(y1.shape, dtype=F64, generator=_gen(50 + step))
+        (y1 * w).sum().backward()
+        (y2 * w).sum().backward()
+        assert_equivalent(x1.grad, x2.grad, 1e-10)
+        for p, q in zip(fast.parameters(), slow.parameters(), strict=True):
+            assert_equivalent(p.grad, q.grad, 1e-10)
+        for a, b in zip(fast.buffers(), slow.buffers(), strict=True):
+            assert_equivalent(a, b, 1e-12)
+    assert seen  # the hooks fired: the other path ran
+    for h in handles:
+        h.remove()
+
+
+def _bn_and_pad(bn: nn.BatchNorm2d, y: Tensor) -> Tensor:
+    """DBB's BN-and-pad with batch statistics: ``bn(y)`` padded by 1 with ``bn(0)``."""
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    value = bn.bias - mean * bn.weight / torch.sqrt(var + bn.eps)
+    z = F.pad(bn(y), [1, 1, 1, 1])
+    ring = F.pad(torch.zeros(1, 1, *y.shape[2:]), [1, 1, 1, 1], value=1.0)
+    return z + value.reshape(1, -1, 1, 1) * ring
+
+
+def test_dbb_chain_in_float32_equals_its_branches_with_bn_and_pad():
+    """The whole block in training mode, float32, against its four branches written out
+    (the 1x1 -> BN chains padded with the BN's value at zero, from the batch statistics)."""
+    torch.manual_seed(0)
+    block = randomize(make_block("dbb", 4, 4), _gen(7)).train()
+    branches = copy.deepcopy(block).branches
+    x = torch.randn(4, 4, 10, 10, generator=_gen(8))
+    kxk, one, chain, pool = branches
+    conv1, bn1, conv2, bn2 = chain
+    ref = kxk(x) + one(x)
+    ref = ref + bn2(F.conv2d(_bn_and_pad(bn1, conv1(x)), conv2.weight))
+    ref = ref + pool[3](F.avg_pool2d(_bn_and_pad(pool[1], pool[0](x)), 3, 1, 0))
+    assert_equivalent(block(x), ref, 1e-5)
+
+
+# --- recomputation ----------------------------------------------------------------------------
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_recompute_gives_the_same_values_gradients_and_one_statistics_update(momentum):
+    plain, recomputed = _dbb_pair(5, stride=2)
+    for block in (plain, recomputed):
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
+    recomputed.set_mode("chain", recompute=True)
+    for step in range(2):
+        x = torch.randn(3, 4, 9, 7, dtype=F64, generator=_gen(60 + step))
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1, y2 = plain(x1), recomputed(x2)
+        assert torch.equal(y1, y2)
+        w = torch.randn(y1.shape, dtype=F64, generator=_gen(70 + step))
+        (y1 * w).sum().backward()
+        (y2 * w).sum().backward()
+        assert torch.equal(x1.grad, x2.grad)  # the same ops on the same values: bitwise
+        for p, q in zip(plain.parameters(), recomputed.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        for (name, a), b in zip(plain.named_buffers(), recomputed.buffers(), strict=True):
+            assert torch.equal(a, b), name
+    counts = {m.num_batches_tracked.item() for m in recomputed.modules() if hasattr(m, "num_batches_tracked")}  # fmt: skip
+    assert counts == {2}
+
+
+def _saved_bytes(model: nn.Module, x: Tensor) -> int:
+    """Distinct storages autograd keeps for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(storages.values())
+
+
+def test_recompute_keeps_only_the_block_input():
+    block = make_block("dbb", 8, 8).train()
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    kept = _saved_bytes(copy.deepcopy(block).set_mode("chain", recompute=True), x)
+    assert kept == x.numel() * x.element_size()
+    assert _saved_bytes(block, x) > 6 * kept
+
+
+def test_recompute_brings_a_dbb_resnet_under_twice_the_plain_activations():
+    x = torch.randn(2, 3, 16, 16)
+    plain = _saved_bytes(create_model("resnet20_cifar", block="plain").train(), x)
+    dbb = create_model("resnet20_cifar", block="dbb").train()
+    assert _saved_bytes(dbb, x) > 4 * plain
+    assert rs.set_mode(dbb, "chain", recompute=True) is dbb
+    assert all(m.recompute for m in dbb.modules() if isinstance(m, rs.Squeezable))
+    assert _saved_bytes(dbb, x) <= 2 * plain
+    rs.set_mode(dbb, "chain")  # None: the setting stays
+    assert all(m.recompute for m in dbb.modules() if isinstance(m, rs.Squeezable))
