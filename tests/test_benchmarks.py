@@ -30,11 +30,14 @@ def _load_benchmarks():
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    """``main(["--quick", ...])`` once; torch's thread count and RNG restored after."""
+    """``main(["--quick", "--threads", "1", ...])`` once; torch's thread count and RNG
+    restored after."""
     out = tmp_path_factory.mktemp("bench") / "r"
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     try:
-        results = _load_benchmarks().main(["--quick", "--out", str(out)])
+        # one thread: a busy machine stalls torch's 2-thread pool for hundreds of ms a call,
+        # which swamps the ratios of these small forwards
+        results = _load_benchmarks().main(["--quick", "--threads", "1", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
