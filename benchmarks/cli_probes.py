@@ -455,7 +455,7 @@ def classify(probe: Probe, tmp: Path, result: subprocess.CompletedProcess, extra
     if result.returncode == 1 and probe.signal_after is None:
         errors = [i for i, line in enumerate(result.stderr.splitlines()) if ": error: " in line]
         lines = result.stderr.strip().splitlines()
-        if not errors or errors[0] != len(lines) - 1:
+        if not errors or errors[-1] != len(lines) - 1:  # a sweep: one line per failed job
             return "traceback"
         if probe.fails and _named(probe, extra) not in lines[-1]:
             return "traceback"
