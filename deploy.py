@@ -335,6 +335,7 @@ def run(cfg: DictConfig) -> dict:
     timings: dict[str, float] = {}
     with timed(timings, "output folder"):
         target, staging = prepare_output(out_dir, ckpt_path, bool(cfg.get("overwrite")))
+    threads = torch.get_num_threads()  # put back after: run() may be called in-process
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     try:
@@ -369,6 +370,7 @@ def run(cfg: DictConfig) -> dict:
         raise DeployError(str(err)) from err
     finally:
         folders.discard(staging, OWNER)
+        torch.set_num_threads(threads)
     report["output_dir"] = str(out_dir)
     print_report(report)
     return report

@@ -217,11 +217,9 @@ def test_latency_is_opt_in_and_every_stage_is_timed(compose_deploy, checkpoint, 
     cfg = compose_deploy(
         f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", "onnx=false"
     )
-    threads = torch.get_num_threads()
-    try:
-        report = deploy_script.run(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)  # the single_thread fixture puts 1 back after the test
+    report = deploy_script.run(cfg)
+    assert torch.get_num_threads() == 2  # the caller's thread count is put back
     assert set(report["measurements"]["deployed"]) == {"params", "macs_per_sample"}
     assert report["threads"] == 1
     stages = ["output folder", "load", "inputs", "deploy", "verify", "deployed.pt", "model.pt2"]
