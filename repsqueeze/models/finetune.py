@@ -8,7 +8,7 @@ Patterns are shell-style (:mod:`fnmatch`) and match a parameter's full name
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -86,18 +86,28 @@ def freeze(model: nn.Module, patterns: Patterns) -> list[str]:
     Returns:
         The names of the frozen parameters.
     """
-    names = match_parameters(model, patterns)
-    chosen = set(names)
-    params = dict(model.named_parameters())
-    for n in names:
-        params[n].requires_grad_(False)
-    for path, m in model.named_modules():
-        own = [f"{path}.{n}" if path else n for n, _ in m.named_parameters(recurse=False)]
-        if isinstance(m, _BatchNorm) and own and set(own) <= chosen:
+    names = _set_trainable(model, patterns, False)
+    for m, own in _own_parameters(model):
+        if isinstance(m, _BatchNorm) and own and own <= set(names):
             if not isinstance(m, _FrozenNorm):
                 m.__class__ = _frozen_class(type(m))
             m.eval()
     return names
+
+
+def _set_trainable(model: nn.Module, patterns: Patterns, trainable: bool) -> list[str]:
+    """Sets ``requires_grad`` of the parameters ``patterns`` selects; returns their names."""
+    names = match_parameters(model, patterns)
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(trainable)
+    return names
+
+
+def _own_parameters(model: nn.Module) -> Iterator[tuple[nn.Module, set[str]]]:
+    """Each module of ``model`` with the full names of the parameters it holds itself."""
+    for path, m in model.named_modules():
+        yield m, {f"{path}.{n}" if path else n for n, _ in m.named_parameters(recurse=False)}
 
 
 def unfreeze(model: nn.Module, patterns: Patterns = "*") -> list[str]:
@@ -106,14 +116,9 @@ def unfreeze(model: nn.Module, patterns: Patterns = "*") -> list[str]:
     Returns:
         The names of the parameters that train again.
     """
-    names = match_parameters(model, patterns)
-    chosen = set(names)
-    params = dict(model.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
-    for path, m in model.named_modules():
-        own = [f"{path}.{n}" if path else n for n, _ in m.named_parameters(recurse=False)]
-        if isinstance(m, _FrozenNorm) and set(own) <= chosen:
+    names = _set_trainable(model, patterns, True)
+    for m, own in _own_parameters(model):
+        if isinstance(m, _FrozenNorm) and own <= set(names):
             m.__class__ = type(m).__mro__[2]
             m.train(model.training)
     return names
