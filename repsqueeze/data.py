@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from repsqueeze.errors import ConfigError
+
 CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -46,44 +48,6 @@ CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTO_AUGMENT = ("randaugment", "trivialaugment", "autoaugment")
-_UNSET = object()
-
-
-class ConfigError(ValueError):
-    """An argument that cannot work, or data that is not where (or not what) it should be.
-
-    ``str(err)`` reads ``key=value: message; set key=fix`` (the parts that are known), in
-    Python syntax; :meth:`render` writes the same with a prefix and another literal syntax,
-    e.g. as the Hydra override ``data.download=true``.
-
-    Args:
-        message: what is wrong.
-        key: the argument to change, or ``None`` when no argument is at fault (a bad file).
-        value: the argument's current value.
-        fix: a value of ``key`` that would work, when there is one.
-    """
-
-    def __init__(
-        self, message: str, key: str | None = None, value: Any = _UNSET, fix: Any = _UNSET
-    ) -> None:
-        super().__init__(message)
-        self.message, self.key, self.value, self.fix = message, key, value, fix
-
-    def __reduce__(self) -> tuple:
-        return type(self), (self.message, self.key, self.value, self.fix)
-
-    def render(self, prefix: str = "", literal: Callable[[Any], str] = repr) -> str:
-        """The message with ``key`` written as ``prefix + key`` and values through ``literal``."""
-        head = tail = ""
-        if self.key is not None:
-            name = prefix + self.key
-            head = f"{name}: " if self.value is _UNSET else f"{name}={literal(self.value)}: "
-            if self.fix is not _UNSET:
-                tail = f"; set {name}={literal(self.fix)}"
-        return head + self.message + tail
-
-    def __str__(self) -> str:
-        return self.render()
 
 
 class DataNotFoundError(ConfigError, FileNotFoundError):

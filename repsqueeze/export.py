@@ -41,7 +41,7 @@ GEOMETRY_FIELDS = ("kernel_size", "stride", "padding", "dilation", "groups", "pa
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")
 ONNX_HINT = (
     "ONNX export needs onnx, onnxruntime and onnxscript: pip install 'repsqueeze[export]', "
-    "or onnx=false"
+    "or formats.onnx=false"
 )
 
 

@@ -5,14 +5,14 @@ checks of the files and folders they name.
 
 from __future__ import annotations
 
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from repsqueeze.cli.errors import DISK_FULL, SettingError, first_line, literal
+from repsqueeze.checkpoints import CheckpointError, read_checkpoint
+from repsqueeze.cli.errors import DISK_FULL, SettingError, literal
 from repsqueeze.cli.schema import (
     ANY,
     BOOL,
@@ -28,44 +28,6 @@ from repsqueeze.cli.schema import (
 )  # fmt: skip
 
 # --- checks of files ------------------------------------------------------------------------------
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A ``train.py`` (Lightning) checkpoint as plain data, loaded with ``weights_only=True``
-    onto the CPU (no pickled code runs).
-
-    Raises:
-        SettingError: a missing, truncated or unsafe file, a deployed model, or a checkpoint
-            without ``state_dict`` and ``net_config`` (the message names the file).
-    """
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise SettingError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise SettingError(
-            f"{path}: cannot be loaded safely (weights_only): not a PyTorch checkpoint, or it "
-            "holds pickled Python objects, which are never run here"
-        ) from err
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise SettingError(
-            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-            f"{first_line(str(err))[:120]}); is the file complete?"
-        ) from err
-    if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("repsqueeze.deployed"):
-        raise SettingError(
-            f"{path} is already deployed (a deployed.pt written by save_deployed): load it "
-            "with repsqueeze.load_deployed, or give the training checkpoint (checkpoints/*.ckpt)"
-        )
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise SettingError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    if not isinstance(hparams, dict) or not isinstance(hparams.get("net_config"), dict):
-        raise SettingError(f"{path}: no net_config in its hyper-parameters; was it written by train.py?")  # fmt: skip
-    return ckpt
 
 
 def writable_folder(folder: str | Path) -> str | None:
@@ -162,10 +124,9 @@ def _train_checkpoint(value: Any, cfg: DictConfig) -> str | None:
     if not Path(value).is_file():
         return "no such checkpoint file"
     try:
-        ckpt = read_checkpoint(value)
-    except SettingError as err:
+        saved = read_checkpoint(value).net_config
+    except CheckpointError as err:
         return err.message.removeprefix(f"{value}: ").removeprefix(f"{value} ")
-    saved = ckpt["hyper_parameters"]["net_config"]
     wanted = cfg.model.net
     for key in sorted(set(saved) & set(wanted)):
         if wanted[key] is not None and saved[key] != wanted[key]:
@@ -335,6 +296,8 @@ def _file(value: Any, cfg: DictConfig) -> str | None:
     return None if Path(value).is_file() else "checkpoint not found"
 
 
+DEPLOY_GROUPS = ("tol", "formats", "measure", "int8")
+
 DEPLOY_SCHEMA = Schema(
     rules={
         "task_name": STR,
@@ -346,15 +309,19 @@ DEPLOY_SCHEMA = Schema(
         "input_shape": Rule(nullable=True, check=_shape),
         "use_data": BOOL,
         "device": Rule(type=str, check=_device),
-        **dict.fromkeys(["tol_float32", "tol_float64", "tol_export", "tol_onnx"], TOLERANCE),
-        **dict.fromkeys(["pt2", "onnx", "torchscript", "measure", "int8", "int8_cle"], BOOL),
-        "onnx_opset": Int(check=_opset),
-        "latency": BOOL,
-        "latency_min_run_time": Float(gt=0),
         "threads": Int(ge=1, nullable=True),
-        "int8_max_drop": FRACTION,
-        "int8_calibration_batches": Int(ge=1),
-        "int8_calibration_method": Rule(type=str, choices=["minmax", "entropy", "percentile"]),
+        **dict.fromkeys(DEPLOY_GROUPS, ANY),
+        **dict.fromkeys(["tol.float32", "tol.float64", "tol.export", "tol.onnx"], TOLERANCE),
+        **dict.fromkeys(["formats.pt2", "formats.onnx", "formats.torchscript"], BOOL),
+        "formats.onnx_opset": Int(check=_opset),
+        "measure.enabled": BOOL,
+        "measure.latency": BOOL,
+        "measure.min_run_time": Float(gt=0),
+        "int8.enabled": BOOL,
+        "int8.max_drop": FRACTION,
+        "int8.calibration_batches": Int(ge=1),
+        "int8.calibration_method": Rule(type=str, choices=["minmax", "entropy", "percentile"]),
+        "int8.cle": BOOL,
         "data": ANY,
         "paths": ANY,
         **dict.fromkeys(["paths.root_dir", "paths.data_dir", "paths.log_dir"], STR),
@@ -362,7 +329,37 @@ DEPLOY_SCHEMA = Schema(
         "data.batch_size": Int(ge=1),
         "data.num_workers": Int(ge=0),
     },
+    closed=("", *DEPLOY_GROUPS),
 )
+
+# Flat names of grouped deploy settings, with their place in the groups.
+DEPLOY_MOVED = {
+    **{f"tol_{k}": f"tol.{k}" for k in ("float32", "float64", "export", "onnx")},
+    **{k: f"formats.{k}" for k in ("pt2", "onnx", "onnx_opset", "torchscript")},
+    "latency": "measure.latency",
+    "latency_min_run_time": "measure.min_run_time",
+    **{f"int8_{k}": f"int8.{k}" for k in ("max_drop", "calibration_batches", "calibration_method")},
+    "int8_cle": "int8.cle",
+}
+# a group given a plain value (int8=true): the setting it means
+DEPLOY_SWITCHES = {"int8": "int8.enabled", "measure": "measure.enabled"}
+
+
+def moved_deploy_setting(override: str) -> SettingError | None:
+    """The refusal of a command-line override that names a grouped deploy setting by its flat
+    name (``tol_float32=1e-6``) or gives a group a plain value (``int8=true``), or ``None``."""
+    key, sep, value = override.lstrip("+~").partition("=")
+    place = DEPLOY_MOVED.get(key)
+    if key in DEPLOY_SWITCHES and sep and not value.startswith("{"):
+        place = DEPLOY_SWITCHES[key]
+    if place is None or override.startswith("-"):
+        return None
+    give = f"{place}={value}" if sep else place
+    return SettingError(
+        f"not a setting of this command; the setting is {place} (give {give})",
+        key,
+        *((value,) if sep else ()),
+    )
 
 
 def last_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
