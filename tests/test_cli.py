@@ -29,6 +29,7 @@ from PIL import Image
 
 import repsqueeze.cli.settings
 from repsqueeze import export
+from repsqueeze.cli import deploy as deploy_script
 from repsqueeze.cli import runs
 from repsqueeze.cli.errors import RunInterrupted, SettingError, one_line
 from repsqueeze.cli.schema import Int, Rule, Schema, validate
@@ -45,7 +46,6 @@ SHORT += ["test=false", "deploy=false"]
 NET = {"name": "digits_net", "block": "repvgg", "num_classes": 10, "in_channels": 1}
 
 train_script = load_script("train.py", "train_script")
-deploy_script = load_script("deploy.py", "deploy_script")
 Compose = Callable[..., DictConfig]
 
 
@@ -326,25 +326,31 @@ DEPLOY_REFUSALS = [
     ("batch_size=-1", "batch_size=-1: must be a positive integer"),
     ("batch_size=abc", "batch_size=abc: must be an integer"),
     (
-        "int8=true int8_calibration_batches=-2",
-        "int8_calibration_batches=-2: must be a positive integer",
+        "int8.enabled=true int8.calibration_batches=-2",
+        "int8.calibration_batches=-2: must be a positive integer",
     ),  # fmt: skip
-    ("onnx_opset=7", "onnx_opset=7: the installed ONNX exporter writes opsets 18 to"),
-    ("onnx_opset=99", "onnx_opset=99: the installed ONNX exporter writes opsets 18 to"),
+    (
+        "formats.onnx_opset=7",
+        "formats.onnx_opset=7: the installed ONNX exporter writes opsets 18 to",
+    ),
+    (
+        "formats.onnx_opset=99",
+        "formats.onnx_opset=99: the installed ONNX exporter writes opsets 18 to",
+    ),
     (
         "+model.net.block=repvgg",
         "model.net.block=repvgg: not a setting of this command; settings here: ",
     ),  # fmt: skip
-    ("tol_float32=-1", "tol_float32=-1: must be >= 0"),
+    ("tol.float32=-1", "tol.float32=-1: must be >= 0"),
     ("device=tpu", "device=tpu: must be cpu, cuda or cuda:N"),
     ("seed=abc", "seed=abc: must be an integer"),
-    ("latency_min_run_time=0", "latency_min_run_time=0: must be > 0"),
-    ("int8_max_drop=2", "int8_max_drop=2: must be <= 1"),
+    ("measure.min_run_time=0", "measure.min_run_time=0: must be > 0"),
+    ("int8.max_drop=2", "int8.max_drop=2: must be <= 1"),
     (
-        "int8_calibration_method=foo",
-        "int8_calibration_method=foo: must be one of minmax, entropy, percentile",
+        "int8.calibration_method=foo",
+        "int8.calibration_method=foo: must be one of minmax, entropy, percentile",
     ),  # fmt: skip
-    ("pt2=maybe", "pt2=maybe: must be true or false"),
+    ("formats.pt2=maybe", "formats.pt2=maybe: must be true or false"),
     ("input_shape=[1,0,8]", "input_shape=[1,0,8]: give [C,H,W] as positive integers"),
     ("threads=0", "threads=0: must be a positive integer"),
     (

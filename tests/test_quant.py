@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equivalent, load_script, randomize, randomize_bn
+from helpers import assert_equivalent, randomize, randomize_bn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
@@ -312,7 +312,7 @@ def test_quantize_refuses_bad_arguments(tmp_path):
 
 # --- deploy.py int8=true ---------------------------------------------------------------------
 def _load_deploy():
-    return load_script("deploy.py", "deploy_script_int8")
+    return importlib.import_module("repsqueeze.cli.deploy")
 
 
 @pytest.fixture
@@ -328,12 +328,16 @@ def deploy_cfg(tmp_path):
     initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
     paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
     base = [*paths, f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'out'}", "data=digits"]
-    yield lambda *overrides: compose("deploy", overrides=[*base, "measure=false", *overrides])
+    yield lambda *overrides: compose(
+        "deploy", overrides=[*base, "measure.enabled=false", *overrides]
+    )
     GlobalHydra.instance().clear()
 
 
 def test_deploy_int8_writes_a_verified_int8_model(deploy_cfg, tmp_path, capsys):
-    report = _load_deploy().run(deploy_cfg("int8=true", "int8_max_drop=1.0", "int8_cle=true"))
+    report = _load_deploy().run(
+        deploy_cfg("int8.enabled=true", "int8.max_drop=1.0", "int8.cle=true")
+    )
     out = tmp_path / "out"
     assert (out / "model.int8.onnx").is_file() and (out / "model.onnx").is_file()
     assert report["files"]["model.int8.onnx"] == (out / "model.int8.onnx").stat().st_size
@@ -349,7 +353,7 @@ def test_deploy_int8_refusal_is_one_line_and_writes_nothing(deploy_cfg, tmp_path
     deploy_script = _load_deploy()
     monkeypatch.setattr(quant, "onnx_accuracy", lambda *_: ({"float": 0.9, "int8": 0.5}, 359))
     with pytest.raises(deploy_script.DeployError) as err:
-        deploy_script.run(deploy_cfg("int8=true"))
+        deploy_script.run(deploy_cfg("int8.enabled=true"))
     message = str(err.value)
     assert message.startswith("INT8 accuracy drop 0.4000 above int8_max_drop=0.02")
     assert "\n" not in message

@@ -335,7 +335,7 @@ def test_ema_weights_are_validated_checkpointed_tested_and_deployed(
     expected = deploy(net.eval()).state_dict()
     for name, value in payload["state_dict"].items():
         torch.testing.assert_close(value, expected[name])
-    deploy_script = load_script("deploy.py", "deploy")
+    deploy_script = importlib.import_module("repsqueeze.cli.deploy")
     notes: list[str] = []
     loaded, _ = deploy_script.load_checkpoint(tmp_path / "checkpoints" / "best.ckpt", notes)
     torch.testing.assert_close(loaded.state_dict()[weight], averaged[weight], rtol=0, atol=0)

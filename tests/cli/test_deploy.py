@@ -7,7 +7,10 @@ first test writes ``model.onnx``; the others pass ``formats.onnx=false``.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +25,14 @@ from deploy_support import (
     no_outputs,
     write_checkpoint,
 )
+from omegaconf import OmegaConf
 from torch import nn
 
 import repsqueeze as rs
 from repsqueeze import checkpoints, export, folders
 from repsqueeze.cli import deploy as cli_deploy
+from repsqueeze.cli.errors import SettingError, one_line
+from repsqueeze.cli.settings import DEPLOY_MOVED, DEPLOY_SWITCHES, moved_deploy_setting
 from repsqueeze.models import register_model, registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,3 +296,92 @@ def test_a_network_without_blocks_deploys_as_is(compose_deploy, tmp_path, plain_
     assert (
         m["deployed"]["macs_per_sample"] == m["training"]["macs_per_sample"] == 8 * 9 * 64 + 8 * 4
     )
+
+
+# --- the settings ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("tol_float32=1e-6", "tol_float32=1e-6: not a setting of this command; the setting is "
+         "tol.float32 (give tol.float32=1e-6)"),
+        ("+tol_onnx=0.1", "tol_onnx=0.1: not a setting of this command; the setting is "
+         "tol.onnx (give tol.onnx=0.1)"),
+        ("onnx=false", "onnx=false: not a setting of this command; the setting is formats.onnx "
+         "(give formats.onnx=false)"),
+        ("onnx_opset=17", "the setting is formats.onnx_opset (give formats.onnx_opset=17)"),
+        ("latency_min_run_time=1", "the setting is measure.min_run_time"),
+        ("int8_calibration_batches=4", "the setting is int8.calibration_batches"),
+        ("int8=true", "int8=true: not a setting of this command; the setting is int8.enabled "
+         "(give int8.enabled=true)"),
+        ("measure=false", "the setting is measure.enabled (give measure.enabled=false)"),
+        ("~latency", "latency: not a setting of this command; the setting is measure.latency"),
+    ],
+)  # fmt: skip
+def test_a_flat_name_of_a_grouped_setting_names_its_place(override, expected):
+    refusal = moved_deploy_setting(override)
+    assert refusal is not None and expected in one_line(refusal), one_line(refusal)
+
+
+@pytest.mark.parametrize(
+    "override", ["tol.float32=1e-6", "int8.enabled=true", "int8={enabled:true}", "seed=3", "-m"]
+)
+def test_grouped_and_other_settings_pass_the_flat_name_check(override):
+    assert moved_deploy_setting(override) is None
+
+
+def test_every_flat_name_points_to_a_setting_of_deploy_yaml(compose_deploy):
+    cfg = compose_deploy()
+    for flat, place in DEPLOY_MOVED.items():
+        assert OmegaConf.select(cfg, place, default=None) is not None, place
+        assert flat not in cfg, flat
+    for group, switch in DEPLOY_SWITCHES.items():
+        assert OmegaConf.is_dict(cfg[group]) and isinstance(OmegaConf.select(cfg, switch), bool)
+
+
+def test_the_command_line_refuses_a_flat_name_before_composing(tmp_path):
+    """What a user runs: one line naming the setting's place, exit status 1, and nothing
+    written (not even Hydra's run folder)."""
+    command = [sys.executable, str(ROOT / "deploy.py"), "ckpt_path=x.ckpt", "tol_export=1e-6"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "deploy.py: error: tol_export=1e-6: not a setting of this command; the setting is "
+        "tol.export (give tol.export=1e-6)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_group_takes_only_its_own_settings(compose_deploy, checkpoint, tmp_path):
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", "+tol.float16=1e-3")
+    with pytest.raises(SettingError) as info:
+        cli_deploy.run(cfg)
+    assert one_line(info.value).startswith(
+        "tol.float16=0.001: not a setting of this command; did you mean tol.float64? "
+        "settings here: export, float32, float64, onnx"
+    )
+
+
+def test_grouped_settings_reach_the_run(compose_deploy, checkpoint, tmp_path):
+    """A tolerance below the float32 error refuses; formats.* picks the files."""
+    out = tmp_path / "out"
+    common = [f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", *FAST]
+    with pytest.raises(DeployError, match="verification failed.*float32"):
+        cli_deploy.run(compose_deploy(*common, "tol.float32=0"))
+    no_outputs(out)
+    cli_deploy.run(compose_deploy(*common, "formats.pt2=false", "formats.torchscript=true"))
+    assert listing(out) == {"deployed.pt", "model.ts", "report.json"}
+
+
+def test_importing_the_deploy_command_imports_no_lightning():
+    """deploy.py pays neither Lightning's nor torchmetrics' import time."""
+    code = (
+        "import sys, repsqueeze.cli.deploy\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', "
+        "'pytorch_lightning'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["[]"]
