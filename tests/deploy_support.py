@@ -16,6 +16,8 @@ REPVGG = {**NET_CONFIG, "block": "repvgg"}
 TOL64, TOL32 = 1e-10, 1e-5
 MEASURED = ["measure.latency=true", "measure.min_run_time=0.01", "formats.onnx=false"]
 FAST = ["measure.enabled=false", "formats.onnx=false"]
+# deployed.pt and report.json only, on a random batch of the digits shape: the quickest run
+DEPLOYED_ONLY = ["input_shape=[1,8,8]", "formats.pt2=false", *FAST]
 
 
 def write_checkpoint(path: Path, net_config: dict, seed: int = 0, edit=None) -> Path:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from deploy_support import (
     ARTIFACTS,
+    DEPLOYED_ONLY,
     FAST,
     MEASURED,
     NET_CONFIG,
@@ -136,9 +137,7 @@ def test_latency_is_opt_in_and_every_stage_is_timed(compose_deploy, checkpoint, 
 
 
 def test_run_default_output_dir_is_beside_the_run(compose_deploy, checkpoint):
-    cfg = compose_deploy(
-        f"ckpt_path={checkpoint}", "input_shape=[1,8,8]", "formats.pt2=false", *FAST
-    )
+    cfg = compose_deploy(f"ckpt_path={checkpoint}", *DEPLOYED_ONLY)
     report = cli_deploy.run(cfg)
     out = checkpoint.parent.parent / "deployed"
     assert report["output_dir"] == str(out)
@@ -213,9 +212,7 @@ def test_verification_runs_with_tf32_off(compose_deploy, checkpoint, tmp_path, m
     cfg = compose_deploy(
         f"ckpt_path={checkpoint}",
         f"output_dir={tmp_path / 'out'}",
-        "input_shape=[1,8,8]",
-        "formats.pt2=false",
-        *FAST,
+        *DEPLOYED_ONLY,
     )
     # cuDNN's flag only: flipping torch.backends.cuda.matmul.allow_tf32 (the legacy API)
     # leaves torch.get_float32_matmul_precision() raising for the rest of the process

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploy_support import FAST, bad_file, listing, no_outputs
+from deploy_support import DEPLOYED_ONLY, FAST, bad_file, listing, no_outputs
 
 from repsqueeze import checkpoints, deployment, export, folders
 from repsqueeze.cli import deploy as cli_deploy
@@ -132,9 +132,7 @@ def test_leftovers_of_killed_runs_are_removed(compose_deploy, checkpoint, tmp_pa
     cfg = compose_deploy(
         f"ckpt_path={checkpoint}",
         f"output_dir={out}",
-        "input_shape=[1,8,8]",
-        "formats.pt2=false",
-        *FAST,
+        *DEPLOYED_ONLY,
     )
     cli_deploy.run(cfg)
     left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("out", "run"))
@@ -246,7 +244,7 @@ def test_a_link_is_followed_and_kept(compose_deploy, checkpoint, tmp_path):
     real.mkdir()
     link = tmp_path / "link"
     link.symlink_to(real, target_is_directory=True)
-    common = [f"output_dir={link}", "input_shape=[1,8,8]", "formats.pt2=false", *FAST]
+    common = [f"output_dir={link}", *DEPLOYED_ONLY]
     for _ in range(2):
         cli_deploy.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
         assert link.is_symlink() and link.resolve() == real.resolve()
@@ -266,7 +264,7 @@ def test_a_dangling_link_is_refused(compose_deploy, checkpoint, tmp_path):
 def test_an_empty_folder_is_taken_over(compose_deploy, checkpoint, tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
-    common = [f"output_dir={out}", "input_shape=[1,8,8]", "formats.pt2=false", *FAST]
+    common = [f"output_dir={out}", *DEPLOYED_ONLY]
     cli_deploy.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
     assert listing(out) == {"deployed.pt", "report.json"}
 
@@ -285,7 +283,7 @@ def test_files_that_appear_while_deploying_are_kept(
 
     first = dataclasses.replace(deployment.ARTIFACTS[0], write=and_a_user_writes)
     monkeypatch.setattr(deployment, "ARTIFACTS", [first, *deployment.ARTIFACTS[1:]])
-    common = [f"output_dir={out}", "input_shape=[1,8,8]", "formats.pt2=false", *FAST]
+    common = [f"output_dir={out}", *DEPLOYED_ONLY]
     with pytest.raises(DeployError, match="received files while deploy.py ran"):
         cli_deploy.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
