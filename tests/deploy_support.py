@@ -58,8 +58,10 @@ def bad_file(kind: str, folder: Path) -> Path:
     """A file of :data:`BAD_FILES`; ``folder / "MARKER"`` appears if pickled code ran."""
     path = folder / f"{kind}.ckpt"
     marker = folder / "MARKER"
-    if kind == "random_bytes":
-        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    if kind == "random_bytes":  # seeded: some byte strings fail as a pickle, some elsewhere
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen)
+        path.write_bytes(noise.numpy().tobytes())
     elif kind == "tensor":
         torch.save(torch.zeros(3), path)
     elif kind == "pickled_object":  # a checkpoint-looking file carrying code
