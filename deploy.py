@@ -46,7 +46,7 @@ from repsqueeze.cli import runs  # noqa: F401  (registers ${run_id:} for the run
 from repsqueeze.cli.errors import SettingError, full_error, report, run_main
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, read_checkpoint
-from repsqueeze.convert import deploy
+from repsqueeze.surgery import deploy
 from repsqueeze.folders import Target
 from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32

@@ -2,7 +2,7 @@
 
 from repsqueeze.algebra import ConvMap
 from repsqueeze.blocks import Concat, Parallel, Squeezable, SqueezableBlock
-from repsqueeze.convert import (
+from repsqueeze.surgery import (
     BorderReport,
     ExpandReport,
     block_from_conv_bn,

@@ -349,7 +349,7 @@ def verify(
     Raises:
         ValueError: a tolerance is exceeded; the message says where and by how much.
     """
-    from repsqueeze.convert import deploy
+    from repsqueeze.surgery import deploy
 
     exact = copy.deepcopy(training).double()
     exact_deployed = deploy(exact)

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 import repsqueeze.loggers
-from repsqueeze.convert import deploy
+from repsqueeze.surgery import deploy
 from repsqueeze.data import (
     ConfigError,
     DigitsDataModule,

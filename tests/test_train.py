@@ -29,7 +29,7 @@ import repsqueeze.lit
 from repsqueeze.cli import runs
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA
-from repsqueeze.convert import deploy
+from repsqueeze.surgery import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, load_deployed
 from repsqueeze.lit import Classifier
