@@ -2,7 +2,7 @@
 
     python deploy.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [output_dir=DIR] [data=digits]
 
-1. checks the output folder first, before any work (:mod:`repsqueeze.folders`): it must be
+1. checks the output folder first, before any work (:mod:`repsqueeze.files`): it must be
    new, empty, or a folder deploy.py wrote (its marker file says so); a folder holding the
    checkpoint or the current folder is refused, and so is any other folder unless
    ``overwrite=true`` (then only deploy.py's own file names are replaced there); a link is
@@ -41,15 +41,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repsqueeze import export, folders
+from repsqueeze import export, files, timing
 from repsqueeze.cli import runs  # noqa: F401  (registers ${run_id:} for the run folder)
 from repsqueeze.cli.errors import SettingError, full_error, report, run_main
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, read_checkpoint
-from repsqueeze.surgery import deploy
-from repsqueeze.folders import Target
+from repsqueeze.files import Target
 from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32
+from repsqueeze.surgery import deploy
 from repsqueeze.tables import table
 
 OWNER = "deploy.py"
@@ -67,7 +67,7 @@ def output_folder(cfg: DictConfig, ckpt_path: Path) -> Path:
 
 
 def prepare_output(out_dir: Path, ckpt_path: Path, overwrite: bool) -> tuple[Target, Path]:
-    """Checks that ``out_dir`` may receive the export (see :mod:`repsqueeze.folders`), cleans
+    """Checks that ``out_dir`` may receive the export (see :mod:`repsqueeze.files`), cleans
     up after killed runs, and returns the target and a new staging folder beside it. Runs
     before any other work.
 
@@ -78,9 +78,9 @@ def prepare_output(out_dir: Path, ckpt_path: Path, overwrite: bool) -> tuple[Tar
     """
     protect = [("the checkpoint", ckpt_path), ("the current folder", Path.cwd())]
     try:
-        target = folders.check_target(out_dir, OWNER, protect, overwrite)
-        return target, folders.stage(target, OWNER)
-    except folders.FolderError as err:
+        target = files.check_target(out_dir, OWNER, protect, overwrite)
+        return target, files.stage(target, OWNER)
+    except files.FolderError as err:
         raise DeployError(str(err)) from err
 
 
@@ -213,7 +213,7 @@ def write_deployed_pt(job: Job, path: Path) -> torch.Tensor:
 
 
 def write_pt2(job: Job, path: Path) -> torch.Tensor:
-    export.save_atomic(path, lambda f: torch.export.save(job.program, f))
+    export.to_pt2(job.program, path, job.x)
     return export.load_pt2(path)(job.x)
 
 
@@ -307,8 +307,8 @@ def measure(
             "macs_per_sample": export.count_macs(model, x1),
         }
         if min_run_time is not None:
-            out[name]["latency_b1"] = export.latency(lambda m=model, x=x1: m(x), min_run_time)
-            out[name]["latency_b32"] = export.latency(lambda m=model, x=x32: m(x), min_run_time)
+            out[name]["latency_b1"] = timing.latency(lambda m=model, x=x1: m(x), min_run_time)
+            out[name]["latency_b32"] = timing.latency(lambda m=model, x=x32: m(x), min_run_time)
     return out
 
 
@@ -360,16 +360,16 @@ def run(cfg: DictConfig) -> dict:
         report["notes"] = notes
         report["checkpoint"] = str(ckpt_path)
         report["files"] = {
-            p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != folders.MARKER
+            p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != files.MARKER
         }
         report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
         report["threads"] = torch.get_num_threads()
         (staging / "report.json").write_text(json.dumps(report, indent=2))
-        folders.publish(staging, target, OWNER, OWN_FILES)
-    except folders.FolderError as err:
+        files.publish(staging, target, OWNER, OWN_FILES)
+    except files.FolderError as err:
         raise DeployError(str(err)) from err
     finally:
-        folders.discard(staging, OWNER)
+        files.discard(staging, OWNER)
         torch.set_num_threads(threads)
     report["output_dir"] = str(out_dir)
     print_report(report)

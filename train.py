@@ -56,10 +56,10 @@ from repsqueeze.cli.errors import (
 )
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA, last_checkpoint
-from repsqueeze.surgery import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, latency_ms, save_deployed
 from repsqueeze.loggers import RankZeroFilter
+from repsqueeze.surgery import deploy
 from repsqueeze.tables import fmt, table
 
 log = logging.getLogger(__name__)

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from repsqueeze.surgery import deploy, set_mode
 from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32
 from repsqueeze.optim import Regularizer, dbb_identity_l2, repvgg_custom_l2, weight_decay_groups
+from repsqueeze.surgery import deploy, set_mode
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 _WEIGHT_SOURCES = ("pretrained", "pretrained_cfg_overlay")  # create_model's, not saved

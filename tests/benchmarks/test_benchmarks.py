@@ -16,7 +16,7 @@ import torch
 
 import repsqueeze as rs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))  # as benchmarks/peers.py
 SECTIONS = ("latency", "training", "squeeze", "exactness", "accuracy")
 

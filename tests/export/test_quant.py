@@ -23,7 +23,7 @@ from repsqueeze import quant
 from repsqueeze.lit import Classifier
 from repsqueeze.zoo import QARepVGGBlock, make_block
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning"),
@@ -236,7 +236,7 @@ def test_equalize_preserves_the_function_and_shrinks_range_ratios():
     for first, second in pairs:
         r1 = quant.channel_ranges(equalized.get_submodule(first).weight)
         conv2 = equalized.get_submodule(second)
-        torch.testing.assert_close(r1, quant._input_ranges(conv2, conv2.weight), rtol=1e-6, atol=0)
+        torch.testing.assert_close(r1, quant.input_ranges(conv2, conv2.weight), rtol=1e-6, atol=0)
     assert torch.equal(net[0].weight, outlier_net()[0].weight)  # the input is not modified
 
 
@@ -347,7 +347,9 @@ def test_deploy_int8_writes_a_verified_int8_model(deploy_cfg, tmp_path, capsys):
 
 def test_deploy_int8_refusal_is_one_line_and_writes_nothing(deploy_cfg, tmp_path, monkeypatch):
     deploy_script = _load_deploy()
-    monkeypatch.setattr(quant, "onnx_accuracy", lambda *_: ({"float": 0.9, "int8": 0.5}, 359))
+    monkeypatch.setattr(
+        quant.pipeline, "onnx_accuracy", lambda *_: ({"float": 0.9, "int8": 0.5}, 359)
+    )
     with pytest.raises(deploy_script.DeployError) as err:
         deploy_script.run(deploy_cfg("int8=true"))
     message = str(err.value)
