@@ -42,9 +42,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
-import repsqueeze as rs
-from repsqueeze.models import create_model
-from repsqueeze.tables import table
+if __package__ in (None, ""):  # python benchmarks/deploy_time.py: the root holds the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import repsqueeze as rs  # noqa: E402
+from benchmarks.common import command, randomize_bn  # noqa: E402
+from repsqueeze import timing  # noqa: E402
+from repsqueeze.models import create_model  # noqa: E402
+from repsqueeze.tables import table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("repvgg", "acb", "mobileone", "qarepvgg", "dbb")
@@ -77,21 +82,6 @@ PEERS = {
 
 Variant = tuple[Callable[[], nn.Module], Callable[[nn.Module], object]]
 Row = tuple[str, str, Variant]  # (model, form, variant)
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters (folding is then real arithmetic)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                    m.bias.copy_(torch.rand(n, generator=gen) * 2 - 1)
-    return model.eval()
 
 
 # --- official code from fetched repositories ---------------------------------------------------
@@ -226,15 +216,9 @@ def interleaved(rows: dict[str, Row], rounds: int) -> dict[str, list[float]]:
     """Seconds of each variant's deploy per round, each on a fresh model, interleaved."""
     with contextlib.redirect_stdout(sys.stderr):  # the official builders print
         models = {k: build() for k, (_, _, (build, _)) in rows.items()}
-    times: dict[str, list[float]] = {k: [] for k in rows}
-    for r in range(rounds + 1):  # round 0 warms up (imports, allocator, first calls)
-        for key, (_, _, (_, deploy)) in rows.items():
-            fresh = copy.deepcopy(models[key])
-            start = time.perf_counter()
-            deploy(fresh)
-            if r:
-                times[key].append(time.perf_counter() - start)
-    return times
+    deploys = {k: deploy for k, (_, _, (_, deploy)) in rows.items()}
+    fresh = {k: (lambda m=m: copy.deepcopy(m)) for k, m in models.items()}
+    return timing.interleaved_fresh(deploys, fresh, rounds)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -274,14 +258,8 @@ def bench_resnet50(quick: bool, rounds: int) -> list[dict]:
     else:
         name, plain = "resnet50", torchvision.models.resnet50()
     model = randomize_bn(rs.expand(plain))
-    fns = {"rs.deploy": rs.deploy, "rs.contract": rs.contract}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(rounds + 1):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn(model)  # both return a new model, this one untouched
-            if r:
-                times[key].append(time.perf_counter() - start)
+    fns = {"rs.deploy": rs.deploy, "rs.contract": rs.contract}  # both return a new model
+    times = timing.interleaved_fresh(fns, dict.fromkeys(fns, lambda: model), rounds)
     rows = []
     for key, ts in times.items():
         median, iqr = _quartiles(ts)
@@ -293,24 +271,19 @@ def bench_resnet50(quick: bool, rounds: int) -> list[dict]:
 def run(quick: bool = False, rounds: int | None = None) -> dict:
     """The table's rows and notes; pins 1 thread for the run and restores the count."""
     rounds = rounds or (1 if quick else 15)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            a0, notes = bench_a0(quick, rounds)
-            if not quick:
-                others, _ = bench_a0(quick, max(1, rounds // 5), MORE_KINDS, more=False)
-                a0 += [r for r in others if r["variant"] != TIMM]
-            resnet = bench_resnet50(quick, max(1, rounds // 3))
-    finally:
-        torch.set_num_threads(threads)
+    with timing.threads(1), torch.no_grad():
+        a0, notes = bench_a0(quick, rounds)
+        if not quick:
+            others, _ = bench_a0(quick, max(1, rounds // 5), MORE_KINDS, more=False)
+            a0 += [r for r in others if r["variant"] != TIMM]
+        resnet = bench_resnet50(quick, max(1, rounds // 3))
     env = {
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "threads": 1,
         "rounds": rounds,
         "quick": quick,
-        "command": " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else None,
+        "command": command(),
     }
     return {"environment": env, "deploy": a0 + resnet, "notes": notes}
 

@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze import export, files
+from repsqueeze import export
+from repsqueeze import files as folders  # staged folder writing
 from repsqueeze.lit import Classifier
 from repsqueeze.models import register_model, registry
 
@@ -89,14 +90,14 @@ class CreatesMarker:
 def _no_outputs(out_dir: Path) -> None:
     """Nothing in the output folder and no staging folder left beside it."""
     assert not out_dir.exists() or not any(out_dir.iterdir())
-    assert not list(out_dir.parent.glob(f"{files.PREFIX}*"))
+    assert not list(out_dir.parent.glob(f"{folders.PREFIX}*"))
 
 
 def _listing(out_dir: Path) -> set[str]:
     """The files of an export folder deploy.py made: its marker is there, and the rest."""
     names = {p.name for p in out_dir.iterdir()}
-    assert files.MARKER in names
-    return names - {files.MARKER}
+    assert folders.MARKER in names
+    return names - {folders.MARKER}
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -175,7 +176,7 @@ def test_run_with_an_explicit_data_config(compose_deploy, dbb_checkpoint, tmp_pa
     )
     report = deploy_script.run(cfg)
     assert _listing(out) == ARTIFACTS
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
     _check_report(report, {"random", "data"}, ARTIFACTS)
     assert report["notes"] == []
     assert report["net_config"] == NET_CONFIG
@@ -342,7 +343,7 @@ def test_a_later_export_leaves_no_stale_file(compose_deploy, checkpoint, checkpo
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(export.load_deployed(out / "deployed.pt")(x), net_b(x))
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 @pytest.mark.parametrize("stage", ["torch.export.save", "report"])
@@ -371,7 +372,7 @@ def test_a_crash_mid_write_keeps_the_previous_export(
     with pytest.raises((OSError, ZeroDivisionError)):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common))
     assert _snapshot(out) == before
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 def test_failed_file_check_keeps_the_previous_export(
@@ -385,7 +386,7 @@ def test_failed_file_check_keeps_the_previous_export(
     with pytest.raises(DeployError, match="deployed.pt: its output differs.*tol_export"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint_b}", *common))
     assert _snapshot(out) == before
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 def _dead_pid() -> int:
@@ -398,7 +399,7 @@ def _leftover(folder: Path, pid: int, state: str = "staging", **extra) -> Path:
     """A folder as a deploy.py process ``pid`` leaves it: marked with its owner and state."""
     folder.mkdir()
     marker = {"owner": "deploy.py", "state": state, "pid": pid, "host": socket.gethostname()}
-    (folder / files.MARKER).write_text(json.dumps({**marker, "start": None, **extra}))
+    (folder / folders.MARKER).write_text(json.dumps({**marker, "start": None, **extra}))
     (folder / "model.onnx").write_bytes(b"\0" * 1000)
     return folder
 
@@ -407,21 +408,21 @@ def test_leftovers_of_killed_runs_are_removed(compose_deploy, checkpoint, tmp_pa
     """Marked staging and trash folders of dead processes go; a live process's staging folder
     stays, and so does every folder without deploy.py's marker, whatever its name."""
     dead, live = _dead_pid(), os.getppid()
-    _leftover(tmp_path / f"{files.PREFIX}{dead}-x1y2z3", dead)
-    _leftover(tmp_path / f"{files.PREFIX}{dead}-old-0123abcd", dead, "trash", of="other")
-    _leftover(tmp_path / f"{files.PREFIX}{live}-inprogress", live)
-    users = [f"{files.PREFIX}{dead}-mine", ".deploy-k2j3h4", f".deploy-{dead}-old-0-x"]
+    _leftover(tmp_path / f"{folders.PREFIX}{dead}-x1y2z3", dead)
+    _leftover(tmp_path / f"{folders.PREFIX}{dead}-old-0123abcd", dead, "trash", of="other")
+    _leftover(tmp_path / f"{folders.PREFIX}{live}-inprogress", live)
+    users = [f"{folders.PREFIX}{dead}-mine", ".deploy-k2j3h4", f".deploy-{dead}-old-0-x"]
     for name in users:
         (tmp_path / name).mkdir()
         (tmp_path / name / "notes.txt").write_text("mine")
-    (tmp_path / users[0] / files.MARKER).write_text(json.dumps({"owner": "someone else"}))
+    (tmp_path / users[0] / folders.MARKER).write_text(json.dumps({"owner": "someone else"}))
     out = tmp_path / "out"
     cfg = compose_deploy(
         f"ckpt_path={checkpoint}", f"output_dir={out}", "input_shape=[1,8,8]", "pt2=false", *FAST
     )
     deploy_script.run(cfg)
     left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("out", "run"))
-    assert left == sorted([f"{files.PREFIX}{live}-inprogress", *users])
+    assert left == sorted([f"{folders.PREFIX}{live}-inprogress", *users])
     for name in users:
         assert (tmp_path / name / "notes.txt").read_text() == "mine"
 
@@ -429,9 +430,11 @@ def test_leftovers_of_killed_runs_are_removed(compose_deploy, checkpoint, tmp_pa
 def test_an_export_killed_between_its_renames_is_put_back(compose_deploy, tmp_path):
     """Killed after renaming the old folder away and before renaming the new one in: the
     next run (even one that fails) puts the old export back in place."""
-    trash = _leftover(tmp_path / f"{files.PREFIX}{_dead_pid()}-old-0123abcd", 0, "trash", of="out")
-    (trash / files.MARKER).write_text(
-        (trash / files.MARKER).read_text().replace('"pid": 0', f'"pid": {_dead_pid()}')
+    trash = _leftover(
+        tmp_path / f"{folders.PREFIX}{_dead_pid()}-old-0123abcd", 0, "trash", of="out"
+    )
+    (trash / folders.MARKER).write_text(
+        (trash / folders.MARKER).read_text().replace('"pid": 0', f'"pid": {_dead_pid()}')
     )
     (trash / "deployed.pt").write_bytes(b"old export")
     not_a_checkpoint = _bad_file("random_bytes", tmp_path)
@@ -439,8 +442,8 @@ def test_an_export_killed_between_its_renames_is_put_back(compose_deploy, tmp_pa
     with pytest.raises(DeployError, match="cannot be loaded safely"):
         deploy_script.run(cfg)
     assert (tmp_path / "out" / "deployed.pt").read_bytes() == b"old export"
-    assert files.is_ours(tmp_path / "out", "deploy.py")
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert folders.is_ours(tmp_path / "out", "deploy.py")
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 # --- a user's own files are never deleted ---------------------------------------------------
@@ -469,7 +472,7 @@ def test_a_folder_of_the_users_is_refused(compose_deploy, checkpoint, tmp_path):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
     _survived(out, files)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "src"]
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 def test_overwrite_puts_only_deploy_files_into_a_users_folder(
@@ -488,7 +491,7 @@ def test_overwrite_puts_only_deploy_files_into_a_users_folder(
     assert {p.name for p in out.iterdir()} == {"notes.txt", "src", "deployed.pt", "report.json"}
     assert json.loads((out / "report.json").read_text())["checkpoint"] == str(checkpoint_b)
     _survived(out, files)
-    assert not files.is_ours(out, "deploy.py")
+    assert not folders.is_ours(out, "deploy.py")
     with pytest.raises(DeployError, match="did not write"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}", *FAST))
 
@@ -570,7 +573,7 @@ def test_files_that_appear_while_deploying_are_kept(
     with pytest.raises(DeployError, match="received files while deploy.py ran"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 # --- the output folder is checked before any work -------------------------------------------
@@ -593,7 +596,7 @@ def test_output_dir_that_is_a_file(compose_deploy, checkpoint, tmp_path, where):
     with pytest.raises(DeployError, match="is a file, not a folder"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
     assert file.read_text() == "keep me"
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 @pytest.mark.usefixtures("no_work")
@@ -601,7 +604,7 @@ def test_unwritable_output_parent(compose_deploy, checkpoint, tmp_path, monkeypa
     def mkdtemp(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(folders.tempfile, "mkdtemp", mkdtemp)
     cfg = compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}")
     with pytest.raises(DeployError, match="cannot write beside output folder .*Permission denied"):
         deploy_script.run(cfg)
@@ -615,7 +618,7 @@ def test_unwritable_output_folder(compose_deploy, checkpoint, tmp_path, monkeypa
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != out and access(p, mode))
     with pytest.raises(DeployError, match=f"output folder {out} is not writable"):
         deploy_script.run(compose_deploy(f"ckpt_path={checkpoint}", f"output_dir={out}"))
-    assert not list(tmp_path.glob(f"{files.PREFIX}*"))
+    assert not list(tmp_path.glob(f"{folders.PREFIX}*"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -1017,7 +1020,7 @@ def deployed_dir(trained, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert f"written to {out}" in result.stdout
-    assert not list(tmp.glob(f"{files.PREFIX}*"))
+    assert not list(tmp.glob(f"{folders.PREFIX}*"))
     return out
 
 

@@ -6,7 +6,6 @@ equalization against the model before it (float64); quantization against the flo
 model's accuracy on labels it defines itself.
 """
 
-import importlib.util
 import itertools
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 import repsqueeze as rs
+from benchmarks import int8 as int8_bench
 from repsqueeze import quant
 from repsqueeze.lit import Classifier
 from repsqueeze.zoo import QARepVGGBlock, make_block
@@ -387,13 +387,6 @@ def test_quantize_a_trained_digits_net_keeps_its_accuracy(tmp_path):
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("int8_bench", ROOT / "benchmarks" / "int8.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _check_rows(rows: list[dict]) -> None:
     for row in rows:
         for key in ("float acc", "INT8 acc", "INT8 acc (CLE)"):
@@ -417,7 +410,7 @@ def test_committed_int8_results_cover_every_block_kind():
 
 @pytest.mark.slow
 def test_benchmark_quick_run(tmp_path):
-    results = _load_benchmark().main(["--quick", "--out", str(tmp_path / "r")])
+    results = int8_bench.main(["--quick", "--out", str(tmp_path / "r")])
     assert [r["block"] for r in results["digits"]] == list(rs.BLOCKS)[:2]
     _check_rows(results["digits"])
     assert (tmp_path / "r.md").read_text().count("| digits |") == 2
