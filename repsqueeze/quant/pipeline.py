@@ -93,28 +93,41 @@ def quantize(
         export.to_onnx(model, models["float"], example, opset=opset)
         n_batches = quantize_onnx(models["float"], models["int8"], calibration, method)
         accuracy, n_test = onnx_accuracy(models, test)
-        key = "range_ratio_cle" if cle else "range_ratio"
-        report = {
-            "acc_float": accuracy["float"],
-            "acc_int8": accuracy["int8"],
-            "int8_acc_drop": accuracy["float"] - accuracy["int8"],
-            "int8_max_drop": max_drop,
-            "int8_latency_ms": _latencies(models, example, latency_repeats, latency_threads),
-            "int8_weight_ranges": ranges,
-            "int8_worst_layers": [
-                {"layer": r["layer"], "range_ratio": r[key]}
-                for r in worst_layers(ranges, worst, key)
-            ],
-            "int8_cle_pairs": [list(p) for p in pairs],
-            "int8_calibration_batches": n_batches,
-            "int8_calibration_method": method,
-            "int8_test_samples": n_test,
-            "int8_format": FORMAT,
-            "int8_bytes": models["int8"].stat().st_size,
-        }
+        report = _report(accuracy, models["int8"], ranges, pairs, cle, worst)
+        report.update(
+            int8_max_drop=max_drop,
+            int8_latency_ms=_latencies(models, example, latency_repeats, latency_threads),
+            int8_calibration_batches=n_batches,
+            int8_calibration_method=method,
+            int8_test_samples=n_test,
+        )
         _check_drop(report, path)
         os.replace(models["int8"], path)
     return report
+
+
+def _report(
+    accuracy: dict[str, float],
+    int8_path: Path,
+    ranges: list[dict[str, Any]],
+    pairs: list[tuple[str, str]],
+    cle: bool,
+    worst: int,
+) -> dict[str, Any]:
+    """The accuracy, weight-range and file parts of a :func:`quantize` report."""
+    key = "range_ratio_cle" if cle else "range_ratio"
+    return {
+        "acc_float": accuracy["float"],
+        "acc_int8": accuracy["int8"],
+        "int8_acc_drop": accuracy["float"] - accuracy["int8"],
+        "int8_weight_ranges": ranges,
+        "int8_worst_layers": [
+            {"layer": r["layer"], "range_ratio": r[key]} for r in worst_layers(ranges, worst, key)
+        ],
+        "int8_cle_pairs": [list(p) for p in pairs],
+        "int8_format": FORMAT,
+        "int8_bytes": int8_path.stat().st_size,
+    }
 
 
 def _prepared(

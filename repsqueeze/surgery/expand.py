@@ -69,6 +69,38 @@ def expand(
         return_report: also return an :class:`ExpandReport`.
         **block_kwargs: further arguments of the blocks (``expansion``, ...).
     """
+    _check_expand(model, block, block_kwargs)
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ExpandReport()
+    foreign = []
+    for conv_path, bn_path in _conv_bn_pairs(model, report):
+        owner = self_deploying_owner(model, conv_path) or self_deploying_owner(model, bn_path)
+        if owner is not None:
+            foreign.append(owner)
+            report.skipped.append((conv_path, f"inside {owner}, {FOREIGN_REASON}"))
+            continue
+        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+        try:
+            new = block_from_conv_bn(block, conv, bn, **block_kwargs)
+        except ValueError as err:
+            report.skipped.append((conv_path, str(err)))
+            continue
+        _put(model, (conv_path, conv), (bn_path, bn), new)
+        report.expanded[conv_path] = block
+    if foreign:
+        warnings.warn(
+            f"expand: {len(foreign)} conv(s) inside {len(set(foreign))} module(s) that "
+            f"re-parameterize themselves were left as they are (first: {foreign[0]}); "
+            "convert timm's RepVGG / MobileOne blocks with rs.from_timm instead",
+            UserWarning,
+            stacklevel=3,  # the caller of expand (torch.no_grad wraps it)
+        )
+    return (model, report) if return_report else model
+
+
+def _check_expand(model: nn.Module, block: str, block_kwargs: dict) -> None:
+    """Refuses what :func:`expand` cannot start as an exact copy of ``model``."""
     if block not in BLOCKS:
         raise ValueError(f"unknown block kind {block!r}; valid kinds: {', '.join(BLOCKS)}")
     if block == "qarepvgg":
@@ -88,40 +120,28 @@ def expand(
             f"expand: the model is wrapped in {wrapper.__name__}; expand the module inside "
             "before wrapping it (the wrapper holds on to the parameters it was built with)"
         )
-    if not inplace:
-        model = copy.deepcopy(model)
-    report = ExpandReport()
-    foreign = []
-    for conv_path, bn_path in _conv_bn_pairs(model, report):
-        owner = self_deploying_owner(model, conv_path) or self_deploying_owner(model, bn_path)
-        if owner is not None:
-            foreign.append(owner)
-            report.skipped.append((conv_path, f"inside {owner}, {FOREIGN_REASON}"))
-            continue
-        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
-        try:
-            new = block_from_conv_bn(block, conv, bn, **block_kwargs)
-        except ValueError as err:
-            report.skipped.append((conv_path, str(err)))
-            continue
-        origin = Origin(copy.deepcopy(conv).to("meta"), copy.deepcopy(bn).to("meta"))
-        rest = (
-            nn.Sequential(OrderedDict(bn.named_children())) if len(bn._modules) else nn.Identity()
-        )
-        setattr(new, ORIGIN, origin)
-        setattr(rest, ORIGIN, origin)
-        model.set_submodule(conv_path, new)
-        model.set_submodule(bn_path, rest)
-        report.expanded[conv_path] = block
-    if foreign:
-        warnings.warn(
-            f"expand: {len(foreign)} conv(s) inside {len(set(foreign))} module(s) that "
-            f"re-parameterize themselves were left as they are (first: {foreign[0]}); "
-            "convert timm's RepVGG / MobileOne blocks with rs.from_timm instead",
-            UserWarning,
-            stacklevel=3,  # the caller of expand (torch.no_grad wraps it)
-        )
-    return (model, report) if return_report else model
+
+
+def _put(
+    model: nn.Module,
+    conv: tuple[str, nn.Module],
+    bn: tuple[str, _BatchNorm],
+    block: Squeezable,
+) -> None:
+    """Puts ``block`` in the conv's place and, in the norm's, what the norm holds besides
+    its BatchNorm (timm's ``drop`` / ``act``; else ``Identity``), both marked with an
+    :class:`Origin` for :func:`contract`."""
+    (conv_path, conv_module), (bn_path, bn_module) = conv, bn
+    origin = Origin(copy.deepcopy(conv_module).to("meta"), copy.deepcopy(bn_module).to("meta"))
+    rest = (
+        nn.Sequential(OrderedDict(bn_module.named_children()))
+        if len(bn_module._modules)
+        else nn.Identity()
+    )
+    setattr(block, ORIGIN, origin)
+    setattr(rest, ORIGIN, origin)
+    model.set_submodule(conv_path, block)
+    model.set_submodule(bn_path, rest)
 
 
 def block_from_conv_bn(kind: str, conv: nn.Module, bn: _BatchNorm, **kwargs) -> Squeezable:
