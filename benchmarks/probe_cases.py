@@ -31,105 +31,103 @@ class Probe:
     names: str | None = None  # what a clear refusal names; default: the last override's key
 
 
+def train(name: str, overrides: list[str], **kw) -> Probe:
+    """A probe of ``train.py``."""
+    return Probe(name, "train.py", overrides, **kw)
+
+
+def deploy(name: str, overrides: list[str], **kw) -> Probe:
+    """A probe of ``deploy.py``, on a checkpoint of a RepVGG digits net unless ``setup``
+    makes another input."""
+    return Probe(name, "deploy.py", overrides, **{"setup": s.ckpt("repvgg"), **kw})
+
+
 TRAIN = [
-    Probe("train max_epochs=abc", "train.py", ["trainer.max_epochs=abc"]),
-    Probe("train seed=abc", "train.py", ["seed=abc"]),
-    Probe("train label_smoothing=2", "train.py", ["model.label_smoothing=2"]),
-    Probe("train deploy_tolerance=-1", "train.py", [*SHORT, "model.deploy_tolerance=-1"]),
-    Probe("train ckpt_path=deployed.pt", "train.py", SHORT, setup=s.deployed),
-    Probe("train ckpt_path=truncated", "train.py", SHORT, setup=s.truncated),
-    Probe("train ckpt_path=pickle", "train.py", SHORT, setup=s.pickle),
-    Probe("train ckpt_path=other block", "train.py", SHORT, setup=s.ckpt("dbb")),
-    Probe(
+    train("train max_epochs=abc", ["trainer.max_epochs=abc"]),
+    train("train seed=abc", ["seed=abc"]),
+    train("train label_smoothing=2", ["model.label_smoothing=2"]),
+    train("train deploy_tolerance=-1", [*SHORT, "model.deploy_tolerance=-1"]),
+    train("train ckpt_path=deployed.pt", SHORT, setup=s.deployed),
+    train("train ckpt_path=truncated", SHORT, setup=s.truncated),
+    train("train ckpt_path=pickle", SHORT, setup=s.pickle),
+    train("train ckpt_path=other block", SHORT, setup=s.ckpt("dbb")),
+    train(
         "train precision=64",
-        "train.py",
         [*SHORT, "trainer.precision=64"],
         fails=False,
         check=s.precision64,
-    ),  # fmt: skip
-    Probe(
-        "train mode=online dbb", "train.py", [*SHORT, "model.mode=online", "model.net.block=dbb"]
-    ),  # fmt: skip
-    Probe(
+    ),
+    train("train mode=online dbb", [*SHORT, "model.mode=online", "model.net.block=dbb"]),
+    train(
         "train mode=online qarepvgg",
-        "train.py",
         [*SHORT, "model.mode=online", "model.net.block=qarepvgg"],
-    ),  # fmt: skip
-    Probe(
+    ),
+    train(
         "train trainer=ddp on CPU",
-        "train.py",
         [*SHORT, "trainer=ddp"],
         check=s.no_half_folder,
         names="ddp",
     ),
-    Probe("train optimizer.lr=0", "train.py", [*SHORT, "optimizer.lr=0"]),
-    Probe(
+    train("train optimizer.lr=0", [*SHORT, "optimizer.lr=0"]),
+    train(
         "train imagefolder val_fraction=0",
-        "train.py",
         [*SHORT, "data=imagefolder", "data.val_fraction=0"],
         setup=s.images,
-    ),  # fmt: skip
-    Probe("train devices=abc", "train.py", ["trainer.devices=abc"]),
-    Probe("train accelerator=tpu", "train.py", ["trainer.accelerator=tpu"]),
-    Probe("train precision=7", "train.py", ["trainer.precision=7"]),
-    Probe("train data.batch_size=abc", "train.py", ["data.batch_size=abc"]),
-    Probe("train val_fraction=1.5", "train.py", ["data.val_fraction=1.5"]),
-    Probe("train check_val_every_n_epoch=0", "train.py", ["trainer.check_val_every_n_epoch=0"]),
-    Probe("train log_every_n_steps=-1", "train.py", ["trainer.log_every_n_steps=-1"]),
-    Probe("train limit_val_batches=-1", "train.py", ["trainer.limit_val_batches=-1"]),
-    Probe("train weight_decay=abc", "train.py", ["optimizer.weight_decay=abc"]),
-    Probe("train sgd momentum=-1", "train.py", ["optimizer=sgd", "optimizer.momentum=-1"]),
-    Probe(
+    ),
+    train("train devices=abc", ["trainer.devices=abc"]),
+    train("train accelerator=tpu", ["trainer.accelerator=tpu"]),
+    train("train precision=7", ["trainer.precision=7"]),
+    train("train data.batch_size=abc", ["data.batch_size=abc"]),
+    train("train val_fraction=1.5", ["data.val_fraction=1.5"]),
+    train("train check_val_every_n_epoch=0", ["trainer.check_val_every_n_epoch=0"]),
+    train("train log_every_n_steps=-1", ["trainer.log_every_n_steps=-1"]),
+    train("train limit_val_batches=-1", ["trainer.limit_val_batches=-1"]),
+    train("train weight_decay=abc", ["optimizer.weight_decay=abc"]),
+    train("train sgd momentum=-1", ["optimizer=sgd", "optimizer.momentum=-1"]),
+    train(
         "train scheduler step_size=0",
-        "train.py",
         [*SHORT, "scheduler=step", "scheduler.step_size=0"],
-    ),  # fmt: skip
-    Probe("train +trainer.foo=1", "train.py", ["+trainer.foo=1"]),
-    Probe("train model.compile=abc", "train.py", [*SHORT, "model.compile=abc"]),
-    Probe("train model.mode=fast", "train.py", ["model.mode=fast"]),
-    Probe("train test=maybe", "train.py", [*SHORT, "test=maybe"]),
-    Probe("train model.net.name=nope", "train.py", ["model.net.name=nope"]),
-    Probe(
+    ),
+    train("train +trainer.foo=1", ["+trainer.foo=1"]),
+    train("train model.compile=abc", [*SHORT, "model.compile=abc"]),
+    train("train model.mode=fast", ["model.mode=fast"]),
+    train("train test=maybe", [*SHORT, "test=maybe"]),
+    train("train model.net.name=nope", ["model.net.name=nope"]),
+    train(
         "train monitor=val/nope",
-        "train.py",
         [*SHORT, "callbacks.model_checkpoint.monitor=val/nope"],
         check=s.no_half_folder,
-    ),  # fmt: skip
-    Probe(
+    ),
+    train(
         "train min_epochs > max_epochs",
-        "train.py",
         ["trainer.min_epochs=9", "trainer.max_epochs=2"],
-    ),  # fmt: skip
-    Probe("train optimized_metric=val/nope", "train.py", [*SHORT, "optimized_metric=val/nope"]),
-    Probe("train num_workers=abc", "train.py", ["data.num_workers=abc"]),
-    Probe("train trainer=foo", "train.py", ["trainer=foo"]),
-    Probe("train max_epoch (typo)", "train.py", ["trainer.max_epoch=3"]),
-    Probe("train disk full", "train.py", SHORT, setup=s.full_disk, root_only=True, names="space"),
-    Probe(
+    ),
+    train("train optimized_metric=val/nope", [*SHORT, "optimized_metric=val/nope"]),
+    train("train num_workers=abc", ["data.num_workers=abc"]),
+    train("train trainer=foo", ["trainer=foo"]),
+    train("train max_epoch (typo)", ["trainer.max_epoch=3"]),
+    train("train disk full", SHORT, setup=s.full_disk, root_only=True, names="space"),
+    train(
         "train read-only run folder",
-        "train.py",
         SHORT,
         setup=s.read_only,
         root_only=True,
         names="write",
     ),
-    Probe(
+    train(
         "train failing run in a user folder",
-        "train.py",
         ["trainer.max_epochs=abc"],
         setup=s.user_folder,
         user_file="mine/notes.txt",
-    ),  # fmt: skip
-    Probe(
+    ),
+    train(
         "train last.ckpt every epoch",
-        "train.py",
         [*SHORT[1:], "trainer.max_epochs=3", "test=false", "deploy=false"],
         fails=False,
         check=s.last_is_last,
-    ),  # fmt: skip
-    Probe(
+    ),
+    train(
         "train resume=last in place",
-        "train.py",
         [
             *SHORT[1:],
             "trainer.max_epochs=4",
@@ -141,110 +139,83 @@ TRAIN = [
         fails=False,
         setup=s.resume,
         check=s.resumed_in_place,
-    ),  # fmt: skip
-    Probe(
+    ),
+    train(
         "train SIGTERM",
-        "train.py",
         ["trainer.max_epochs=200", "callbacks.progress_bar.refresh_rate=0"],
         fails=False,
         signal_after=25,
         check=s.interrupted,
-    ),  # fmt: skip
-    Probe("train train.log", "train.py", SHORT, fails=False, check=s.train_log),
-    Probe(
+    ),
+    train("train train.log", SHORT, fails=False, check=s.train_log),
+    train(
         "train sweep first job fails",
-        "train.py",
         [*SHORT, "seed=abc,0"],
         flags=["-m"],
         fails=False,
         check=s.sweep_goes_on,
-    ),  # fmt: skip
+    ),
 ]
 
 
 DEPLOY = [
-    Probe(
+    deploy(
         "deploy batch_size=0",
-        "deploy.py",
         ["batch_size=0"],
-        setup=s.ckpt("repvgg"),
         names="batch_size",
     ),
-    Probe(
+    deploy(
         "deploy batch_size=-1",
-        "deploy.py",
         ["batch_size=-1"],
-        setup=s.ckpt("repvgg"),
         names="batch_size",
     ),
-    Probe(
+    deploy(
         "deploy batch_size=abc",
-        "deploy.py",
         ["batch_size=abc"],
-        setup=s.ckpt("repvgg"),
         names="batch_size",
     ),
-    Probe(
+    deploy(
         "deploy int8_calibration_batches=-2",
-        "deploy.py",
         ["int8=true", "data=digits", "int8_calibration_batches=-2"],
-        setup=s.ckpt("repvgg"),
-    ),  # fmt: skip
-    Probe(
+    ),
+    deploy(
         "deploy onnx_opset=7",
-        "deploy.py",
         ["onnx_opset=7", "measure=false"],
-        setup=s.ckpt("repvgg"),
-    ),  # fmt: skip
-    Probe(
+    ),
+    deploy(
         "deploy onnx_opset=99",
-        "deploy.py",
         ["onnx_opset=99", "measure=false"],
-        setup=s.ckpt("repvgg"),
-    ),  # fmt: skip
-    Probe(
+    ),
+    deploy(
         "deploy +model.net.block",
-        "deploy.py",
         ["+model.net.block=dbb", "measure=false", "onnx=false"],
-        setup=s.ckpt("repvgg"),
-    ),  # fmt: skip
-    Probe(
+    ),
+    deploy(
         "deploy tol_float32=-1",
-        "deploy.py",
         ["tol_float32=-1"],
-        setup=s.ckpt("repvgg"),
         names="tol_float32",
     ),
-    Probe("deploy device=tpu", "deploy.py", ["device=tpu"], setup=s.ckpt("repvgg"), names="device"),
-    Probe("deploy seed=abc", "deploy.py", ["seed=abc"], setup=s.ckpt("repvgg"), names="seed"),
-    Probe(
+    deploy("deploy device=tpu", ["device=tpu"], names="device"),
+    deploy("deploy seed=abc", ["seed=abc"], names="seed"),
+    deploy(
         "deploy latency_min_run_time=0",
-        "deploy.py",
         ["latency_min_run_time=0", "onnx=false"],
-        setup=s.ckpt("repvgg"),
-    ),  # fmt: skip
-    Probe(
+    ),
+    deploy(
         "deploy int8_max_drop=2",
-        "deploy.py",
         ["int8=true", "data=digits", "int8_max_drop=2"],
-        setup=s.ckpt("repvgg"),
-    ),  # fmt: skip
-    Probe(
+    ),
+    deploy(
         "deploy int8_calibration_method=foo",
-        "deploy.py",
         ["int8=true", "data=digits", "int8_calibration_method=foo"],
-        setup=s.ckpt("repvgg"),
-    ),  # fmt: skip
-    Probe("deploy pt2=maybe", "deploy.py", ["pt2=maybe"], setup=s.ckpt("repvgg"), names="pt2"),
-    Probe(
-        "deploy input_shape=[1,0,8]", "deploy.py", ["input_shape=[1,0,8]"], setup=s.ckpt("repvgg")
-    ),  # fmt: skip
-    Probe(
+    ),
+    deploy("deploy pt2=maybe", ["pt2=maybe"], names="pt2"),
+    deploy("deploy input_shape=[1,0,8]", ["input_shape=[1,0,8]"]),
+    deploy(
         "deploy disk full",
-        "deploy.py",
         ["measure=false"],
         setup=s.full_disk_deploy,
         root_only=True,
         names="space",
-    ),  # fmt: skip
+    ),
 ]
