@@ -7,10 +7,11 @@
     python benchmarks/run.py --only training --threads 1 --merge  # one table, the rest kept
     python benchmarks/run.py --plot-only      # redraw the PNGs from the committed JSON files
     python benchmarks/run.py --deploy-time    # deploy time vs timm and the official fusions
+    python -m benchmarks.run --quick          # the same, as a module of the benchmarks package
 
 Every comparison runs in this one process with a fixed number of threads, interleaved
 (round after round, every variant once per round, so drift hits all alike), timed with
-``torch.utils.benchmark.Timer`` (which synchronises the device); figures are medians with
+``repsqueeze.timing`` (on ``torch.utils.benchmark.Timer``, which synchronises the device); figures are medians with
 their interquartile range, and ratios to the plain network. Sections:
 
 1. ``latency``: deployed inference (batch 1 and 32): training form, deployed, deployed with
