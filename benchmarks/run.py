@@ -11,8 +11,9 @@
 
 Every comparison runs in this one process with a fixed number of threads, interleaved
 (round after round, every variant once per round, so drift hits all alike), timed with
-``repsqueeze.timing`` (on ``torch.utils.benchmark.Timer``, which synchronises the device); figures are medians with
-their interquartile range, and ratios to the plain network. Sections:
+``repsqueeze.timing`` (on ``torch.utils.benchmark.Timer``, which synchronises the device);
+figures are medians with their interquartile range, and ratios to the plain network.
+Sections:
 
 1. ``latency``: deployed inference (batch 1 and 32): training form, deployed, deployed with
    ``unwrap=True``, hand-written plain networks (one with the model's module nesting, one
