@@ -234,11 +234,15 @@ def test_verify_float64_is_exact_and_tolerances_are_honoured():
 
 
 # --- torch.export, ONNX and TorchScript ------------------------------------------------------
-def test_pt2_and_onnx_match_pytorch(tmp_path):
+def test_pt2_and_onnx_match_pytorch(tmp_path, monkeypatch):
     """One ``torch.export`` program, saved as model.pt2 and translated to ONNX; both run at
-    batch sizes the example never had (1 included)."""
+    batch sizes the example never had (1 included). A program given to ``to_pt2`` is saved
+    as it is, not exported again."""
     _, deployed = _pair("dbb")
-    program = export.to_pt2(deployed, tmp_path / "model.pt2", _inputs(1))
+    program = export.to_pt2(deployed, tmp_path / "first.pt2", _inputs(1))
+    monkeypatch.setattr(export.formats, "export_program", lambda *a: pytest.fail("exported twice"))
+    assert export.to_pt2(program, tmp_path / "model.pt2", _inputs(1)) is program
+    (tmp_path / "first.pt2").unlink()
     export.to_onnx(program, tmp_path / "model.onnx", _inputs(1))
     reloaded = export.load_pt2(tmp_path / "model.pt2")
     for batch in (1, 5):
