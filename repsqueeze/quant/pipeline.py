@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from repsqueeze import export
 from repsqueeze.quant.calibration import as_numpy, quantize_onnx
-from repsqueeze.quant.equalize import equalize
+from repsqueeze.quant.equalization import equalize
 from repsqueeze.quant.ranges import weight_ranges, worst_layers
 from repsqueeze.quant.runtime import onnx_accuracy, onnx_latency_ms
 

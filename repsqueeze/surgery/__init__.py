@@ -2,9 +2,9 @@
 run modes, expand an existing model into blocks and contract it back, rewrite naive chains."""
 
 from repsqueeze.surgery.border import BorderReport, make_border_consistent
-from repsqueeze.surgery.contract import contract, split_into
-from repsqueeze.surgery.deploy import TRAINING_WARNING, deploy
-from repsqueeze.surgery.expand import ExpandReport, block_from_conv_bn, expand
+from repsqueeze.surgery.contraction import contract, split_into
+from repsqueeze.surgery.deployment import TRAINING_WARNING, deploy
+from repsqueeze.surgery.expansion import ExpandReport, block_from_conv_bn, expand
 from repsqueeze.surgery.hooks import FOREIGN_HOOKS
 from repsqueeze.surgery.mode import set_mode
 
