@@ -70,7 +70,8 @@ def _contracted(
     bias: Tensor,
     copy_rest: bool,
 ) -> tuple[nn.Module, nn.Module]:
-    device, dtype = primitives.device_of(block), block._dtype()
+    floats = (t.dtype for t in block.parameters() if t.is_floating_point())
+    device, dtype = primitives.device_of(block), next(floats, torch.get_default_dtype())
     ref = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)  # main path's
     if ref is None:  # deployed already: unit statistics
         ref = nn.BatchNorm1d(origin.norm.num_features, eps=origin.norm.eps).eval()
