@@ -74,19 +74,18 @@ def quantize(
 
     Returns:
         The report: ``acc_float``, ``acc_int8``, ``int8_acc_drop``, ``int8_max_drop``,
-        ``int8_latency_ms`` (``{float,int8}_b{1,32}``), ``int8_weight_ranges`` (one row per
-        conv, with ``range_ratio_cle`` after equalization when ``cle``),
-        ``int8_worst_layers``, ``int8_cle_pairs``, ``int8_calibration_batches``,
-        ``int8_test_samples``, ``int8_format``, ``int8_bytes``.
+        ``int8_latency_ms`` (``{float,int8}_b{1,32}``), ``int8_weight_ranges`` (per conv;
+        ``range_ratio_cle`` with ``cle``), ``int8_worst_layers``, ``int8_cle_pairs``,
+        ``int8_calibration_{batches,method}``, ``int8_test_samples``, ``int8_format``,
+        ``int8_bytes``.
 
     Raises:
         QuantizationError: the drop is above ``max_drop``; nothing is written.
     """
     if not max_drop >= 0:
         raise ValueError(f"max_drop must be >= 0, got {max_drop}")
-    example = _first_input(test)[:1]
+    example, path = _first_input(test)[:1], Path(path)
     model, ranges, pairs = _prepared(model, cle)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         models = {"float": Path(tmp) / "float.onnx", "int8": Path(tmp) / "int8.onnx"}
@@ -94,13 +93,9 @@ def quantize(
         n_batches = quantize_onnx(models["float"], models["int8"], calibration, method)
         accuracy, n_test = onnx_accuracy(models, test)
         report = _report(accuracy, models["int8"], ranges, pairs, cle, worst)
-        report.update(
-            int8_max_drop=max_drop,
-            int8_latency_ms=_latencies(models, example, latency_repeats, latency_threads),
-            int8_calibration_batches=n_batches,
-            int8_calibration_method=method,
-            int8_test_samples=n_test,
-        )
+        latency = _latencies(models, example, latency_repeats, latency_threads)
+        report.update(int8_max_drop=max_drop, int8_latency_ms=latency, int8_test_samples=n_test)
+        report.update(int8_calibration_batches=n_batches, int8_calibration_method=method)
         _check_drop(report, path)
         os.replace(models["int8"], path)
     return report
