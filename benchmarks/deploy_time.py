@@ -13,8 +13,8 @@ fresh copy of its model built outside the timed region):
   default), the reference of the ratios;
 * the official fusions (RepVGG ``repvgg_model_convert``; DBB, ACNet and OREPA
   ``switch_to_deploy`` of every block) on the same 22 convolution shapes, run from copies
-  of their repositories fetched into ``$REPSQUEEZE_MIRROR`` (default ``/work/.mirror``,
-  ``owner+name/repo`` git folders); a repository that is not there is skipped with a note;
+  of their repositories (:mod:`benchmarks.mirror`: ``$REPSQUEEZE_MIRROR``, default
+  ``/work/.mirror``); a repository that is not there is skipped with a note;
 * a torchvision ResNet-50 expanded with ``rs.expand``: ``rs.deploy`` and ``rs.contract``.
 
 Figures: median seconds with the interquartile range, the ratio to timm's row of the same
@@ -27,15 +27,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -46,6 +43,7 @@ if __package__ in (None, ""):  # python benchmarks/deploy_time.py: the root hold
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import repsqueeze as rs  # noqa: E402
+from benchmarks import mirror  # noqa: E402
 from benchmarks.common import command, randomize_bn  # noqa: E402
 from repsqueeze import timing  # noqa: E402
 from repsqueeze.models import create_model  # noqa: E402
@@ -56,21 +54,14 @@ KINDS = ("repvgg", "acb", "mobileone", "qarepvgg", "dbb")
 # the other kinds, timed in a second group with fewer rounds (expand_cl: seconds of float64
 # matrix products per deploy), in place only
 MORE_KINDS = ("plain", "expand_ck", "expand_cl")
-MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))
 TIMM = "timm reparameterize_model"
 
-# official repositories: (owner+name, files to load, module holding the block)
+# official repositories: (owner/name, module holding the block or the conversion)
 OFFICIAL = {
-    "official RepVGG repvgg_model_convert": ("DingXiaoH+RepVGG", ["repvgg.py", "se_block.py"]),
-    "official DBB switch_to_deploy": (
-        "DingXiaoH+DiverseBranchBlock",
-        ["diversebranchblock.py", "dbb_transforms.py"],
-    ),
-    "official ACNet switch_to_deploy": ("DingXiaoH+ACNet", ["acnet/acb.py"]),
-    "official OREPA switch_to_deploy": (
-        "JUGGHM+OREPA_CVPR2022",
-        ["blocks.py", "basic.py", "dbb_transforms.py"],
-    ),
+    "official RepVGG repvgg_model_convert": ("DingXiaoH/RepVGG", "repvgg"),
+    "official DBB switch_to_deploy": ("DingXiaoH/DiverseBranchBlock", "diversebranchblock"),
+    "official ACNet switch_to_deploy": ("DingXiaoH/ACNet", "acnet.acb"),
+    "official OREPA switch_to_deploy": ("JUGGHM/OREPA_CVPR2022", "blocks"),
 }
 
 # the official fusion of the same block kind, for the "x official" ratio
@@ -85,38 +76,6 @@ Row = tuple[str, str, Variant]  # (model, form, variant)
 
 
 # --- official code from fetched repositories ---------------------------------------------------
-@contextlib.contextmanager
-def official_modules(repo: str, files: list[str]) -> Iterator[dict[str, ModuleType] | None]:
-    """The repository's files imported from ``MIRROR/repo/repo`` (a bare git folder), by
-    module name; ``None`` when the copy or a file is missing. Nothing is written outside a
-    temporary folder, and the imported names leave ``sys.modules`` afterwards."""
-    git_dir = MIRROR / repo / "repo"
-    if not git_dir.is_dir():
-        yield None
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        names = []
-        for f in files:
-            shown = subprocess.run(
-                ["git", f"--git-dir={git_dir}", "show", f"HEAD:{f}"],
-                capture_output=True,
-                check=False,
-            )
-            if shown.returncode != 0:
-                yield None
-                return
-            (Path(tmp) / Path(f).name).write_bytes(shown.stdout)
-            names.append(Path(f).stem)
-        before = set(sys.modules)
-        sys.path.insert(0, tmp)
-        try:
-            yield {n: importlib.import_module(n) for n in names}
-        finally:
-            sys.path.remove(tmp)
-            for name in set(sys.modules) - before:
-                del sys.modules[name]
-
-
 class ShapeStack(nn.Module):
     """Blocks of another library on given ``(c_in, c_out, stride)`` 3x3 shapes, ReLU between."""
 
@@ -136,16 +95,11 @@ def switch_all(model: nn.Module) -> nn.Module:
     return model
 
 
-def official_variant(label: str, mods: dict[str, ModuleType], shapes: list) -> Variant:
+def official_variant(label: str, module: ModuleType, shapes: list) -> Variant:
     if label.startswith("official RepVGG"):
-        repvgg = mods["repvgg"]
-        return lambda: repvgg.create_RepVGG_A0(), repvgg.repvgg_model_convert
-    if label.startswith("official DBB"):
-        cls = mods["diversebranchblock"].DiverseBranchBlock
-    elif label.startswith("official ACNet"):
-        cls = mods["acb"].ACBlock
-    else:
-        cls = mods["blocks"].OREPA
+        return lambda: module.create_RepVGG_A0(), module.repvgg_model_convert
+    name = {"DBB": "DiverseBranchBlock", "ACNet": "ACBlock", "OREPA": "OREPA"}[label.split()[1]]
+    cls = getattr(module, name)
     return lambda: ShapeStack(lambda i, o, s: cls(i, o, 3, stride=s, padding=1), shapes), switch_all
 
 
@@ -200,15 +154,16 @@ def variants(
     if not more:
         return rows, notes
     shapes = a0_shapes(quick)
-    for label, (repo, files) in OFFICIAL.items():
-        with official_modules(repo, files) as mods:
-            if mods is None:
-                notes.append(f"{label}: skipped, no copy of {repo.replace('+', '/')} in {MIRROR}")
-                continue
-            build, fn = official_variant(label, mods, shapes)
-            form = "copy" if "repvgg_model_convert" in label else "in place"
-            model = f"{name} shapes" if "switch_to_deploy" in label else name
-            rows[label] = (model, form, (lambda build=build: randomize_bn(build()), fn))
+    for label, (repo, module_name) in OFFICIAL.items():
+        with contextlib.redirect_stdout(sys.stderr):  # the official modules print
+            module = mirror.official_module(repo, module_name)
+        if module is None:
+            notes.append(f"{label}: skipped, no copy of {repo} in {mirror.MIRROR}")
+            continue
+        build, fn = official_variant(label, module, shapes)
+        form = "copy" if "repvgg_model_convert" in label else "in place"
+        model = f"{name} shapes" if "switch_to_deploy" in label else name
+        rows[label] = (model, form, (lambda build=build: randomize_bn(build()), fn))
     return rows, notes
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import repsqueeze as rs
-from benchmarks import common, floor, latency, peers, run, training
+from benchmarks import common, floor, latency, mirror, peers, run, training
 from repsqueeze.export import count_params
 
 ROOT = Path(__file__).resolve().parents[2]
-MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))  # as benchmarks/peers.py
+MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))  # as benchmarks/mirror.py
 SECTIONS = ("latency", "training", "squeeze", "exactness", "accuracy")
 
 
@@ -216,7 +216,7 @@ def test_peer_blocks_take_the_place_of_every_3x3_conv_bn_like_for_like(monkeypat
     """timm's blocks (installed) swap in for each 3x3 ConvBN of the same network, with the
     parameters of our block of that kind; an official block without a fetched copy is left
     out with a note naming where it was looked for."""
-    monkeypatch.setattr(peers, "MIRROR", tmp_path)
+    monkeypatch.setattr(mirror, "MIRROR", tmp_path)
     variants, notes = peers.peer_variants("resnet20_cifar", 10)
     assert len(notes) == len(peers.OFFICIAL)
     assert all(str(tmp_path) in note for note in notes)
