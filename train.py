@@ -56,11 +56,12 @@ from repsqueeze.cli.errors import (
 )
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA, last_checkpoint
-from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
-from repsqueeze.export import count_params, latency_ms, save_deployed
+from repsqueeze.export import count_params, save_deployed
 from repsqueeze.loggers import RankZeroFilter
+from repsqueeze.surgery import deploy
 from repsqueeze.tables import fmt, table
+from repsqueeze.timing import latency_ms
 
 log = logging.getLogger(__name__)
 log.addFilter(RankZeroFilter())  # one copy of each line in a multi-process run

@@ -13,8 +13,8 @@ fresh copy of its model built outside the timed region):
   default), the reference of the ratios;
 * the official fusions (RepVGG ``repvgg_model_convert``; DBB, ACNet and OREPA
   ``switch_to_deploy`` of every block) on the same 22 convolution shapes, run from copies
-  of their repositories fetched into ``$REPSQUEEZE_MIRROR`` (default ``/work/.mirror``,
-  ``owner+name/repo`` git folders); a repository that is not there is skipped with a note;
+  of their repositories (:mod:`benchmarks.mirror`: ``$REPSQUEEZE_MIRROR``, default
+  ``/work/.mirror``); a repository that is not there is skipped with a note;
 * a torchvision ResNet-50 expanded with ``rs.expand``: ``rs.deploy`` and ``rs.contract``.
 
 Figures: median seconds with the interquartile range, the ratio to timm's row of the same
@@ -27,45 +27,41 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import nn
 
-import repsqueeze as rs
-from repsqueeze.models import create_model
-from repsqueeze.tables import table
+if __package__ in (None, ""):  # python benchmarks/deploy_time.py: the root holds the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import repsqueeze as rs  # noqa: E402
+from benchmarks import mirror  # noqa: E402
+from benchmarks.common import command, randomize_bn  # noqa: E402
+from repsqueeze import timing  # noqa: E402
+from repsqueeze.models import create_model  # noqa: E402
+from repsqueeze.tables import table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("repvgg", "acb", "mobileone", "qarepvgg", "dbb")
 # the other kinds, timed in a second group with fewer rounds (expand_cl: seconds of float64
 # matrix products per deploy), in place only
 MORE_KINDS = ("plain", "expand_ck", "expand_cl")
-MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))
 TIMM = "timm reparameterize_model"
 
-# official repositories: (owner+name, files to load, module holding the block)
+# official repositories: (owner/name, module holding the block or the conversion)
 OFFICIAL = {
-    "official RepVGG repvgg_model_convert": ("DingXiaoH+RepVGG", ["repvgg.py", "se_block.py"]),
-    "official DBB switch_to_deploy": (
-        "DingXiaoH+DiverseBranchBlock",
-        ["diversebranchblock.py", "dbb_transforms.py"],
-    ),
-    "official ACNet switch_to_deploy": ("DingXiaoH+ACNet", ["acnet/acb.py"]),
-    "official OREPA switch_to_deploy": (
-        "JUGGHM+OREPA_CVPR2022",
-        ["blocks.py", "basic.py", "dbb_transforms.py"],
-    ),
+    "official RepVGG repvgg_model_convert": ("DingXiaoH/RepVGG", "repvgg"),
+    "official DBB switch_to_deploy": ("DingXiaoH/DiverseBranchBlock", "diversebranchblock"),
+    "official ACNet switch_to_deploy": ("DingXiaoH/ACNet", "acnet.acb"),
+    "official OREPA switch_to_deploy": ("JUGGHM/OREPA_CVPR2022", "blocks"),
 }
 
 # the official fusion of the same block kind, for the "x official" ratio
@@ -79,54 +75,7 @@ Variant = tuple[Callable[[], nn.Module], Callable[[nn.Module], object]]
 Row = tuple[str, str, Variant]  # (model, form, variant)
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters (folding is then real arithmetic)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                    m.bias.copy_(torch.rand(n, generator=gen) * 2 - 1)
-    return model.eval()
-
-
 # --- official code from fetched repositories ---------------------------------------------------
-@contextlib.contextmanager
-def official_modules(repo: str, files: list[str]) -> Iterator[dict[str, ModuleType] | None]:
-    """The repository's files imported from ``MIRROR/repo/repo`` (a bare git folder), by
-    module name; ``None`` when the copy or a file is missing. Nothing is written outside a
-    temporary folder, and the imported names leave ``sys.modules`` afterwards."""
-    git_dir = MIRROR / repo / "repo"
-    if not git_dir.is_dir():
-        yield None
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        names = []
-        for f in files:
-            shown = subprocess.run(
-                ["git", f"--git-dir={git_dir}", "show", f"HEAD:{f}"],
-                capture_output=True,
-                check=False,
-            )
-            if shown.returncode != 0:
-                yield None
-                return
-            (Path(tmp) / Path(f).name).write_bytes(shown.stdout)
-            names.append(Path(f).stem)
-        before = set(sys.modules)
-        sys.path.insert(0, tmp)
-        try:
-            yield {n: importlib.import_module(n) for n in names}
-        finally:
-            sys.path.remove(tmp)
-            for name in set(sys.modules) - before:
-                del sys.modules[name]
-
-
 class ShapeStack(nn.Module):
     """Blocks of another library on given ``(c_in, c_out, stride)`` 3x3 shapes, ReLU between."""
 
@@ -146,16 +95,11 @@ def switch_all(model: nn.Module) -> nn.Module:
     return model
 
 
-def official_variant(label: str, mods: dict[str, ModuleType], shapes: list) -> Variant:
+def official_variant(label: str, module: ModuleType, shapes: list) -> Variant:
     if label.startswith("official RepVGG"):
-        repvgg = mods["repvgg"]
-        return lambda: repvgg.create_RepVGG_A0(), repvgg.repvgg_model_convert
-    if label.startswith("official DBB"):
-        cls = mods["diversebranchblock"].DiverseBranchBlock
-    elif label.startswith("official ACNet"):
-        cls = mods["acb"].ACBlock
-    else:
-        cls = mods["blocks"].OREPA
+        return lambda: module.create_RepVGG_A0(), module.repvgg_model_convert
+    name = {"DBB": "DiverseBranchBlock", "ACNet": "ACBlock", "OREPA": "OREPA"}[label.split()[1]]
+    cls = getattr(module, name)
     return lambda: ShapeStack(lambda i, o, s: cls(i, o, 3, stride=s, padding=1), shapes), switch_all
 
 
@@ -210,15 +154,16 @@ def variants(
     if not more:
         return rows, notes
     shapes = a0_shapes(quick)
-    for label, (repo, files) in OFFICIAL.items():
-        with official_modules(repo, files) as mods:
-            if mods is None:
-                notes.append(f"{label}: skipped, no copy of {repo.replace('+', '/')} in {MIRROR}")
-                continue
-            build, fn = official_variant(label, mods, shapes)
-            form = "copy" if "repvgg_model_convert" in label else "in place"
-            model = f"{name} shapes" if "switch_to_deploy" in label else name
-            rows[label] = (model, form, (lambda build=build: randomize_bn(build()), fn))
+    for label, (repo, module_name) in OFFICIAL.items():
+        with contextlib.redirect_stdout(sys.stderr):  # the official modules print
+            module = mirror.official_module(repo, module_name)
+        if module is None:
+            notes.append(f"{label}: skipped, no copy of {repo} in {mirror.MIRROR}")
+            continue
+        build, fn = official_variant(label, module, shapes)
+        form = "copy" if "repvgg_model_convert" in label else "in place"
+        model = f"{name} shapes" if "switch_to_deploy" in label else name
+        rows[label] = (model, form, (lambda build=build: randomize_bn(build()), fn))
     return rows, notes
 
 
@@ -226,15 +171,9 @@ def interleaved(rows: dict[str, Row], rounds: int) -> dict[str, list[float]]:
     """Seconds of each variant's deploy per round, each on a fresh model, interleaved."""
     with contextlib.redirect_stdout(sys.stderr):  # the official builders print
         models = {k: build() for k, (_, _, (build, _)) in rows.items()}
-    times: dict[str, list[float]] = {k: [] for k in rows}
-    for r in range(rounds + 1):  # round 0 warms up (imports, allocator, first calls)
-        for key, (_, _, (_, deploy)) in rows.items():
-            fresh = copy.deepcopy(models[key])
-            start = time.perf_counter()
-            deploy(fresh)
-            if r:
-                times[key].append(time.perf_counter() - start)
-    return times
+    deploys = {k: deploy for k, (_, _, (_, deploy)) in rows.items()}
+    fresh = {k: (lambda m=m: copy.deepcopy(m)) for k, m in models.items()}
+    return timing.interleaved_fresh(deploys, fresh, rounds)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -274,14 +213,8 @@ def bench_resnet50(quick: bool, rounds: int) -> list[dict]:
     else:
         name, plain = "resnet50", torchvision.models.resnet50()
     model = randomize_bn(rs.expand(plain))
-    fns = {"rs.deploy": rs.deploy, "rs.contract": rs.contract}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(rounds + 1):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn(model)  # both return a new model, this one untouched
-            if r:
-                times[key].append(time.perf_counter() - start)
+    fns = {"rs.deploy": rs.deploy, "rs.contract": rs.contract}  # both return a new model
+    times = timing.interleaved_fresh(fns, dict.fromkeys(fns, lambda: model), rounds)
     rows = []
     for key, ts in times.items():
         median, iqr = _quartiles(ts)
@@ -293,24 +226,19 @@ def bench_resnet50(quick: bool, rounds: int) -> list[dict]:
 def run(quick: bool = False, rounds: int | None = None) -> dict:
     """The table's rows and notes; pins 1 thread for the run and restores the count."""
     rounds = rounds or (1 if quick else 15)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            a0, notes = bench_a0(quick, rounds)
-            if not quick:
-                others, _ = bench_a0(quick, max(1, rounds // 5), MORE_KINDS, more=False)
-                a0 += [r for r in others if r["variant"] != TIMM]
-            resnet = bench_resnet50(quick, max(1, rounds // 3))
-    finally:
-        torch.set_num_threads(threads)
+    with timing.threads(1), torch.no_grad():
+        a0, notes = bench_a0(quick, rounds)
+        if not quick:
+            others, _ = bench_a0(quick, max(1, rounds // 5), MORE_KINDS, more=False)
+            a0 += [r for r in others if r["variant"] != TIMM]
+        resnet = bench_resnet50(quick, max(1, rounds // 3))
     env = {
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "threads": 1,
         "rounds": rounds,
         "quick": quick,
-        "command": " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else None,
+        "command": command(),
     }
     return {"environment": env, "deploy": a0 + resnet, "notes": notes}
 

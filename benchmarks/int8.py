@@ -25,10 +25,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _finite, _fit, environment  # noqa: E402  (the accuracy benchmark's training)
+if __package__ in (None, ""):  # python benchmarks/int8.py: the repository root holds the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import repsqueeze as rs  # noqa: E402
+from benchmarks.common import environment  # noqa: E402
+from benchmarks.deploying import fit  # noqa: E402  (the accuracy benchmark's training)
+from benchmarks.output import finite  # noqa: E402
 from repsqueeze import quant  # noqa: E402
 from repsqueeze.data import CIFAR10DataModule, DigitsDataModule  # noqa: E402
 from repsqueeze.models import create_model  # noqa: E402
@@ -50,7 +53,7 @@ def measure(
     model = create_model(
         model_name, block=kind, num_classes=data.num_classes, in_channels=data.in_channels
     )
-    _fit(model, data, args.epochs)
+    fit(model, data, args.epochs)
     deployed = rs.deploy(model.eval())
     out = {"worst range ratio": max(r["range_ratio"] for r in quant.weight_ranges(deployed))}
     for cle in (False, True):
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.seeds, args.epochs, args.cifar_epochs, args.repeats = 1, 1, 1, 3
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results: dict = {"environment": environment(argparse.Namespace(device="cpu", quick=args.quick))}
+    results: dict = {"environment": environment("cpu", args.quick)}
     digits = DigitsDataModule(batch_size=64)
     digits.setup()
     results["digits"], results["latency_ms"] = bench("digits", "digits_net", digits, args)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = markdown(results, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(_finite(results), indent=2, allow_nan=False))
+    out.with_suffix(".json").write_text(json.dumps(finite(results), indent=2, allow_nan=False))
     out.with_suffix(".md").write_text(md)
     print(md)
     return results

@@ -1,10 +1,7 @@
 """The peers' training-form blocks on our networks, for like-for-like training benchmarks.
 
-The official DBB, ACNet and OREPA blocks are loaded from copies of their repositories
-fetched beside this one (bare git mirrors, by default under ``/work/.mirror``, or the folder
-named by ``REPSQUEEZE_MIRROR``: ``<owner>+<name>/repo``); their code is read from there at
-benchmark time and never copied into this repository. A peer whose copy is absent is left
-out with a note. timm's RepVGG and MobileOne blocks come from the installed ``timm``.
+The official DBB, ACNet and OREPA blocks are loaded from fetched copies of their
+repositories (:mod:`benchmarks.mirror`); a peer whose copy is absent is left out with a note. timm's RepVGG and MobileOne blocks come from the installed ``timm``.
 
 Every peer block replaces each 3x3 :class:`~repsqueeze.ConvBN` of the network built with
 ``block="plain"`` (the 1x1 shortcuts stay), with no activation inside the block: the
@@ -13,24 +10,15 @@ network's own activations follow it, as they follow ours.
 
 from __future__ import annotations
 
-import importlib
-import io
-import os
-import subprocess
-import sys
-import tarfile
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
 
 import repsqueeze as rs
+from benchmarks import mirror
 from repsqueeze.models import create_model
 
-MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))
 MakeBlock = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, stride)
-_COPIES: list[tempfile.TemporaryDirectory] = []  # the extracted sources, kept while running
 
 # label: (our block kind it compares with, repository, module, class)
 OFFICIAL = {
@@ -40,33 +28,6 @@ OFFICIAL = {
     "official OREPA (JUGGHM/OREPA_CVPR2022)": ("dbb", "JUGGHM/OREPA_CVPR2022", "blocks", "OREPA"),
     "official ACB (DingXiaoH/ACNet)": ("acb", "DingXiaoH/ACNet", "acnet.acb", "ACBlock"),
 }  # fmt: skip
-
-
-def official_class(repo: str, module: str, name: str) -> type | None:
-    """Class ``name`` of ``module`` in the fetched copy of ``repo``; ``None`` without one.
-
-    The copy's files are extracted to a temporary folder and imported from there; the
-    modules it loaded are dropped from ``sys.modules`` afterwards (the repositories share
-    top-level module names such as ``dbb_transforms`` and ``convnet_utils``).
-    """
-    git_dir = MIRROR / repo.replace("/", "+") / "repo"
-    if not git_dir.is_dir():
-        return None
-    archive = subprocess.run(
-        ["git", "--git-dir", str(git_dir), "archive", "HEAD"], capture_output=True, check=True
-    ).stdout
-    copy = tempfile.TemporaryDirectory(prefix="repsqueeze-peer-")
-    _COPIES.append(copy)
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(copy.name, filter="data")
-    sys.path.insert(0, copy.name)
-    try:
-        return getattr(importlib.import_module(module), name)
-    finally:
-        sys.path.remove(copy.name)
-        for key, mod in list(sys.modules.items()):
-            if str(getattr(mod, "__file__", "") or "").startswith(copy.name):
-                del sys.modules[key]
 
 
 def with_blocks(model: nn.Module, make: MakeBlock) -> nn.Module:
@@ -104,10 +65,11 @@ def official_blocks() -> tuple[dict[str, tuple[str, MakeBlock]], list[str]]:
     found."""
     found, notes = {}, []
     for label, (kind, repo, module, name) in OFFICIAL.items():
-        cls = official_class(repo, module, name)
-        if cls is None:
-            notes.append(f"{label}: left out, no copy at {MIRROR / repo.replace('/', '+')}")
+        found_module = mirror.official_module(repo, module)
+        if found_module is None:
+            notes.append(f"{label}: left out, no copy at {mirror.where(repo)}")
             continue
+        cls = getattr(found_module, name)
         found[label] = (kind, lambda i, o, s, cls=cls: cls(i, o, 3, stride=s, padding=1))
     return found, notes
 

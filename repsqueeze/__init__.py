@@ -2,7 +2,10 @@
 
 from repsqueeze.algebra import ConvMap
 from repsqueeze.blocks import Concat, Parallel, Squeezable, SqueezableBlock
-from repsqueeze.convert import (
+from repsqueeze.export import load_deployed, save_deployed
+from repsqueeze.interop import convert_official_state_dict, from_timm, load_official_state_dict
+from repsqueeze.models import create_model, list_models, register_model
+from repsqueeze.surgery import (
     BorderReport,
     ExpandReport,
     block_from_conv_bn,
@@ -12,9 +15,6 @@ from repsqueeze.convert import (
     make_border_consistent,
     set_mode,
 )
-from repsqueeze.export import load_deployed, save_deployed
-from repsqueeze.interop import convert_official_state_dict, from_timm, load_official_state_dict
-from repsqueeze.models import create_model, list_models, register_model
 from repsqueeze.zoo import (
     BLOCKS,
     ACBlock,

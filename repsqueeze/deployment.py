@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repsqueeze import export
+from repsqueeze import export, timing
 from repsqueeze.errors import ConfigError
 from repsqueeze.numerics import describe_fp32, strict_fp32
 
@@ -204,7 +204,7 @@ def measure(
     net: nn.Module, deployed: nn.Module, shape: torch.Size, min_run_time: float | None
 ) -> dict:
     """Parameters and multiply-accumulates of both forms, and their CPU latency at batch 1
-    and 32 (:func:`repsqueeze.export.latency`, ``min_run_time`` seconds each) unless
+    and 32 (:func:`repsqueeze.timing.latency`, ``min_run_time`` seconds each) unless
     ``min_run_time`` is ``None``."""
     out = {}
     for name, model in (("training", net), ("deployed", deployed)):
@@ -214,6 +214,6 @@ def measure(
             "macs_per_sample": export.count_macs(model, x1),
         }
         if min_run_time is not None:
-            out[name]["latency_b1"] = export.latency(lambda m=model, x=x1: m(x), min_run_time)
-            out[name]["latency_b32"] = export.latency(lambda m=model, x=x32: m(x), min_run_time)
+            out[name]["latency_b1"] = timing.latency(lambda m=model, x=x1: m(x), min_run_time)
+            out[name]["latency_b32"] = timing.latency(lambda m=model, x=x32: m(x), min_run_time)
     return out

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from repsqueeze.blocks import MODES, Squeezable
-from repsqueeze.convert import block_from_conv_bn, split_into
+from repsqueeze.surgery import block_from_conv_bn, split_into
 from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, load_norm
 
 
@@ -59,7 +59,7 @@ def from_timm(
     :class:`~repsqueeze.MobileOneBlock` holding timm's branch weights one to one; with
     ``block`` another kind (``"dbb"``, ``"acb"``, ``"expand_cl"``, ...), built by its
     ``from_conv_bn`` from timm's block squeezed into one conv + BatchNorm (see
-    :func:`repsqueeze.convert.split_into`), so it starts at the same function. Blocks timm
+    :func:`repsqueeze.surgery.split_into`), so it starts at the same function. Blocks timm
     has already re-parameterized are left alone.
 
     Args:

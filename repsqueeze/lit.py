@@ -1,5 +1,5 @@
 """The Lightning module: train a classifier built from re-parameterizable blocks, and at test
-time check that its deployed form (:func:`repsqueeze.convert.deploy`) computes the same logits.
+time check that its deployed form (:func:`repsqueeze.surgery.deploy`) computes the same logits.
 
 The network is given either as a module or as its constructor config, a dict that
 ``repsqueeze.models.create_model(**config)`` takes (``{"name": "digits_net", "block": "dbb",
@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from repsqueeze.convert import deploy, set_mode
 from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32
 from repsqueeze.optim import Regularizer, dbb_identity_l2, repvgg_custom_l2, weight_decay_groups
+from repsqueeze.surgery import deploy, set_mode
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 _WEIGHT_SOURCES = ("pretrained", "pretrained_cfg_overlay")  # create_model's, not saved

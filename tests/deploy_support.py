@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from helpers import randomize_bn
 
-from repsqueeze import folders
+from repsqueeze import files as folders
 from repsqueeze.lit import Classifier
 
 ARTIFACTS = {"deployed.pt", "model.pt2", "model.onnx", "report.json"}

@@ -34,10 +34,10 @@ from repsqueeze.cli import runs
 from repsqueeze.cli.errors import RunInterrupted, SettingError, one_line
 from repsqueeze.cli.schema import Int, Rule, Schema, validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, TRAIN_SCHEMA
-from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
+from repsqueeze.surgery import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["callbacks.progress_bar.refresh_rate=0", "logger=none"]

@@ -23,7 +23,6 @@ from PIL import Image
 from torch import nn
 
 import repsqueeze.loggers
-from repsqueeze.convert import deploy
 from repsqueeze.data import (
     ConfigError,
     DigitsDataModule,
@@ -40,6 +39,7 @@ from repsqueeze.optim import (
     warmup_schedule,
     weight_decay_groups,
 )
+from repsqueeze.surgery import deploy
 from repsqueeze.zoo import DiverseBranchBlock, RepVGGBlock
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -29,11 +29,11 @@ import repsqueeze.lit
 from repsqueeze.cli import runs
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA
-from repsqueeze.convert import deploy
 from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, load_deployed
 from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
+from repsqueeze.surgery import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = ["plain", "repvgg", "acb", "dbb", "mobileone", "expand_ck", "expand_cl"]

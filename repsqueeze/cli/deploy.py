@@ -3,7 +3,7 @@
 
     python deploy.py ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt [output_dir=DIR] [data=digits]
 
-1. checks the output folder first, before any work (:mod:`repsqueeze.folders`): it must be
+1. checks the output folder first, before any work (:mod:`repsqueeze.files`): it must be
    new, empty, or a folder deploy.py wrote (its marker file says so); a folder holding the
    checkpoint or the current folder is refused, and so is any other folder unless
    ``overwrite=true`` (then only deploy.py's own file names are replaced there); a link is
@@ -38,14 +38,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repsqueeze import checkpoints, deployment, export, folders
+from repsqueeze import checkpoints, deployment, export, files
 from repsqueeze.cli import runs  # noqa: F401  (registers ${run_id:} for the run folder)
 from repsqueeze.cli.errors import SettingError, full_error, report, run_main
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, moved_deploy_setting
-from repsqueeze.convert import deploy
 from repsqueeze.deployment import timed
-from repsqueeze.folders import Target
+from repsqueeze.files import Target
+from repsqueeze.surgery import deploy
 from repsqueeze.tables import table
 
 PROG = OWNER = "deploy.py"
@@ -64,7 +64,7 @@ def output_folder(cfg: DictConfig, ckpt_path: Path) -> Path:
 
 
 def prepare_output(out_dir: Path, ckpt_path: Path, overwrite: bool) -> tuple[Target, Path]:
-    """Checks that ``out_dir`` may receive the export (see :mod:`repsqueeze.folders`), cleans
+    """Checks that ``out_dir`` may receive the export (see :mod:`repsqueeze.files`), cleans
     up after killed runs, and returns the target and a new staging folder beside it.
 
     Raises:
@@ -74,9 +74,9 @@ def prepare_output(out_dir: Path, ckpt_path: Path, overwrite: bool) -> tuple[Tar
     """
     protect = [("the checkpoint", ckpt_path), ("the current folder", Path.cwd())]
     try:
-        target = folders.check_target(out_dir, OWNER, protect, overwrite)
-        return target, folders.stage(target, OWNER)
-    except folders.FolderError as err:
+        target = files.check_target(out_dir, OWNER, protect, overwrite)
+        return target, files.stage(target, OWNER)
+    except files.FolderError as err:
         raise DeployError(str(err)) from err
 
 
@@ -217,11 +217,11 @@ def run(cfg: DictConfig) -> dict:
         result = _deploy_into(cfg, ckpt_path, staging, timings)
         result["timings_s"]["total"] = round(time.perf_counter() - started, 3)
         (staging / "report.json").write_text(json.dumps(result, indent=2))
-        folders.publish(staging, target, OWNER, deployment.OWN_FILES)
-    except folders.FolderError as err:
+        files.publish(staging, target, OWNER, deployment.OWN_FILES)
+    except files.FolderError as err:
         raise DeployError(str(err)) from err
     finally:
-        folders.discard(staging, OWNER)
+        files.discard(staging, OWNER)
         torch.set_num_threads(threads)
     result["output_dir"] = str(out_dir)
     print_report(result)
@@ -254,7 +254,7 @@ def _deploy_into(cfg: DictConfig, ckpt_path: Path, staging: Path, timings: dict)
     result["notes"] = notes
     result["checkpoint"] = str(ckpt_path)
     result["files"] = {
-        p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != folders.MARKER
+        p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != files.MARKER
     }
     result["threads"] = torch.get_num_threads()
     return result

@@ -30,7 +30,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze import checkpoints, export, folders
+from repsqueeze import checkpoints, export
+from repsqueeze import files as folders
 from repsqueeze.cli import deploy as cli_deploy
 from repsqueeze.cli.errors import SettingError, one_line
 from repsqueeze.cli.settings import DEPLOY_MOVED, DEPLOY_SWITCHES, moved_deploy_setting

@@ -1,5 +1,5 @@
 """``deploy.py``'s output folder: checked before any work, replaced whole, a user's files
-never deleted (see :mod:`repsqueeze.folders`)."""
+never deleted (see :mod:`repsqueeze.files`)."""
 
 import dataclasses
 import json
@@ -13,7 +13,8 @@ import pytest
 import torch
 from deploy_support import DEPLOYED_ONLY, FAST, bad_file, listing, no_outputs
 
-from repsqueeze import checkpoints, deployment, export, folders
+from repsqueeze import checkpoints, deployment, export
+from repsqueeze import files as folders
 from repsqueeze.cli import deploy as cli_deploy
 
 DeployError = cli_deploy.DeployError

@@ -28,7 +28,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import nn
 
-from repsqueeze import export, folders
+from repsqueeze import export
+from repsqueeze import files as folders
 from repsqueeze.cli import deploy as cli_deploy
 from repsqueeze.lit import Classifier
 

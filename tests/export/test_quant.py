@@ -6,7 +6,6 @@ equalization against the model before it (float64); quantization against the flo
 model's accuracy on labels it defines itself.
 """
 
-import importlib.util
 import itertools
 from pathlib import Path
 
@@ -19,11 +18,13 @@ from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 import repsqueeze as rs
+from benchmarks import int8 as int8_bench
 from repsqueeze import quant
+from repsqueeze.cli import deploy as deploy_cli
 from repsqueeze.lit import Classifier
 from repsqueeze.zoo import QARepVGGBlock, make_block
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning"),
@@ -236,7 +237,7 @@ def test_equalize_preserves_the_function_and_shrinks_range_ratios():
     for first, second in pairs:
         r1 = quant.channel_ranges(equalized.get_submodule(first).weight)
         conv2 = equalized.get_submodule(second)
-        torch.testing.assert_close(r1, quant._input_ranges(conv2, conv2.weight), rtol=1e-6, atol=0)
+        torch.testing.assert_close(r1, quant.input_ranges(conv2, conv2.weight), rtol=1e-6, atol=0)
     assert torch.equal(net[0].weight, outlier_net()[0].weight)  # the input is not modified
 
 
@@ -264,7 +265,7 @@ def test_quantize_refuses_an_outlier_model_and_equalization_rescues_it(tmp_path)
     test = _labelled(net, 256, 12)
     calibration = [x for x, _ in _labelled(net, 128, 13)]
     path = tmp_path / "model.int8.onnx"
-    with pytest.raises(quant.QuantizationError, match=r"^INT8 accuracy drop 0\.\d+ above int8_max_drop=0\.1 .*not written"):  # fmt: skip
+    with pytest.raises(quant.QuantizationError, match=r"^INT8 accuracy drop 0\.\d+ above int8\.max_drop=0\.1 .*not written"):  # fmt: skip
         quant.quantize(net, calibration, test, path, max_drop=0.1, latency_repeats=1)
     assert not path.exists() and list(tmp_path.iterdir()) == []
 
@@ -311,10 +312,6 @@ def test_quantize_refuses_bad_arguments(tmp_path):
 
 
 # --- deploy.py int8=true ---------------------------------------------------------------------
-def _load_deploy():
-    return importlib.import_module("repsqueeze.cli.deploy")
-
-
 @pytest.fixture
 def deploy_cfg(tmp_path):
     """``deploy_cfg(*overrides)``: the deploy config for a qarepvgg digits checkpoint (untrained,
@@ -335,9 +332,7 @@ def deploy_cfg(tmp_path):
 
 
 def test_deploy_int8_writes_a_verified_int8_model(deploy_cfg, tmp_path, capsys):
-    report = _load_deploy().run(
-        deploy_cfg("int8.enabled=true", "int8.max_drop=1.0", "int8.cle=true")
-    )
+    report = deploy_cli.run(deploy_cfg("int8.enabled=true", "int8.max_drop=1.0", "int8.cle=true"))
     out = tmp_path / "out"
     assert (out / "model.int8.onnx").is_file() and (out / "model.onnx").is_file()
     assert report["files"]["model.int8.onnx"] == (out / "model.int8.onnx").stat().st_size
@@ -350,12 +345,13 @@ def test_deploy_int8_writes_a_verified_int8_model(deploy_cfg, tmp_path, capsys):
 
 
 def test_deploy_int8_refusal_is_one_line_and_writes_nothing(deploy_cfg, tmp_path, monkeypatch):
-    deploy_script = _load_deploy()
-    monkeypatch.setattr(quant, "onnx_accuracy", lambda *_: ({"float": 0.9, "int8": 0.5}, 359))
-    with pytest.raises(deploy_script.DeployError) as err:
-        deploy_script.run(deploy_cfg("int8.enabled=true"))
+    monkeypatch.setattr(
+        quant.pipeline, "onnx_accuracy", lambda *_: ({"float": 0.9, "int8": 0.5}, 359)
+    )
+    with pytest.raises(deploy_cli.DeployError) as err:
+        deploy_cli.run(deploy_cfg("int8.enabled=true"))
     message = str(err.value)
-    assert message.startswith("INT8 accuracy drop 0.4000 above int8_max_drop=0.02")
+    assert message.startswith("INT8 accuracy drop 0.4000 above int8.max_drop=0.02")
     assert "\n" not in message
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert not list(tmp_path.glob(".deploy-*"))
@@ -389,13 +385,6 @@ def test_quantize_a_trained_digits_net_keeps_its_accuracy(tmp_path):
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("int8_bench", ROOT / "benchmarks" / "int8.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _check_rows(rows: list[dict]) -> None:
     for row in rows:
         for key in ("float acc", "INT8 acc", "INT8 acc (CLE)"):
@@ -419,7 +408,7 @@ def test_committed_int8_results_cover_every_block_kind():
 
 @pytest.mark.slow
 def test_benchmark_quick_run(tmp_path):
-    results = _load_benchmark().main(["--quick", "--out", str(tmp_path / "r")])
+    results = int8_bench.main(["--quick", "--out", str(tmp_path / "r")])
     assert [r["block"] for r in results["digits"]] == list(rs.BLOCKS)[:2]
     _check_rows(results["digits"])
     assert (tmp_path / "r.md").read_text().count("| digits |") == 2

@@ -3,14 +3,14 @@
 import math
 
 import pytest
-from helpers import load_script
+
+from examples import segment
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_segmentation_example_trains_deploys_and_exports(tmp_path):
     pytest.importorskip("onnxruntime")
-    segment = load_script("examples/segment.py", "segment_example")
     out = segment.main(["--steps", "3", "--batch", "4", "--size", "16", "--out", str(tmp_path)])
     assert math.isfinite(out["last_loss"])
     assert out["params_deployed"] < out["params"]  # the blocks' branches are gone

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_equivalent, load_script, randomize_bn
+from helpers import assert_equivalent, randomize_bn
 from torch import nn
 
 import repsqueeze as rs
+from benchmarks import deploy_time, mirror
 from repsqueeze import blocks
 from repsqueeze.models import create_model
 from repsqueeze.zoo import BLOCKS, make_block
@@ -133,8 +134,8 @@ def test_refused_deploy_changes_nothing_in_place():
 
 
 def test_deploy_time_table_runs_on_a_tiny_case(tmp_path, monkeypatch):
-    bench = load_script("benchmarks/deploy_time.py", "deploy_time")
-    monkeypatch.setattr(bench, "MIRROR", tmp_path / "absent")
+    bench = deploy_time
+    monkeypatch.setattr(mirror, "MIRROR", tmp_path / "absent")
     monkeypatch.setattr(bench, "variants", _tiny_variants(bench))
     results = bench.run(quick=True)
     bench.write(results, tmp_path / "r")

@@ -6,7 +6,6 @@ forgot to fold them would not pass for the training form.
 
 import math
 import sys
-import time
 
 import pytest
 import torch
@@ -235,11 +234,15 @@ def test_verify_float64_is_exact_and_tolerances_are_honoured():
 
 
 # --- torch.export, ONNX and TorchScript ------------------------------------------------------
-def test_pt2_and_onnx_match_pytorch(tmp_path):
+def test_pt2_and_onnx_match_pytorch(tmp_path, monkeypatch):
     """One ``torch.export`` program, saved as model.pt2 and translated to ONNX; both run at
-    batch sizes the example never had (1 included)."""
+    batch sizes the example never had (1 included). A program given to ``to_pt2`` is saved
+    as it is, not exported again."""
     _, deployed = _pair("dbb")
-    program = export.to_pt2(deployed, tmp_path / "model.pt2", _inputs(1))
+    program = export.to_pt2(deployed, tmp_path / "first.pt2", _inputs(1))
+    monkeypatch.setattr(export.formats, "export_program", lambda *a: pytest.fail("exported twice"))
+    assert export.to_pt2(program, tmp_path / "model.pt2", _inputs(1)) is program
+    (tmp_path / "first.pt2").unlink()
     export.to_onnx(program, tmp_path / "model.onnx", _inputs(1))
     reloaded = export.load_pt2(tmp_path / "model.pt2")
     for batch in (1, 5):
@@ -270,32 +273,6 @@ def test_require_onnx_names_the_extra(monkeypatch, missing):
     assert info.value.name == missing
     with pytest.raises(ModuleNotFoundError, match="onnx=false"):
         export.run_onnx("model.onnx", _inputs(1))
-
-
-# --- atomic files ----------------------------------------------------------------------------
-def test_atomic_path_writes_on_success(tmp_path):
-    target = tmp_path / "sub" / "file.txt"
-    with export.atomic_path(target) as tmp:
-        assert tmp.parent == target.parent and tmp != target
-        tmp.write_text("new")
-        assert not target.exists()
-    assert target.read_text() == "new"
-    assert list(target.parent.iterdir()) == [target]
-
-
-def test_atomic_path_leaves_nothing_when_the_body_raises(tmp_path):
-    target = tmp_path / "file.txt"
-    with pytest.raises(RuntimeError, match="boom"), export.atomic_path(target) as tmp:
-        tmp.write_text("partial")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-
-    target.write_text("old")
-    with pytest.raises(RuntimeError, match="boom"), export.atomic_path(target) as tmp:
-        tmp.write_text("partial")
-        raise RuntimeError("boom")
-    assert target.read_text() == "old"
-    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_save_deployed_failure_leaves_no_file(tmp_path):
@@ -417,21 +394,3 @@ def test_count_params():
 def test_max_abs_diff():
     a = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
     assert export.max_abs_diff(a, torch.tensor([1.0, -2.5, 3.25])) == pytest.approx(0.5)
-
-
-def test_latency_measures_a_known_duration():
-    """A call that sleeps 2 ms: the median is 2 ms and a bit, never less; every timed call
-    is a real call."""
-    calls = []
-
-    def fn() -> None:
-        calls.append(1)
-        time.sleep(0.002)
-
-    result = export.latency(fn, min_run_time=0.05)
-    assert 2.0 <= result["median_ms"] < 20.0
-    assert result["iqr_ms"] >= 0
-    assert result["blocks"] >= 5 and result["calls"] >= result["blocks"]
-    assert result["calls"] * result["median_ms"] * 1e-3 >= 0.8 * 0.05  # min_run_time
-    assert len(calls) > result["calls"]  # Timer.timeit warms up before each block
-    assert 2.0 <= export.latency_ms(fn, repeats=5, warmup=1) < 20.0

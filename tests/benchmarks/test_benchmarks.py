@@ -2,11 +2,9 @@
 the charts, ``--plot-only``, the fairness of the latency comparison (same weights, module
 calls), and the OREPA-style floor against an explicit three-branch oracle.
 
-The script is run in-process (``benchmarks/`` is not a package, so it is loaded from its
-file). About 40 s on 2 CPU cores, most of it the latency section (repvgg_a0 at 64x64).
+The benchmarks run in-process, imported as the ``benchmarks`` package. About 40 s on 2 CPU cores, most of it the latency section (repvgg_a0 at 64x64).
 """
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,17 +13,12 @@ import pytest
 import torch
 
 import repsqueeze as rs
+from benchmarks import common, floor, latency, mirror, peers, run, training
+from repsqueeze.export import count_params
 
-ROOT = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))  # as benchmarks/peers.py
+ROOT = Path(__file__).resolve().parents[2]
+MIRROR = Path(os.environ.get("REPSQUEEZE_MIRROR", "/work/.mirror"))  # as benchmarks/mirror.py
 SECTIONS = ("latency", "training", "squeeze", "exactness", "accuracy")
-
-
-def _load_benchmarks():
-    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     try:
         # one thread: a busy machine stalls torch's 2-thread pool for hundreds of ms a call,
         # which swamps the ratios of these small forwards
-        results = _load_benchmarks().main(["--quick", "--threads", "1", "--out", str(out)])
+        results = run.main(["--quick", "--threads", "1", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
@@ -61,7 +54,7 @@ def test_quick_run_writes_json_and_markdown(quick_run):
 
 def test_quick_run_exactness_is_within_tolerance(quick_run):
     rows = quick_run[0]["exactness"]
-    assert {r["block"] for r in rows} == set(_load_benchmarks().KINDS)
+    assert {r["block"] for r in rows} == set(common.KINDS)
     for row in rows:
         assert 0 <= row["float64"] <= 1e-10, row
         assert 0 <= row["float32"] <= 1e-5, row
@@ -117,17 +110,15 @@ def test_quick_run_squeeze_counts_every_block(quick_run):
 def test_quick_run_latency_forms_differ_only_in_module_calls(quick_run):
     """The unwrapped model and the hand-written twin with the model's nesting make the same
     module calls; the wrapped deployed model adds exactly one call per block."""
-    bench = _load_benchmarks()
     blocks = sum(
-        isinstance(m, bench.rs.Squeezable)
-        for m in bench.create_model("repvgg_a0", block="repvgg").modules()
+        isinstance(m, rs.Squeezable) for m in rs.create_model("repvgg_a0", block="repvgg").modules()
     )
     for (model, batch), rows in _group(quick_run[0]["latency"]).items():
         calls = {r["form"]: r["module calls"] for r in rows}
-        nested = calls[f"{bench.PLAIN} (model's nesting)"]
+        nested = calls[f"{common.PLAIN} (model's nesting)"]
         assert calls["deployed, unwrap=True"] == nested, (model, batch)
         assert calls["deployed"] == nested + blocks, (model, batch)
-        assert calls[bench.PLAIN] < nested  # flat: no unit/stage containers
+        assert calls[common.PLAIN] < nested  # flat: no unit/stage containers
 
 
 def _group(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -145,27 +136,25 @@ def test_quick_run_writes_charts_and_plot_only_redraws_them(quick_run):
         png.unlink()
     threads = torch.get_num_threads()
     try:
-        _load_benchmarks().main(["--plot-only", "--out", str(out)])
+        run.main(["--plot-only", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert all(png.is_file() and png.stat().st_size > 1000 for png in pngs)
 
 
 def test_quick_never_writes_the_committed_results():
-    bench = _load_benchmarks()
     for device in ("cpu", "cuda"):
-        out = bench.default_out(device, quick=True)
+        out = run.default_out(device, quick=True)
         assert ROOT not in out.parents, out
-        assert bench.default_out(device, quick=False).parent == ROOT / "benchmarks"
-    assert bench.default_out("cuda", quick=False).name == "results_cuda"
+        assert run.default_out(device, quick=False).parent == ROOT / "benchmarks"
+    assert run.default_out("cuda", quick=False).name == "results_cuda"
 
 
 @torch.no_grad()
 def test_plain_twins_hold_the_deployed_weights():
-    bench = _load_benchmarks()
-    model = bench.randomize_bn(bench.create_model("repvgg_a0", block="acb", num_classes=7))
-    unwrapped = bench.rs.deploy(model.eval(), unwrap=True)
-    flat, nested = bench.plain_twins(unwrapped, 7)
+    model = common.randomize_bn(rs.create_model("repvgg_a0", block="acb", num_classes=7))
+    unwrapped = rs.deploy(model.eval(), unwrap=True)
+    flat, nested = latency.plain_twins(unwrapped, 7)
     x = torch.randn(2, 3, 32, 32)
     expected = unwrapped(x)
     torch.testing.assert_close(nested.eval()(x), expected, rtol=0, atol=0)
@@ -175,8 +164,7 @@ def test_plain_twins_hold_the_deployed_weights():
 def test_floor_block_equals_its_three_branches():
     """The four-op kernel composition equals running the 3x3, 1x1 and identity branches
     with their channel scales separately (float64), then the BatchNorm."""
-    bench = _load_benchmarks()
-    block = bench.floor.FloorRepVGGBlock(6, 6, 1).double().eval()
+    block = floor.FloorRepVGGBlock(6, 6, 1).double().eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in (block.s3, block.s1, block.s_id):
@@ -189,33 +177,31 @@ def test_floor_block_equals_its_three_branches():
         + x * s(block.s_id)
     )
     torch.testing.assert_close(block(x), block.bn(branches), rtol=1e-12, atol=1e-12)
-    net = bench.floor.FloorRepVGG(num_classes=5, widths=(8, 8, 16, 16, 32), depths=(1, 2, 2, 2, 1))
+    net = floor.FloorRepVGG(num_classes=5, widths=(8, 8, 16, 16, 32), depths=(1, 2, 2, 2, 1))
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, 5)
-    strided = bench.floor.FloorRepVGGBlock(6, 8, 2)
+    strided = floor.FloorRepVGGBlock(6, 8, 2)
     assert strided.s_id is None and strided(torch.randn(1, 6, 9, 9)).shape == (1, 8, 5, 5)
 
 
 def test_gpu_training_variants_cover_every_kind_and_mode():
-    bench = _load_benchmarks()
-    labels = list(bench.training_variants("repvgg_a0", quick=False, gpu=True))
-    for kind in bench.KINDS[1:]:
+    labels = list(training.training_variants("repvgg_a0", quick=False, gpu=True))
+    for kind in common.KINDS[1:]:
         rows = 3 if kind == "dbb" else 2  # chain, online; DBB's chain also recomputed
         assert sum(label.startswith(f"{kind} ") for label in labels) == rows, (kind, labels)
     assert "dbb chain, recompute" in labels
     assert "floor: hand-written OREPA-style" in labels
     assert "timm repvgg_a0 training form" in labels
-    assert set(bench.COMPILED.values()) <= set(labels)
+    assert set(training.COMPILED.values()) <= set(labels)
 
 
 def test_non_finite_figures_are_written_as_strict_json(tmp_path, monkeypatch):
     """``_json_default`` is meant to write NaN/inf as strings, but ``json.dumps`` never calls
     ``default`` for floats: the file gets bare ``NaN``/``Infinity``, which is not JSON."""
-    bench = _load_benchmarks()
     rows = [{"ratio": float("nan"), "ms": float("inf")}]
-    monkeypatch.setitem(bench.SECTIONS, "fake", ("Fake", lambda args: rows))
+    monkeypatch.setitem(run.SECTIONS, "fake", ("Fake", lambda args: rows))
     threads = torch.get_num_threads()
     try:
-        bench.main(["--only", "fake", "--out", str(tmp_path / "r")])
+        run.main(["--only", "fake", "--out", str(tmp_path / "r")])
     finally:
         torch.set_num_threads(threads)
 
@@ -230,14 +216,13 @@ def test_peer_blocks_take_the_place_of_every_3x3_conv_bn_like_for_like(monkeypat
     """timm's blocks (installed) swap in for each 3x3 ConvBN of the same network, with the
     parameters of our block of that kind; an official block without a fetched copy is left
     out with a note naming where it was looked for."""
-    bench = _load_benchmarks()
-    monkeypatch.setattr(bench.peers, "MIRROR", tmp_path)
-    variants, notes = bench.peers.peer_variants("resnet20_cifar", 10)
-    assert len(notes) == len(bench.peers.OFFICIAL)
+    monkeypatch.setattr(mirror, "MIRROR", tmp_path)
+    variants, notes = peers.peer_variants("resnet20_cifar", 10)
+    assert len(notes) == len(peers.OFFICIAL)
     assert all(str(tmp_path) in note for note in notes)
     timm_net = variants["repvgg"]["timm RepVggBlock"]()
     ours = rs.create_model("resnet20_cifar", block="repvgg")
-    assert bench.count_params(timm_net) == bench.count_params(ours)
+    assert count_params(timm_net) == count_params(ours)
     assert not any(isinstance(m, rs.ConvBN) and m.layers[0].kernel_size == (3, 3) for m in timm_net.modules())  # fmt: skip
     assert timm_net(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
@@ -247,24 +232,22 @@ def test_peer_blocks_take_the_place_of_every_3x3_conv_bn_like_for_like(monkeypat
     reason="no fetched copy of DingXiaoH/DiverseBranchBlock",
 )
 def test_official_dbb_loads_from_its_fetched_copy_with_our_parameter_count():
-    bench = _load_benchmarks()
-    variants, _ = bench.peers.peer_variants("resnet20_cifar", 10)
+    variants, _ = peers.peer_variants("resnet20_cifar", 10)
     official = variants["dbb"]["official DBB (DingXiaoH/DiverseBranchBlock)"]()
     ours = rs.create_model("resnet20_cifar", block="dbb")
-    assert bench.count_params(official) == bench.count_params(ours)
+    assert count_params(official) == count_params(ours)
     assert official(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
 def test_merge_reruns_some_sections_and_keeps_the_others_with_their_settings(tmp_path, monkeypatch):
-    bench = _load_benchmarks()
-    monkeypatch.setitem(bench.SECTIONS, "one", ("One", lambda args: [{"x": 1.0}]))
-    monkeypatch.setitem(bench.SECTIONS, "two", ("Two", lambda args: [{"y": 2.0}]))
+    monkeypatch.setitem(run.SECTIONS, "one", ("One", lambda args: [{"x": 1.0}]))
+    monkeypatch.setitem(run.SECTIONS, "two", ("Two", lambda args: [{"y": 2.0}]))
     out = str(tmp_path / "r")
     threads = torch.get_num_threads()
     try:
-        bench.main(["--only", "one,two", "--threads", "2", "--out", out])
-        monkeypatch.setitem(bench.SECTIONS, "one", ("One", lambda args: [{"x": 3.0}]))
-        bench.main(["--only", "one", "--threads", "1", "--out", out, "--merge"])
+        run.main(["--only", "one,two", "--threads", "2", "--out", out])
+        monkeypatch.setitem(run.SECTIONS, "one", ("One", lambda args: [{"x": 3.0}]))
+        run.main(["--only", "one", "--threads", "1", "--out", out, "--merge"])
     finally:
         torch.set_num_threads(threads)
     on_disk = json.loads((tmp_path / "r.json").read_text())

@@ -1,12 +1,15 @@
-"""Replacing an export folder whole, without ever touching a folder the program did not make.
+"""Writing files and folders a user relies on: whole, or not at all.
 
-A folder written by :func:`publish` carries a marker file (:data:`MARKER`): JSON naming its
-owner and state. Only such a folder is replaced whole later; an empty folder is taken over;
-any other existing folder is refused, or, with ``overwrite=True``, receives the new files by
-name while everything else in it stays. Work in progress lives in a staging folder beside the
-target whose marker holds the owning process (pid, host, start time): a later run removes it
-only once that process is gone, never because of its name alone. Links are followed: the
-files land in the folder a link points to, and the link itself stays.
+A single file is written under a temporary name beside it and renamed onto it
+(:func:`atomic_path`, :func:`save_atomic`). A folder is replaced whole, without ever touching a
+folder the program did not make: a folder written by :func:`publish` carries a marker file
+(:data:`MARKER`): JSON naming its owner and state. Only such a folder is replaced whole later;
+an empty folder is taken over; any other existing folder is refused, or, with
+``overwrite=True``, receives the new files by name while everything else in it stays. Work in
+progress lives in a staging folder beside the target whose marker holds the owning process
+(pid, host, start time): a later run removes it only once that process is gone, never because
+of its name alone. Links are followed: the files land in the folder a link points to, and the
+link itself stays.
 
 A reader of the target sees the previous folder or the new one, never a mix (two renames; a
 run killed between them is put back by the next one).
@@ -14,20 +17,65 @@ run killed between them is put back by the next one).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MARKER = ".repsqueeze-folder.json"
 PREFIX = ".repsqueeze-"  # staging and trash folders beside the target: .repsqueeze-<pid>-...
 
 
+# --- one file ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renames it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keeps the suffix: torch.export.save warns about a file not ending in .pt2
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_atomic(path: str | Path, write: Callable[[io.BytesIO], Any]) -> None:
+    """Writes what ``write(buffer)`` serializes to ``path`` atomically: into memory first,
+    then to disk from Python, so that a full disk is an ``OSError`` naming the file (PyTorch's
+    zip writer aborts the process when a write fails, e.g. ``torch.save`` on a full disk).
+
+    Args:
+        path: the file to (re)place.
+        write: e.g. ``lambda f: torch.save(obj, f)``.
+    """
+    buffer = io.BytesIO()
+    write(buffer)
+    with atomic_path(path) as tmp:
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+        except OSError as err:
+            err.filename = err.filename or str(path)
+            raise
+
+
+# --- one folder -------------------------------------------------------------------------------
 class FolderError(Exception):
     """The target folder cannot be used; the message says why and what to do."""
 

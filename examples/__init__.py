@@ -1,0 +1,1 @@
+"""Runnable examples (``python examples/segment.py`` or ``python -m examples.segment``)."""
