@@ -167,7 +167,7 @@ def verification_inputs(
     if cfg.use_data and datamodule is None:
         notes.append("no data module found (give data=NAME): verified on the random batch only")
     if cfg.use_data and datamodule is not None:
-        from repsqueeze.data import example_batch
+        from repsqueeze.training.datamodules import example_batch
 
         try:
             inputs["data"] = example_batch(datamodule, "test")[0][: cfg.batch_size]

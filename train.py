@@ -57,10 +57,10 @@ from repsqueeze.cli.errors import (
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA, last_checkpoint
 from repsqueeze.convert import deploy
-from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, latency_ms, save_deployed
-from repsqueeze.loggers import RankZeroFilter
 from repsqueeze.tables import fmt, table
+from repsqueeze.training.datasets import ConfigError
+from repsqueeze.training.loggers import RankZeroFilter
 
 log = logging.getLogger(__name__)
 log.addFilter(RankZeroFilter())  # one copy of each line in a multi-process run

@@ -30,9 +30,9 @@ from run import _finite, _fit, environment  # noqa: E402  (the accuracy benchmar
 
 import repsqueeze as rs  # noqa: E402
 from repsqueeze import quant  # noqa: E402
-from repsqueeze.data import CIFAR10DataModule, DigitsDataModule  # noqa: E402
 from repsqueeze.models import create_model  # noqa: E402
 from repsqueeze.tables import table  # noqa: E402
+from repsqueeze.training.datamodules import CIFAR10DataModule, DigitsDataModule  # noqa: E402
 from repsqueeze.zoo import BLOCKS  # noqa: E402
 
 KINDS = list(BLOCKS)

@@ -537,7 +537,7 @@ def bench_exactness(args: argparse.Namespace) -> list[dict]:
 
 # --- 5. accuracy on digits ---------------------------------------------------------------------
 def bench_accuracy(args: argparse.Namespace) -> list[dict]:
-    from repsqueeze.data import DigitsDataModule
+    from repsqueeze.training.datamodules import DigitsDataModule
 
     data = DigitsDataModule(batch_size=64)
     data.setup()

@@ -34,9 +34,9 @@ from repsqueeze.cli.errors import RunInterrupted, SettingError, one_line
 from repsqueeze.cli.schema import Int, Rule, Schema, validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, TRAIN_SCHEMA
 from repsqueeze.convert import deploy
-from repsqueeze.data import ConfigError
-from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
+from repsqueeze.training.datasets import ConfigError
+from repsqueeze.training.lit import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
@@ -143,7 +143,10 @@ TRAIN_REFUSALS = [
         "+trainer.max_epoch=1",
         "trainer.max_epoch=1: lightning.pytorch.Trainer takes no argument 'max_epoch'; did you mean trainer.max_epochs?",
     ),  # fmt: skip
-    ("+data.foo=1", "data.foo=1: repsqueeze.data.DigitsDataModule takes no argument 'foo'"),
+    (
+        "+data.foo=1",
+        "data.foo=1: repsqueeze.training.datamodules.DigitsDataModule takes no argument 'foo'",
+    ),
     ("+seeed=1", "seeed=1: not a setting of this command; did you mean seed?"),
     ("model.compile=abc", "model.compile=abc: must be true or false or dict"),
     ("model.mode=fast", "model.mode=fast: must be one of chain, online, auto"),
@@ -349,7 +352,7 @@ DEPLOY_REFUSALS = [
     ("threads=0", "threads=0: must be a positive integer"),
     (
         "data=digits +data.foo=1",
-        "data.foo=1: repsqueeze.data.DigitsDataModule takes no argument 'foo'",
+        "data.foo=1: repsqueeze.training.datamodules.DigitsDataModule takes no argument 'foo'",
     ),  # fmt: skip
 ]
 

@@ -18,8 +18,8 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from repsqueeze.cli import runs
-from repsqueeze.lit import Classifier
 from repsqueeze.models import list_models
+from repsqueeze.training.lit import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -126,7 +126,7 @@ def test_option_instantiates(compose_train, group, option):
     if cfg.scheduler is None:
         assert isinstance(objects["optim"], torch.optim.Optimizer)
     else:
-        per_step = cfg.scheduler._target_ == "repsqueeze.optim.warmup_schedule"
+        per_step = cfg.scheduler._target_ == "repsqueeze.training.optim.warmup_schedule"
         assert objects["optim"]["lr_scheduler"]["interval"] == ("step" if per_step else "epoch")
 
 

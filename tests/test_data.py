@@ -1,4 +1,4 @@
-"""Tests for repsqueeze.data: splits, shapes, determinism, and no augmentation in val.
+"""Tests for repsqueeze.training.datasets and datamodules: splits, shapes, determinism, and no augmentation in val.
 
 CIFAR and ImageFolder data are fabricated on disk in ``tmp_path``; nothing is downloaded.
 """
@@ -18,18 +18,15 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
 
-from repsqueeze.data import (
-    CIFAR_STATS,
+from repsqueeze.training.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     CIFARDataModule,
-    ConfigError,
-    DataNotFoundError,
     DigitsDataModule,
     ImageFolderDataModule,
     example_batch,
-    load_image,
 )
+from repsqueeze.training.datasets import CIFAR_STATS, ConfigError, DataNotFoundError, load_image
 
 N_DIGITS = 1797
 

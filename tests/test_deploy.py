@@ -29,8 +29,8 @@ from torch import nn
 
 import repsqueeze as rs
 from repsqueeze import export, folders
-from repsqueeze.lit import Classifier
 from repsqueeze.models import register_model, registry
+from repsqueeze.training.lit import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = {"deployed.pt", "model.pt2", "model.onnx", "report.json"}

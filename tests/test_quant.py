@@ -20,7 +20,7 @@ from torch import nn
 
 import repsqueeze as rs
 from repsqueeze import quant
-from repsqueeze.lit import Classifier
+from repsqueeze.training.lit import Classifier
 from repsqueeze.zoo import QARepVGGBlock, make_block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,7 +360,7 @@ def test_deploy_int8_refusal_is_one_line_and_writes_nothing(deploy_cfg, tmp_path
 @pytest.mark.slow
 def test_quantize_a_trained_digits_net_keeps_its_accuracy(tmp_path):
     """A digits net trained for two epochs: INT8 (per-channel, MinMax) within 3 points."""
-    from repsqueeze.data import DigitsDataModule
+    from repsqueeze.training.datamodules import DigitsDataModule
 
     data = DigitsDataModule(batch_size=64)
     data.setup()

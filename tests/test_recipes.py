@@ -22,18 +22,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-import repsqueeze.loggers
+import repsqueeze.training.loggers
 from repsqueeze.convert import deploy
-from repsqueeze.data import (
-    ConfigError,
-    DigitsDataModule,
-    ImageFolderDataModule,
-    MixCollate,
-    policy,
-)
-from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
-from repsqueeze.optim import (
+from repsqueeze.training.datamodules import DigitsDataModule, ImageFolderDataModule
+from repsqueeze.training.datasets import ConfigError, MixCollate, policy
+from repsqueeze.training.lit import Classifier
+from repsqueeze.training.optim import (
     dbb_identity_l2,
     no_decay_params,
     repvgg_custom_l2,
@@ -384,7 +379,7 @@ def test_missing_logger_package_is_one_line_naming_the_extra(
 ):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        repsqueeze.loggers.importlib.util,
+        repsqueeze.training.loggers.importlib.util,
         "find_spec",
         lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a),
     )
@@ -397,8 +392,8 @@ def test_missing_logger_package_is_one_line_naming_the_extra(
 
 def test_rank_zero_filter(monkeypatch):
     record = logging.LogRecord("train", logging.INFO, __file__, 1, "message", None, None)
-    rank_filter = repsqueeze.loggers.RankZeroFilter()
-    monkeypatch.setattr(repsqueeze.loggers.rank_zero_only, "rank", 1)
+    rank_filter = repsqueeze.training.loggers.RankZeroFilter()
+    monkeypatch.setattr(repsqueeze.training.loggers.rank_zero_only, "rank", 1)
     assert not rank_filter.filter(record)
-    monkeypatch.setattr(repsqueeze.loggers.rank_zero_only, "rank", 0)
+    monkeypatch.setattr(repsqueeze.training.loggers.rank_zero_only, "rank", 0)
     assert rank_filter.filter(record)

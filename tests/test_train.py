@@ -25,15 +25,15 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-import repsqueeze.lit
+import repsqueeze.training.lit
 from repsqueeze.cli import runs
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA
 from repsqueeze.convert import deploy
-from repsqueeze.data import ConfigError
 from repsqueeze.export import count_params, load_deployed
-from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
+from repsqueeze.training.datasets import ConfigError
+from repsqueeze.training.lit import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = ["plain", "repvgg", "acb", "dbb", "mobileone", "expand_ck", "expand_cl"]
@@ -88,7 +88,7 @@ def test_deployed_mismatch_raises(compose_train, monkeypatch):
             next(deployed.parameters()).add_(0.1)
         return deployed
 
-    monkeypatch.setattr(repsqueeze.lit, "deploy", bad_deploy)
+    monkeypatch.setattr(repsqueeze.training.lit, "deploy", bad_deploy)
     with pytest.raises(RuntimeError, match="deployed model differs from the training form"):
         train(compose_train("debug=fdr"))
 
@@ -354,7 +354,7 @@ def test_run_folders_are_unique_per_run(tmp_path):
 def test_one_line_of_a_worker_error():
     err = ConfigError(
         "Caught ConfigError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-        'call last):\n  File "x.py", line 1\nrepsqueeze.data.ConfigError: a/b.png: not a '
+        'call last):\n  File "x.py", line 1\nrepsqueeze.training.datasets.ConfigError: a/b.png: not a '
         "readable image (UnidentifiedImageError: cannot identify image file)\n"
     )
     assert train_script.one_line(err) == (

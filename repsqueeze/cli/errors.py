@@ -1,6 +1,6 @@
 """The one error family of the command lines and its one-line printer.
 
-:class:`SettingError` (a :class:`repsqueeze.data.ConfigError`) names the setting, its value
+:class:`SettingError` (a :class:`repsqueeze.training.datasets.ConfigError`) names the setting, its value
 and the fix; :func:`report` prints any exception as one line ``<prog>: error: ...`` (a full
 disk, a read-only folder, a library error with its type) and returns the exit status; the
 traceback only with ``HYDRA_FULL_ERROR=1`` (:func:`full_error`).
@@ -18,7 +18,7 @@ from typing import Any
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from repsqueeze.data import ConfigError
+from repsqueeze.training.datasets import ConfigError
 
 
 class SettingError(ConfigError):

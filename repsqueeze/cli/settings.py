@@ -83,7 +83,7 @@ def writable_folder(folder: str | Path) -> str | None:
 
 # --- train.py -----------------------------------------------------------------------------------
 
-# What repsqueeze.lit.Classifier logs (acc_top5 with more than 5 classes).
+# What repsqueeze.training.lit.Classifier logs (acc_top5 with more than 5 classes).
 METRICS = ["train/loss", "train/acc", "train/acc_top5", "val/loss", "val/acc", "val/acc_top5"]
 METRICS += ["val/acc_best", "test/loss", "test/acc", "test/acc_top5", "test/acc_deployed"]
 METRICS += ["test/max_logit_diff"]

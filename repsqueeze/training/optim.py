@@ -215,7 +215,7 @@ def warmup_schedule(
     steps by ``gamma`` at the ``milestones`` (epochs); torch's ``SequentialLR`` of
     ``LinearLR`` and ``CosineAnnealingLR`` / ``MultiStepLR``.
 
-    :class:`repsqueeze.lit.Classifier` fills in ``total_steps`` and ``steps_per_epoch`` from
+    :class:`repsqueeze.training.lit.Classifier` fills in ``total_steps`` and ``steps_per_epoch`` from
     the trainer and steps it after every optimizer step.
 
     Args:

@@ -10,9 +10,9 @@ The network is given either as a module or as its constructor config, a dict tha
     net = create_model(**ckpt["hyper_parameters"]["net_config"])     # or just the network
 
 Training-recipe knobs (see ``docs/training.md``): a per-step schedule with warmup
-(:func:`repsqueeze.optim.warmup_schedule`), weight-decay rules and the RepVGG / DBB
-regularisers (:mod:`repsqueeze.optim`), soft targets (MixUp / CutMix batches from
-:mod:`repsqueeze.data`), ``channels_last``. EMA is Lightning's ``EMAWeightAveraging``
+(:func:`repsqueeze.training.optim.warmup_schedule`), weight-decay rules and the RepVGG / DBB
+regularisers (:mod:`repsqueeze.training.optim`), soft targets (MixUp / CutMix batches from
+:mod:`repsqueeze.training.datasets`), ``channels_last``. EMA is Lightning's ``EMAWeightAveraging``
 callback: it validates, checkpoints (``state_dict``) and leaves in the module after training
 the averaged weights, so the best checkpoint, the test and the deployed network are the EMA's.
 """
@@ -35,7 +35,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from repsqueeze.convert import deploy, set_mode
 from repsqueeze.models import create_model
 from repsqueeze.numerics import describe_fp32, strict_fp32
-from repsqueeze.optim import Regularizer, dbb_identity_l2, repvgg_custom_l2, weight_decay_groups
+from repsqueeze.training.optim import (
+    Regularizer,
+    dbb_identity_l2,
+    repvgg_custom_l2,
+    weight_decay_groups,
+)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 _WEIGHT_SOURCES = ("pretrained", "pretrained_cfg_overlay")  # create_model's, not saved
@@ -65,7 +70,7 @@ class Classifier(LightningModule):
             ``functools.partial(torch.optim.SGD, lr=0.1)``; only needed to train.
         scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or ``None``. One that
             takes ``total_steps`` and ``steps_per_epoch`` (as
-            :func:`repsqueeze.optim.warmup_schedule`) gets them from the trainer and is
+            :func:`repsqueeze.training.optim.warmup_schedule`) gets them from the trainer and is
             stepped after every optimizer step; any other is stepped once per epoch.
         num_classes: number of classes; taken from ``net_config`` when omitted.
         label_smoothing: label smoothing of the cross-entropy loss.
@@ -81,13 +86,13 @@ class Classifier(LightningModule):
             in the uncompiled ``net`` (clean ``state_dict`` keys, no ``_orig_mod.``), and the
             test-time deploy check runs the uncompiled network.
         no_decay_norm_bias: no weight decay on normalisation layers, biases and per-channel
-            scales (:func:`repsqueeze.optim.weight_decay_groups`); ``False`` decays every
+            scales (:func:`repsqueeze.training.optim.weight_decay_groups`); ``False`` decays every
             parameter with the optimizer's ``weight_decay``.
         repvgg_custom_l2: RepVGG's custom L2 on each block's equivalent kernel instead of
-            weight decay on its two kernels (:func:`repsqueeze.optim.repvgg_custom_l2`),
+            weight decay on its two kernels (:func:`repsqueeze.training.optim.repvgg_custom_l2`),
             weighted by ``0.5 * weight_decay``.
         dbb_identity_l2: decay DBB's identity-initialised 1x1 on its difference from the
-            identity (:func:`repsqueeze.optim.dbb_identity_l2`) instead of towards zero.
+            identity (:func:`repsqueeze.training.optim.dbb_identity_l2`) instead of towards zero.
         channels_last: keep the network's 4-D weights and the inputs in channels-last
             memory format (faster convolutions on recent GPUs, above all with bf16).
     """
