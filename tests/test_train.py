@@ -25,7 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-import repsqueeze.training.lit
+import repsqueeze.training.callbacks
 from repsqueeze.cli import runs
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA
@@ -88,7 +88,7 @@ def test_deployed_mismatch_raises(compose_train, monkeypatch):
             next(deployed.parameters()).add_(0.1)
         return deployed
 
-    monkeypatch.setattr(repsqueeze.training.lit, "deploy", bad_deploy)
+    monkeypatch.setattr(repsqueeze.training.callbacks, "deploy", bad_deploy)
     with pytest.raises(RuntimeError, match="deployed model differs from the training form"):
         train(compose_train("debug=fdr"))
 
