@@ -107,6 +107,12 @@ def _modes() -> list[str]:
     return list(MODES)
 
 
+def _run_mode(value: Any, cfg: DictConfig) -> str | None:
+    """The blocks' run mode has one setting, ``model.mode``; the blocks' own ``mode``
+    argument under ``model.net`` is refused, pointing there."""
+    return f"the blocks' run mode is set by model.mode: use model.mode={literal(value)}"
+
+
 def _accelerator(value: Any, cfg: DictConfig) -> str | None:
     """A Lightning accelerator that this machine has (``auto`` always)."""
     import torch
@@ -252,6 +258,7 @@ TRAIN_SCHEMA = Schema(
         "model.net.num_classes": Int(ge=1, nullable=True),
         "model.net.in_channels": Int(ge=1, nullable=True),
         "model.net.online_norm": BOOL,
+        "model.net.mode": Rule(check=_run_mode),
         "optimizer.lr": Float(gt=0, why="a learning rate of 0 trains nothing"),
         "optimizer.weight_decay": Float(ge=0),
         "optimizer.momentum": Float(ge=0, lt=1),
