@@ -175,9 +175,10 @@ def _train_checkpoint(value: Any, cfg: DictConfig) -> str | None:
     wanted = cfg.model.net
     for key in sorted(set(saved) & set(wanted)):
         if wanted[key] is not None and saved[key] != wanted[key]:
+            setting = "block" if key == "block" else f"model.net.{key}"  # the block group
             return (
                 f"its network has {key}={literal(saved[key])}, the config "
-                f"{key}={literal(wanted[key])}: set model.net.{key}={literal(saved[key])} "
+                f"{key}={literal(wanted[key])}: set {setting}={literal(saved[key])} "
                 "to resume it"
             )
     return None
