@@ -119,7 +119,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def _build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """The data module (loaded now), the model (its classes and channels from the data,
     given when it is built), the optimizer and the network checked, and the trainer with
-    its callbacks and loggers; the loggers get the resolved config as hyperparameters."""
+    its callbacks and loggers; the loggers get the resolved config as hyperparameters.
+    Built from a copy: Hydra resolves a node reference such as ``model.scheduler:
+    ${scheduler}`` in place, and ``cfg`` stays as composed."""
+    cfg = copy.deepcopy(cfg)
     datamodule = instantiate_group(cfg.data, "data")
     prepare(datamodule, test=bool(cfg.get("test")))
     from_data = net_from_data(cfg, datamodule)

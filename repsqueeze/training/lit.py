@@ -248,8 +248,8 @@ class Classifier(LightningModule):
         return logits
 
     def configure_callbacks(self) -> list[Callback]:
-        """The training-vs-deployed check (:class:`DeployCheck`), in every trainer."""
-        return [self.deploy_check]
+        """The training-vs-deployed check (:class:`DeployCheck`), in every trainer (once)."""
+        return [] if self.deploy_check in self.trainer.callbacks else [self.deploy_check]
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:

@@ -62,6 +62,31 @@ def test_fast_dev_run(compose_train, tmp_path, block):
     _check_deployed_artifacts(tmp_path, objects)
 
 
+@pytest.mark.parametrize("test", [True, False])
+def test_one_run_deploys_once_and_leaves_its_config_unchanged(
+    compose_train, tmp_path, monkeypatch, test
+):
+    """Every binding of the public ``deploy`` in repsqueeze's modules counts its calls: the
+    test's check deploys, and the saved deployed.pt is that network (without a test, the
+    run deploys once itself). The composed config is the same after the run."""
+    calls = []
+
+    def counted(net, *args, **kwargs):
+        calls.append(type(net).__name__)
+        return deploy(net, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("repsqueeze") and getattr(module, "deploy", None) is deploy:
+            monkeypatch.setattr(module, "deploy", counted)
+    cfg = compose_train("debug=fdr", f"test={str(test).lower()}")
+    before = OmegaConf.to_yaml(cfg)
+    metrics, objects = train(cfg)
+    assert calls == [type(objects["model"].net).__name__]
+    assert ("test/max_logit_diff" in metrics) == test
+    assert OmegaConf.to_yaml(cfg) == before
+    _check_deployed_artifacts(tmp_path, objects)
+
+
 def test_deployed_mismatch_raises(compose_train, monkeypatch):
     def bad_deploy(net, inplace=False):
         deployed = deploy(net, inplace=inplace)
