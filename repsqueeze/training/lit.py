@@ -116,20 +116,8 @@ class Classifier(LightningModule):
     ) -> None:
         super().__init__()
         net, net_config, num_classes = _network(net, net_config, num_classes)
-        self.save_hyperparameters(
-            {
-                "net_config": net_config,
-                "num_classes": num_classes,
-                "label_smoothing": label_smoothing,
-                "deploy_tolerance": deploy_tolerance,
-                "mode": mode,
-                "compile": compile,
-                "no_decay_norm_bias": no_decay_norm_bias,
-                "repvgg_custom_l2": repvgg_custom_l2,
-                "dbb_identity_l2": dbb_identity_l2,
-                "channels_last": channels_last,
-            }
-        )
+        # every argument but the objects (as the resolved values above); net_config rebuilds net
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = set_mode(net, mode) if mode is not None else net
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
