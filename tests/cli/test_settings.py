@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from helpers import load_script
+from hydra.errors import MissingConfigException
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 from training_support import QUIET, image_folder
@@ -156,6 +157,16 @@ TRAIN_REFUSALS = [
         "model.mode=online: the network cannot train on this data:",
     ),  # fmt: skip
 ]
+
+
+def test_an_option_an_experiment_asks_for_is_refused_naming_the_experiment():
+    err = MissingConfigException(
+        "In 'experiment/mine': Could not find 'block/dbbb'", "block/dbbb", ["dbb", "plain"]
+    )
+    assert one_line(err) == (
+        "block=dbbb: must be one of dbb, plain (did you mean dbb?) "
+        "(asked for by configs/experiment/mine.yaml)"
+    )
 
 
 @pytest.mark.parametrize(("overrides", "expected"), TRAIN_REFUSALS, ids=[str(r[0] if isinstance(r, tuple) else r.values[0]) for r in TRAIN_REFUSALS])  # fmt: skip
