@@ -29,6 +29,7 @@ from torch import nn
 
 import repsqueeze as rs
 from repsqueeze import export, folders
+from repsqueeze.cli.train import train
 from repsqueeze.models import register_model, registry
 from repsqueeze.training.lit import Classifier
 
@@ -49,7 +50,6 @@ pytestmark = [
 
 
 deploy_script = load_script("deploy.py", "deploy_script")
-train = load_script("train.py", "train_script").train
 DeployError = deploy_script.DeployError
 
 Compose = Callable[..., DictConfig]
