@@ -144,23 +144,18 @@ def test_resume(compose_train, tmp_path):
     assert objects["trainer"].current_epoch == 3
 
 
-def _run_train_script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", *QUIET]
-    return subprocess.run(
-        [*command, f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 DDP_SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
-    result = _run_train_script(tmp_path, "trainer=ddp_cpu", "trainer.devices=2", *DDP_SHORT)
+    result = _train_script(
+        tmp_path,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        *DDP_SHORT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # Lightning's own messages (rank 1's included) go to the run folder's logs
     said = result.stderr + "".join(f.read_text() for f in (tmp_path / "run").rglob("*.log"))
@@ -174,8 +169,13 @@ def test_ddp_sync_batchnorm_is_refused_on_cpu(tmp_path):
     """PyTorch's DistributedDataParallel refuses SyncBatchNorm on CPU modules, before any
     forward, even when every BatchNorm sits in a repsqueeze block (whose own batch_norm would
     all-reduce over gloo). Fails once PyTorch lifts the limit: then test trainer=ddp on CPU."""
-    result = _run_train_script(
-        tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *DDP_SHORT
+    result = _train_script(
+        tmp_path,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *DDP_SHORT,
     )
     assert result.returncode != 0
     assert "SyncBatchNorm layers only work with GPU modules" in result.stderr
