@@ -15,9 +15,9 @@ from torch import nn
 import repsqueeze as rs
 from benchmarks.common import KINDS, progress, randomize_bn
 from repsqueeze import timing
-from repsqueeze.data import DigitsDataModule
 from repsqueeze.export import count_params, relative_error
 from repsqueeze.models import create_model
+from repsqueeze.training.datamodules import DigitsDataModule
 
 
 def bench_squeeze(args: argparse.Namespace) -> list[dict]:

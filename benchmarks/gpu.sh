@@ -4,7 +4,7 @@
 # benchmarks. About 8 minutes on one H200; every stage has its own timeout, a failing stage
 # does not stop the others, and everything lands in $OUT (8 files, flat):
 #   summary.txt   environment, each stage's exit status and seconds
-#   pytest.log    pytest -m gpu tests/test_gpu.py
+#   pytest.log    pytest -m gpu tests/training/test_gpu.py
 #   train.log     train.py trainer=gpu (fp32, then bf16-mixed) and deploy.py on the checkpoint
 #   bench.log     benchmarks/run.py --device cuda (progress, timings)
 #   results_cuda.md, results_cuda.json, results_cuda_training.png, results_cuda_latency.png
@@ -60,7 +60,7 @@ cat "$SUMMARY"
 
 # 1. GPU tests (collected and skipped without CUDA)
 stage "pytest -m gpu" 170 "$OUT/pytest.log" \
-    $PY -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider --durations=10
+    $PY -m pytest tests/training/test_gpu.py -m gpu -q -p no:cacheprovider --durations=10
 
 # 2. short training runs on the GPU, fp32 and bf16-mixed; the deploy check must pass
 if [[ $DEVICE == cuda ]]; then TRAINER=(trainer=gpu); else TRAINER=(trainer=cpu); fi

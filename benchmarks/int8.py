@@ -33,9 +33,9 @@ from benchmarks.common import environment  # noqa: E402
 from benchmarks.deploying import fit  # noqa: E402  (the accuracy benchmark's training)
 from benchmarks.output import finite  # noqa: E402
 from repsqueeze import quant  # noqa: E402
-from repsqueeze.data import CIFAR10DataModule, DigitsDataModule  # noqa: E402
 from repsqueeze.models import create_model  # noqa: E402
 from repsqueeze.tables import table  # noqa: E402
+from repsqueeze.training.datamodules import CIFAR10DataModule, DigitsDataModule  # noqa: E402
 from repsqueeze.zoo import BLOCKS  # noqa: E402
 
 KINDS = list(BLOCKS)

@@ -26,7 +26,7 @@ def checkpoint(tmp: Path, root: Path, block: str = "repvgg", name: str = "net.ck
     """A train.py-style checkpoint of an untrained digits network, written in a subprocess."""
     path = tmp / name
     code = (
-        "import sys, torch; from repsqueeze.lit import Classifier;"
+        "import sys, torch; from repsqueeze.training.lit import Classifier;"
         f"m = Classifier({{'name': 'digits_net', 'block': '{block}', 'num_classes': 10,"
         " 'in_channels': 1}); torch.save({'state_dict': m.state_dict(),"
         " 'hyper_parameters': dict(m.hparams), 'pytorch-lightning_version': '2.6'},"

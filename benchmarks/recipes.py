@@ -41,10 +41,10 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from PIL import Image
 from torch.utils.data import Subset, TensorDataset
 
-from repsqueeze.data import DigitsDataModule, ImageFolderDataModule
-from repsqueeze.lit import Classifier
-from repsqueeze.optim import warmup_schedule
 from repsqueeze.tables import table
+from repsqueeze.training.datamodules import DigitsDataModule, ImageFolderDataModule
+from repsqueeze.training.lit import Classifier
+from repsqueeze.training.optim import warmup_schedule
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {

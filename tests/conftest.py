@@ -1,4 +1,5 @@
-"""Test configuration: hypothesis profiles, GPU auto-skip, shared fixtures.
+"""Test configuration: hypothesis profiles, GPU auto-skip, shared fixtures (among them the
+real Hydra configs composed with every output under ``tmp_path``).
 
 Profiles: ``ci`` (default; derandomized so every run sees the same examples), ``random``
 (as many examples as ``ci``, fresh ones every run: ``HYPOTHESIS_PROFILE=random pytest``) and
@@ -7,12 +8,22 @@ variable or ``pytest --hypothesis-profile NAME``; a failing random example is pr
 its ``@reproduce_failure`` blob.
 """
 
+import functools
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision.datasets.cifar
 from helpers import randomize_bn
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hypothesis import HealthCheck, settings
+from omegaconf import DictConfig
+from training_support import QUIET
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 settings.register_profile(
     "ci",
@@ -61,3 +72,36 @@ def generator() -> torch.Generator:
 def randomize_bn_fixture():
     """The :func:`helpers.randomize_bn` function, for tests that prefer a fixture."""
     return randomize_bn
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """``compose_cfg(name, *overrides, quiet=True, hydra=False)``: the real ``configs/<name>``
+    (``train`` or ``deploy``) with ``paths.*`` under ``tmp_path``; ``train`` without progress
+    bar and logger unless ``quiet=False``; ``hydra=True`` keeps the ``hydra`` node."""
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3")
+    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
+
+    def _compose(name: str, *overrides: str, quiet: bool = True, hydra: bool = False) -> DictConfig:
+        extra = QUIET if quiet and name == "train" else []
+        return compose(name, overrides=[*paths, *extra, *overrides], return_hydra_config=hydra)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_train(compose_cfg: Callable[..., DictConfig]) -> Callable[..., DictConfig]:
+    """``compose_train(*overrides, quiet=True, hydra=False)``: :func:`compose_cfg` of ``train``."""
+    return functools.partial(compose_cfg, "train")
+
+
+@pytest.fixture
+def skip_md5(monkeypatch):
+    """Accept any file that exists: the fabricated CIFAR files (``training_support``) cannot match
+    torchvision's md5s. Both ``_check_integrity`` and ``_load_meta`` go through this
+    module-level function."""
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )

@@ -8,7 +8,7 @@ import torch
 from helpers import randomize_bn
 
 from repsqueeze import files as folders
-from repsqueeze.lit import Classifier
+from repsqueeze.training.lit import Classifier
 
 ARTIFACTS = {"deployed.pt", "model.pt2", "model.onnx", "report.json"}
 NET_CONFIG = {"name": "digits_net", "block": "dbb", "num_classes": 10, "in_channels": 1}

@@ -7,8 +7,6 @@ not check the library against itself.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -157,16 +155,6 @@ def assert_equivalent(out: Tensor, ref: Tensor, rtol: float) -> None:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(relative: str, name: str):
-    """Imports a script of the repo (``deploy.py``, ``benchmarks/run.py``) as module ``name``,
-    registered in ``sys.modules`` (dataclasses look their module up there)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def receptive_window(module: nn.Module, ndim: int) -> tuple[tuple[int, int], ...]:

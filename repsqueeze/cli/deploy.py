@@ -132,7 +132,9 @@ def verification_inputs(
     if cfg.use_data and datamodule is None:
         notes.append("no data module found (give data=NAME): verified on the random batch only")
     if cfg.use_data and datamodule is not None:
-        from repsqueeze.data import example_batch  # the data pipeline, only when data is used
+        from repsqueeze.training.datamodules import (
+            example_batch,  # the data pipeline, only when data is used
+        )
 
         try:
             inputs["data"] = example_batch(datamodule, "test")[0][: cfg.batch_size]

@@ -8,14 +8,16 @@ traceback only with ``HYDRA_FULL_ERROR=1`` (:func:`full_error`).
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from hydra.errors import HydraException
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from repsqueeze.errors import ConfigError
@@ -53,6 +55,27 @@ def literal(value: Any) -> str:
     return str(value)
 
 
+def not_one_of(value: Any, choices: Sequence) -> str:
+    """The refusal of a value that is not among ``choices``, with the closest as a hint."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"must be one of {', '.join(map(literal, choices))}{hint}"
+
+
+def _missing_option(err: MissingConfigException) -> str | None:
+    """A config group option that does not exist (``block=dbbb``), as a setting's refusal:
+    ``block=dbbb: must be one of acb, dbb, ... (did you mean dbb?)``, naming the config file
+    that asked for it when that is not the primary config; ``None`` for other missing files."""
+    missing = err.missing_cfg_file or ""
+    if not err.options or "/" not in missing:
+        return None
+    group, _, name = missing.rpartition("/")
+    line = SettingError(not_one_of(name, err.options), group.replace("/", "."), name)
+    where = re.match(r"In '([^']+)'", str(err))
+    asked_by = f" (asked for by configs/{where.group(1)}.yaml)" if where and "/" in where.group(1) else ""  # fmt: skip
+    return line.render(literal=literal) + asked_by
+
+
 # --- one line per failure ---------------------------------------------------------------------
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -77,6 +100,8 @@ def one_line(err: BaseException, folder_setting: str = "the output folder") -> s
                 f"cannot write {where} ({os_error.strerror}): make it writable, or set "
                 f"{folder_setting} to a writable folder"
             )
+    if isinstance(err, MissingConfigException) and _missing_option(err) is not None:
+        return _missing_option(err)
     if isinstance(err, HydraException | OmegaConfBaseException):  # written for users, whole
         cause = err.__cause__
         text = str(err) + (f"; {first_line(str(cause))}" if isinstance(cause, OmegaConfBaseException) else "")  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from repsqueeze.cli.errors import SettingError, literal
+from repsqueeze.cli.errors import SettingError, literal, not_one_of
 
 # --- the schema ----------------------------------------------------------------------------------
 
@@ -213,9 +213,7 @@ def _check_rule(rule: Rule, value: Any, path: str, cfg: DictConfig, param: Any) 
             raise SettingError(f"{what}{why}", path, value)
     choices = rule.choices() if callable(rule.choices) else rule.choices
     if choices is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise SettingError(f"must be one of {', '.join(map(literal, choices))}{hint}", path, value)
+        raise SettingError(not_one_of(value, choices), path, value)
     if rule.check is not None:
         problem = rule.check(value, cfg)
         if problem:

@@ -45,7 +45,7 @@ def writable_folder(folder: str | Path) -> str | None:
 
 # --- train.py -----------------------------------------------------------------------------------
 
-# What repsqueeze.lit.Classifier logs (acc_top5 with more than 5 classes).
+# What repsqueeze.training.lit.Classifier logs (acc_top5 with more than 5 classes).
 METRICS = ["train/loss", "train/acc", "train/acc_top5", "val/loss", "val/acc", "val/acc_top5"]
 METRICS += ["val/acc_best", "test/loss", "test/acc", "test/acc_top5", "test/acc_deployed"]
 METRICS += ["test/max_logit_diff"]
@@ -67,6 +67,12 @@ def _modes() -> list[str]:
     from repsqueeze.blocks import MODES
 
     return list(MODES)
+
+
+def _run_mode(value: Any, cfg: DictConfig) -> str | None:
+    """The blocks' run mode has one setting, ``model.mode``; the blocks' own ``mode``
+    argument under ``model.net`` is refused, pointing there."""
+    return f"the blocks' run mode is set by model.mode: use model.mode={literal(value)}"
 
 
 def _accelerator(value: Any, cfg: DictConfig) -> str | None:
@@ -130,9 +136,10 @@ def _train_checkpoint(value: Any, cfg: DictConfig) -> str | None:
     wanted = cfg.model.net
     for key in sorted(set(saved) & set(wanted)):
         if wanted[key] is not None and saved[key] != wanted[key]:
+            setting = "block" if key == "block" else f"model.net.{key}"  # the block group
             return (
                 f"its network has {key}={literal(saved[key])}, the config "
-                f"{key}={literal(wanted[key])}: set model.net.{key}={literal(saved[key])} "
+                f"{key}={literal(wanted[key])}: set {setting}={literal(saved[key])} "
                 "to resume it"
             )
     return None
@@ -213,6 +220,7 @@ TRAIN_SCHEMA = Schema(
         "model.net.num_classes": Int(ge=1, nullable=True),
         "model.net.in_channels": Int(ge=1, nullable=True),
         "model.net.online_norm": BOOL,
+        "model.net.mode": Rule(check=_run_mode),
         "optimizer.lr": Float(gt=0, why="a learning rate of 0 trains nothing"),
         "optimizer.weight_decay": Float(ge=0),
         "optimizer.momentum": Float(ge=0, lt=1),

@@ -6,7 +6,7 @@ A source is ``True`` (the architecture's default published weights, through timm
 The key layout of a file is recognised from its keys:
 
 * repsqueeze's own (a ``state_dict`` of the model, a Lightning checkpoint of
-  :class:`repsqueeze.lit.Classifier`, ``save_deployed``'s file), training form of any block
+  :class:`repsqueeze.training.lit.Classifier`, ``save_deployed``'s file), training form of any block
   kind or deployed;
 * timm's byobnet RepVGG / MobileOne (``stem.conv_kxk``, ``stages.i.j``, ``head.fc``) and
   timm's / torchvision's ResNet (``conv1``, ``layer1.0``, ``fc``);

@@ -22,7 +22,7 @@ from deploy_support import (
     listing,
     no_outputs,
 )
-from helpers import load_script, randomize_bn
+from helpers import randomize_bn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -31,10 +31,10 @@ from torch import nn
 from repsqueeze import export
 from repsqueeze import files as folders
 from repsqueeze.cli import deploy as cli_deploy
-from repsqueeze.lit import Classifier
+from repsqueeze.cli.train import train
+from repsqueeze.training.lit import Classifier
 
 ROOT = Path(__file__).resolve().parents[2]
-train = load_script("train.py", "train_script").train  # repsqueeze.cli.train.train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 

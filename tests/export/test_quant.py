@@ -21,7 +21,7 @@ import repsqueeze as rs
 from benchmarks import int8 as int8_bench
 from repsqueeze import quant
 from repsqueeze.cli import deploy as deploy_cli
-from repsqueeze.lit import Classifier
+from repsqueeze.training.lit import Classifier
 from repsqueeze.zoo import QARepVGGBlock, make_block
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -360,7 +360,7 @@ def test_deploy_int8_refusal_is_one_line_and_writes_nothing(deploy_cfg, tmp_path
 @pytest.mark.slow
 def test_quantize_a_trained_digits_net_keeps_its_accuracy(tmp_path):
     """A digits net trained for two epochs: INT8 (per-channel, MinMax) within 3 points."""
-    from repsqueeze.data import DigitsDataModule
+    from repsqueeze.training.datamodules import DigitsDataModule
 
     data = DigitsDataModule(batch_size=64)
     data.setup()

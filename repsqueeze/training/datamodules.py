@@ -1,4 +1,4 @@
-"""LightningDataModules for the datasets repsqueeze trains and verifies on.
+"""LightningDataModules for the data sets of :mod:`repsqueeze.training.datasets`.
 
 - :class:`DigitsDataModule`: scikit-learn's embedded 8x8 handwritten digits (no download),
   small enough for tests and CPU smoke runs.
@@ -6,172 +6,43 @@
   augmentation (He et al., "Deep Residual Learning for Image Recognition", 2016).
 - :class:`ImageFolderDataModule`: any ``ImageFolder`` tree with ImageNet-style transforms.
 
-Training augmentation is torchvision's ``transforms.v2`` (:func:`train_transform`): a
-crop and flip, one of RandAugment / TrivialAugment / AutoAugment (``auto_augment``),
-RandomErasing (``random_erasing``), and MixUp / CutMix on whole batches (``mixup_alpha``,
-``cutmix_alpha``: the training loader then yields soft targets ``(N, num_classes)``, which
-:class:`repsqueeze.lit.Classifier` trains on). Evaluation uses the standard resize and
-centre crop (:func:`eval_transform`).
-
-Validation splits carved out of a training set never see training augmentation: the split
-indices are shared, and each side applies its own transform to the untransformed images.
+With ``mixup_alpha`` or ``cutmix_alpha`` the training loader yields soft targets
+``(N, num_classes)``, which :class:`repsqueeze.training.lit.Classifier` trains on.
 :func:`example_batch` returns one real batch, e.g. to check a deployed model against its
-training form.
-
-Arguments that cannot work, and data that is missing or unreadable, raise :class:`ConfigError`
-naming the argument to change (``batch_size``, ``download``, ``root``) or the file at fault,
-so an entry point can turn it into one line.
+training form. Arguments that cannot work raise
+:class:`~repsqueeze.training.datasets.ConfigError` naming the argument.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, random_split
-from torchvision import datasets
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from repsqueeze.errors import ConfigError
-
-CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-AUTO_AUGMENT = ("randaugment", "trivialaugment", "autoaugment")
-
-
-class DataNotFoundError(ConfigError, FileNotFoundError):
-    """The data is not where the arguments point (also a ``FileNotFoundError``)."""
-
-
-class _TransformedSubset(Dataset):
-    """The ``indices`` of an untransformed ``dataset``, seen through ``transform``."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable) -> None:
-        self.dataset = dataset
-        self.indices = list(indices)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Any, Any]:
-        image, target = self.dataset[self.indices[i]]
-        return self.transform(image), target
-
-
-def policy(
-    auto_augment: str | None, magnitude: int = 9, autoaugment_policy: str = "imagenet"
-) -> list[v2.Transform]:
-    """The automatic augmentation ``auto_augment`` names: ``"randaugment"`` (2 ops of
-    ``magnitude``), ``"trivialaugment"`` (TrivialAugmentWide), ``"autoaugment"`` (the
-    ``autoaugment_policy`` policy: imagenet, cifar10 or svhn), or ``None`` (none).
-
-    Raises:
-        ConfigError: an unknown name, naming ``auto_augment``.
-    """
-    if auto_augment is None:
-        return []
-    if auto_augment == "randaugment":
-        return [v2.RandAugment(num_ops=2, magnitude=magnitude)]
-    if auto_augment == "trivialaugment":
-        return [v2.TrivialAugmentWide()]
-    if auto_augment == "autoaugment":
-        return [v2.AutoAugment(v2.AutoAugmentPolicy(autoaugment_policy))]
-    raise ConfigError(f"expected one of {[*AUTO_AUGMENT, None]}", "auto_augment", auto_augment)
-
-
-def _check_probability(key: str, value: float) -> None:
-    if not 0 <= value <= 1:
-        raise ConfigError("must be in [0, 1]", key, value)
-
-
-def train_transform(
-    crop: list[v2.Transform],
-    mean: Sequence[float],
-    std: Sequence[float],
-    auto_augment: str | None = None,
-    random_erasing: float = 0.0,
-    magnitude: int = 9,
-    autoaugment_policy: str = "imagenet",
-) -> v2.Compose:
-    """``crop`` (on the PIL image or uint8 tensor), the ``auto_augment`` policy, conversion
-    to float in [0, 1], ``Normalize(mean, std)``, then ``RandomErasing(p=random_erasing)``."""
-    _check_probability("random_erasing", random_erasing)
-    erase = [v2.RandomErasing(p=random_erasing)] if random_erasing > 0 else []
-    return v2.Compose(
-        [
-            *crop,
-            v2.ToImage(),
-            *policy(auto_augment, magnitude, autoaugment_policy),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-            *erase,
-        ]
-    )
-
-
-def eval_transform(
-    mean: Sequence[float],
-    std: Sequence[float],
-    image_size: int | None = None,
-    crop_pct: float = 0.875,
-    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
-) -> v2.Compose:
-    """Resize to ``image_size / crop_pct`` and centre-crop ``image_size`` (the standard
-    ImageNet evaluation: 256 then 224), or none of it without ``image_size``; then
-    conversion to float and ``Normalize(mean, std)``."""
-    resize = []
-    if image_size is not None:
-        resize = [v2.Resize(int(image_size / crop_pct), interpolation), v2.CenterCrop(image_size)]
-    return v2.Compose(
-        [*resize, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    )
-
-
-class MixCollate:
-    """A DataLoader ``collate_fn``: stacks a batch, then mixes it with MixUp or CutMix (one
-    of them, chosen per batch, when both are on); labels become probabilities
-    ``(N, num_classes)``.
-
-    Args:
-        num_classes: classes of the labels.
-        mixup_alpha: Beta-distribution parameter of MixUp; 0: no MixUp.
-        cutmix_alpha: Beta-distribution parameter of CutMix; 0: no CutMix.
-    """
-
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:  # fmt: skip
-        mixers = []
-        if mixup_alpha > 0:
-            mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-        if cutmix_alpha > 0:
-            mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-        if not mixers:
-            raise ValueError("MixCollate needs mixup_alpha > 0 or cutmix_alpha > 0")
-        self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-
-    def __call__(self, samples: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = default_collate(samples)  # (N, C, H, W), (N,)
-        return self.mix(x, y)  # (N, C, H, W), (N, num_classes)
-
-
-def _split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of ``range(n)`` into ``n - val_size`` train and ``val_size`` val indices."""
-    if not 0 <= val_size < n:
-        raise ConfigError(f"must be in [0, {n}) for {n} training samples", "val_size", val_size)
-    generator = torch.Generator().manual_seed(seed)
-    train, val = random_split(range(n), [n - val_size, val_size], generator=generator)
-    return list(train.indices), list(val.indices)
+from repsqueeze.training.datasets import (
+    CIFAR_STATS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ConfigError,
+    DataNotFoundError,
+    MixCollate,
+    TransformedSubset,
+    check_probability,
+    cifar_set,
+    digits_splits,
+    download_cifar,
+    eval_transform,
+    find_classes,
+    image_folder,
+    policy,
+    split_indices,
+    train_transform,
+)
 
 
 class _DataModule(LightningDataModule):
@@ -274,7 +145,7 @@ class DigitsDataModule(_DataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, mixup_alpha, cutmix_alpha)
         policy(auto_augment)  # an unknown name fails here
-        _check_probability("random_erasing", random_erasing)
+        check_probability("random_erasing", random_erasing)
         if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
             raise ConfigError("must be an integer >= 0", "crop_padding", crop_padding)
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -300,31 +171,16 @@ class DigitsDataModule(_DataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        digits = load_digits()
-        x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-        y = torch.as_tensor(digits.target, dtype=torch.long)
-        n = len(y)
-        n_test, n_val = round(self.test_fraction * n), round(self.val_fraction * n)
-        rest, test = train_test_split(
-            np.arange(n), test_size=n_test, stratify=digits.target, random_state=self.seed
-        )
-        train, val = train_test_split(
-            rest, test_size=n_val, stratify=digits.target[rest], random_state=self.seed
-        )
-        train, val, test = (torch.as_tensor(i, dtype=torch.long) for i in (train, val, test))
-        raw = x
-        if self.normalize:
-            self.mean, self.std = x[train].mean().item(), x[train].std().item()
-            x = (x - self.mean) / self.std
-        self.train_set = TensorDataset(x[train], y[train])
+        transform = None
         if self.crop_padding or self.auto_augment or self.random_erasing:
             crop = [v2.RandomCrop(8, padding=self.crop_padding)] if self.crop_padding else []
-            mean, std = (self.mean, self.std) if self.normalize else (0.0, 1.0)
-            transform = train_transform(crop, [mean], [std], self.auto_augment, self.random_erasing)
-            pairs = TensorDataset(raw[train], y[train])
-            self.train_set = _TransformedSubset(pairs, range(len(train)), transform)
-        self.val_set = TensorDataset(x[val], y[val])
-        self.test_set = TensorDataset(x[test], y[test])
+
+            def transform(mean: float | None, std: float | None) -> v2.Compose:
+                mean, std = (mean, std) if self.normalize else (0.0, 1.0)
+                return train_transform(crop, [mean], [std], self.auto_augment, self.random_erasing)  # fmt: skip
+
+        splits = digits_splits(self.val_fraction, self.test_fraction, self.seed, self.normalize, transform)  # fmt: skip
+        self.train_set, self.val_set, self.test_set, self.mean, self.std = splits
 
 
 class CIFARDataModule(_DataModule):
@@ -372,9 +228,7 @@ class CIFARDataModule(_DataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, mixup_alpha, cutmix_alpha)
         if name not in CIFAR_STATS:
-            raise ConfigError(
-                f"unknown CIFAR name; expected one of {list(CIFAR_STATS)}", "name", name
-            )
+            raise ConfigError(f"unknown CIFAR name; expected one of {list(CIFAR_STATS)}", "name", name)  # fmt: skip
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
         self.name = name
@@ -382,53 +236,25 @@ class CIFARDataModule(_DataModule):
         self.val_size = val_size
         self.augment = augment
         self.num_classes = 10 if name == "cifar10" else 100
-        self.dataset_cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         self.eval_transform = eval_transform(*CIFAR_STATS[name])
         crop = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
         self.train_transform = train_transform(
             crop, *CIFAR_STATS[name], auto_augment, random_erasing, randaugment_magnitude, "cifar10"
         )
 
-    @property
-    def _label(self) -> str:
-        return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[self.name]
-
     def _dataset(self, train: bool, transform: Callable | None) -> Dataset:
-        folder = Path(self.data_dir) / self.dataset_cls.base_folder
-        try:
-            return self.dataset_cls(self.data_dir, train=train, transform=transform)
-        except RuntimeError as err:
-            problem = "incomplete or corrupted" if folder.is_dir() else "missing"
-            raise DataNotFoundError(
-                f"{self._label}: {folder}/ is {problem} (without network access, first place "
-                f"{self.dataset_cls.filename} from {self.dataset_cls.url} in {self.data_dir})",
-                "download",
-                self.download,
-                fix=True,
-            ) from err
+        return cifar_set(self.name, self.data_dir, train, transform, self.download)
 
     def prepare_data(self) -> None:
-        if not self.download:
-            return
-        for train in (True, False):
-            try:
-                self.dataset_cls(self.data_dir, train=train, download=True)
-            except Exception as err:  # URLError, timeouts, md5 mismatches, tar errors ...
-                raise ConfigError(
-                    f"downloading {self._label} from {self.dataset_cls.url} failed "
-                    f"({type(err).__name__}: {err}); without network access, place "
-                    f"{self.dataset_cls.filename} (or its extracted {self.dataset_cls.base_folder}/) "
-                    f"in {self.data_dir}",
-                    "download",
-                    self.download,
-                ) from err
+        if self.download:
+            download_cifar(self.name, self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             full = self._dataset(train=True, transform=None)
-            train, val = _split_indices(len(full), self.val_size, self.seed)
-            self.train_set = _TransformedSubset(full, train, self.train_transform)
-            self.val_set = _TransformedSubset(full, val, self.eval_transform)
+            train, val = split_indices(len(full), self.val_size, self.seed)
+            self.train_set = TransformedSubset(full, train, self.train_transform)
+            self.val_set = TransformedSubset(full, val, self.eval_transform)
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._dataset(train=False, transform=self.eval_transform)
 
@@ -445,16 +271,6 @@ class CIFAR100DataModule(CIFARDataModule):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(name="cifar100", **kwargs)
-
-
-def load_image(path: str) -> Image.Image:
-    """An RGB image, as ``ImageFolder``'s default loader reads it; an unreadable file raises
-    :class:`ConfigError` naming it."""
-    try:
-        with open(path, "rb") as f, Image.open(f) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files
-        raise ConfigError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
 
 
 class ImageFolderDataModule(_DataModule):
@@ -527,7 +343,7 @@ class ImageFolderDataModule(_DataModule):
         self.classes: list[str] | None = None
         self.num_classes: int | None = None
         if self.root.is_dir():
-            self.classes = self._find_classes(self._train_dir)
+            self.classes = find_classes(self._train_dir, self.root)
             self.num_classes = len(self.classes)
 
     @property
@@ -538,29 +354,8 @@ class ImageFolderDataModule(_DataModule):
     def _train_dir(self) -> Path:
         return self.root / "train" if self._split_layout else self.root
 
-    def _find_classes(self, path: Path) -> list[str]:
-        try:
-            return datasets.folder.find_classes(path)[0]
-        except FileNotFoundError as err:  # no class sub-folder
-            raise DataNotFoundError(
-                f"{path} has no class sub-folders (expected {path}/<class>/<image>)",
-                "root",
-                str(self.root),
-            ) from err
-
-    def _folder(self, path: Path, transform: Callable | None) -> datasets.ImageFolder:
-        self._find_classes(path)
-        try:
-            folder = datasets.ImageFolder(path, transform=transform, loader=load_image)
-        except FileNotFoundError as err:  # a class folder without any image file
-            raise DataNotFoundError(str(err), "root", str(self.root)) from err
-        if self.classes is not None and folder.classes != self.classes:
-            raise ConfigError(
-                f"the classes of {path} differ from those of {self._train_dir}",
-                "root",
-                str(self.root),
-            )
-        return folder
+    def _folder(self, path: Path, transform: Callable | None) -> Dataset:
+        return image_folder(path, self.root, transform, self.classes, self._train_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -574,11 +369,11 @@ class ImageFolderDataModule(_DataModule):
             test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
             self.val_set = self._folder(self.root / "val", self.eval_transform)
             self.test_set = self._folder(test_dir, self.eval_transform)
-            self.train_set = _TransformedSubset(full, range(len(full)), self.train_transform)
+            self.train_set = TransformedSubset(full, range(len(full)), self.train_transform)
             return
-        train, val = _split_indices(len(full), round(self.val_fraction * len(full)), self.seed)
-        self.val_set = self.test_set = _TransformedSubset(full, val, self.eval_transform)
-        self.train_set = _TransformedSubset(full, train, self.train_transform)
+        train, val = split_indices(len(full), round(self.val_fraction * len(full)), self.seed)
+        self.val_set = self.test_set = TransformedSubset(full, val, self.eval_transform)
+        self.train_set = TransformedSubset(full, train, self.train_transform)
 
 
 def example_batch(datamodule: LightningDataModule, stage: str = "test") -> tuple[Any, Any]:

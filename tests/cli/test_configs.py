@@ -5,47 +5,28 @@ are instantiated but never set up (CIFAR and ImageFolder data are not needed).
 """
 
 import importlib.util
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from repsqueeze.cli import runs
-from repsqueeze.lit import Classifier
+from repsqueeze.cli import train as cli_train
+from repsqueeze.cli.errors import one_line
+from repsqueeze.cli.preflight import net_from_data
 from repsqueeze.models import list_models
+from repsqueeze.training.lit import Classifier
+from repsqueeze.zoo import BLOCKS
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
-_spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_script)
-GROUPS = ["data", "model", "trainer", "optimizer", "scheduler", "logger", "callbacks"]
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+GROUPS = ["data", "model", "block", "trainer", "optimizer", "scheduler", "logger", "callbacks"]
 GROUPS += ["experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
-BLOCKS = ["plain", "repvgg", "acb", "dbb", "mobileone", "expand_ck", "expand_cl"]
-
-Compose = Callable[..., DictConfig]
-
-
-@pytest.fixture
-def compose_train(tmp_path: Path) -> Iterator[Compose]:
-    """``compose_train(*overrides)``: the train config, writing only under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3")
-    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-
-    def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
-        return compose("train", overrides=[*paths, *overrides], return_hydra_config=hydra)
-
-    yield _compose
-    GlobalHydra.instance().clear()
 
 
 def _instantiate_run(cfg: DictConfig) -> dict:
@@ -57,11 +38,12 @@ def _instantiate_run(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     datamodule = instantiate(cfg.data)
-    train_script.fill_from_data(cfg, datamodule)
-    model = instantiate(cfg.model)
+    from_data = net_from_data(cfg, datamodule)
+    model = instantiate(cfg.model, net=from_data)
     optim = model.configure_optimizers()
     return {
         "datamodule": datamodule,
+        "from_data": from_data,
         "model": model,
         "optim": optim,
         "callbacks": callbacks,
@@ -71,12 +53,12 @@ def _instantiate_run(cfg: DictConfig) -> dict:
 
 
 def test_default_config(compose_train):
-    cfg = compose_train()
+    cfg = compose_train(quiet=False)
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert cfg.model.net == {
         "name": "digits_net",
         "block": "repvgg",
-        "num_classes": None,  # filled in from the data module
+        "num_classes": None,  # the data module's, given when the model is built
         "in_channels": None,
         "pretrained": False,
         "online_norm": False,
@@ -107,7 +89,7 @@ def test_option_instantiates(compose_train, group, option):
     classes = ["model.net.num_classes=10"] if folder else []
     if group == "logger" and option in ("wandb", "mlflow") and not importlib.util.find_spec(option):
         pytest.skip(f"logger={option} needs pip install 'repsqueeze[{option}]'")
-    cfg = compose_train(f"{group}={option}", *classes)
+    cfg = compose_train(f"{group}={option}", *classes, quiet=False)
     if group == "experiment" and cfg.model.net.name not in list_models():
         pytest.skip(f"model {cfg.model.net.name} is not registered")
     objects = _instantiate_run(cfg)
@@ -117,7 +99,8 @@ def test_option_instantiates(compose_train, group, option):
     assert isinstance(objects["trainer"], Trainer)
     assert all(isinstance(c, Callback) for c in objects["callbacks"])
     assert all(isinstance(lg, Logger) for lg in objects["loggers"])
-    assert model.hparams.net_config == cfg.model.net  # plain, rebuildable, saved in checkpoints
+    net_config = {**cfg.model.net, **objects["from_data"]}
+    assert model.hparams.net_config == net_config  # plain, rebuildable, saved in checkpoints
     assert type(model.hparams.net_config) is dict
     assert model.hparams.net_config["name"] in list_models()
     if not classes:  # classes and channels come from the data module
@@ -126,22 +109,30 @@ def test_option_instantiates(compose_train, group, option):
     if cfg.scheduler is None:
         assert isinstance(objects["optim"], torch.optim.Optimizer)
     else:
-        per_step = cfg.scheduler._target_ == "repsqueeze.optim.warmup_schedule"
+        per_step = cfg.scheduler._target_ == "repsqueeze.training.optim.warmup_schedule"
         assert objects["optim"]["lr_scheduler"]["interval"] == ("step" if per_step else "epoch")
 
 
-@pytest.mark.parametrize("block", BLOCKS)
-def test_block_knob(compose_train, block):
-    cfg = compose_train(f"model.net.block={block}")
-    assert _instantiate_run(cfg)["model"].hparams.net_config["block"] == block
+def test_block_group_holds_every_kind_and_refuses_others_when_composing(compose_train):
+    assert {p.stem for p in (CONFIG_DIR / "block").glob("*.yaml")} == set(BLOCKS)
+    for kind in BLOCKS:
+        assert compose_train(f"block={kind}").model.net.block == kind
+    with pytest.raises(MissingConfigException) as info:
+        compose_train("block=dbbb")
+    kinds = ", ".join(sorted(BLOCKS))
+    assert one_line(info.value) == f"block=dbbb: must be one of {kinds} (did you mean dbb?)"
+
+
+def test_a_model_net_block_override_still_sets_the_kind(compose_train):
+    assert compose_train("model.net.block=acb").model.net.block == "acb"
+    assert compose_train("block=dbb", "model.net.block=acb").model.net.block == "acb"
 
 
 def test_experiments_change_only_what_they_say(compose_train):
     cfg = compose_train("experiment=dbb_cifar100")
     assert cfg.data._target_.endswith("CIFAR100DataModule")
     assert cfg.model.net.block == "dbb"
-    train_script.fill_from_data(cfg, instantiate(cfg.data))
-    assert (cfg.model.net.num_classes, cfg.model.net.in_channels) == (100, 3)
+    assert net_from_data(cfg, instantiate(cfg.data)) == {"num_classes": 100, "in_channels": 3}
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.scheduler.T_max == cfg.trainer.max_epochs == 200
     assert compose_train("experiment=expandnet_cifar10").model.net.block == "expand_ck"
@@ -150,7 +141,7 @@ def test_experiments_change_only_what_they_say(compose_train):
 
 
 def test_none_options_are_null(compose_train):
-    cfg = compose_train("scheduler=none", "logger=none", "callbacks=none")
+    cfg = compose_train("scheduler=none", "logger=none", "callbacks=none", quiet=False)
     assert cfg.scheduler is None and cfg.logger is None and cfg.callbacks is None
     assert _instantiate_run(cfg)["model"].scheduler_factory is None
 
@@ -158,5 +149,6 @@ def test_none_options_are_null(compose_train):
 def test_sweep_settings(compose_train):
     cfg = compose_train(hydra=True)
     assert cfg.optimized_metric == "val/acc_best"
-    assert cfg.hydra.callbacks.compare_jobs._target_ == "__main__.CompareJobs"
-    assert hasattr(train_script, "CompareJobs")
+    target = cfg.hydra.callbacks.compare_jobs._target_
+    assert target == "repsqueeze.cli.train.CompareJobs"
+    assert isinstance(instantiate(cfg.hydra.callbacks.compare_jobs), cli_train.CompareJobs)

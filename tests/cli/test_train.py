@@ -5,56 +5,37 @@ multiruns; and every configuration mistake refused before training, in one line.
 multirun (``python train.py`` in a subprocess) are marked ``slow``.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import urllib.error
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning
-import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from omegaconf import OmegaConf
+from training_support import QUIET, image_folder
 
-import repsqueeze.lit
+import repsqueeze.training.callbacks
 from repsqueeze.cli import runs
+from repsqueeze.cli import train as cli_train
+from repsqueeze.cli.errors import one_line
+from repsqueeze.cli.preflight import instantiate_group, net_from_data
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import TRAIN_SCHEMA
-from repsqueeze.data import ConfigError
+from repsqueeze.cli.train import train
 from repsqueeze.export import count_params, load_deployed
-from repsqueeze.lit import Classifier
 from repsqueeze.models import create_model
 from repsqueeze.surgery import deploy
+from repsqueeze.training.datasets import ConfigError
+from repsqueeze.training.lit import Classifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BLOCKS = ["plain", "repvgg", "acb", "dbb", "mobileone", "expand_ck", "expand_cl"]
-QUIET = ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
-
-_spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_script)
-train = train_script.train
-
-Compose = Callable[..., DictConfig]
-
-
-@pytest.fixture
-def compose_train(tmp_path: Path) -> Iterator[Compose]:
-    """``compose_train(*overrides)``: the train config, writing only under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
-    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-    yield lambda *overrides: compose("train", overrides=[*paths, *QUIET, *overrides])
-    GlobalHydra.instance().clear()
 
 
 def _check_deployed_artifacts(output_dir: Path, objects: dict) -> None:
@@ -73,11 +54,36 @@ def _check_deployed_artifacts(output_dir: Path, objects: dict) -> None:
 
 @pytest.mark.parametrize("block", BLOCKS)
 def test_fast_dev_run(compose_train, tmp_path, block):
-    cfg = compose_train("debug=fdr", f"model.net.block={block}")
+    cfg = compose_train("debug=fdr", f"block={block}")
     metrics, objects = train(cfg)
     assert metrics["test/max_logit_diff"] < 1e-5
     assert metrics["test/acc_deployed"] == metrics["test/acc"]
     assert metrics["params_deployed"] < metrics["params"]
+    _check_deployed_artifacts(tmp_path, objects)
+
+
+@pytest.mark.parametrize("test", [True, False])
+def test_one_run_deploys_once_and_leaves_its_config_unchanged(
+    compose_train, tmp_path, monkeypatch, test
+):
+    """Every binding of the public ``deploy`` in repsqueeze's modules counts its calls: the
+    test's check deploys, and the saved deployed.pt is that network (without a test, the
+    run deploys once itself). The composed config is the same after the run."""
+    calls = []
+
+    def counted(net, *args, **kwargs):
+        calls.append(type(net).__name__)
+        return deploy(net, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("repsqueeze") and getattr(module, "deploy", None) is deploy:
+            monkeypatch.setattr(module, "deploy", counted)
+    cfg = compose_train("debug=fdr", f"test={str(test).lower()}")
+    before = OmegaConf.to_yaml(cfg)
+    metrics, objects = train(cfg)
+    assert calls == [type(objects["model"].net).__name__]
+    assert ("test/max_logit_diff" in metrics) == test
+    assert OmegaConf.to_yaml(cfg) == before
     _check_deployed_artifacts(tmp_path, objects)
 
 
@@ -88,7 +94,7 @@ def test_deployed_mismatch_raises(compose_train, monkeypatch):
             next(deployed.parameters()).add_(0.1)
         return deployed
 
-    monkeypatch.setattr(repsqueeze.lit, "deploy", bad_deploy)
+    monkeypatch.setattr(repsqueeze.training.callbacks, "deploy", bad_deploy)
     with pytest.raises(RuntimeError, match="deployed model differs from the training form"):
         train(compose_train("debug=fdr"))
 
@@ -138,23 +144,18 @@ def test_resume(compose_train, tmp_path):
     assert objects["trainer"].current_epoch == 3
 
 
-def _run_train_script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", *QUIET]
-    return subprocess.run(
-        [*command, f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 DDP_SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
-    result = _run_train_script(tmp_path, "trainer=ddp_cpu", "trainer.devices=2", *DDP_SHORT)
+    result = _train_script(
+        tmp_path,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        *DDP_SHORT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # Lightning's own messages (rank 1's included) go to the run folder's logs
     said = result.stderr + "".join(f.read_text() for f in (tmp_path / "run").rglob("*.log"))
@@ -168,8 +169,13 @@ def test_ddp_sync_batchnorm_is_refused_on_cpu(tmp_path):
     """PyTorch's DistributedDataParallel refuses SyncBatchNorm on CPU modules, before any
     forward, even when every BatchNorm sits in a repsqueeze block (whose own batch_norm would
     all-reduce over gloo). Fails once PyTorch lifts the limit: then test trainer=ddp on CPU."""
-    result = _run_train_script(
-        tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *DDP_SHORT
+    result = _train_script(
+        tmp_path,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *DDP_SHORT,
     )
     assert result.returncode != 0
     assert "SyncBatchNorm layers only work with GPU modules" in result.stderr
@@ -178,24 +184,11 @@ def test_ddp_sync_batchnorm_is_refused_on_cpu(tmp_path):
 # --- configuration mistakes: refused before training, one line naming the override ---------
 
 
-def _image_folder(root: Path, corrupt: bool = False) -> Path:
-    """Two classes of four 8x8 PNGs; with ``corrupt``, one more file that is not an image."""
-    rng = np.random.default_rng(0)
-    for name in ("ant", "bee"):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    if corrupt:
-        (root / "bee" / "broken.png").write_bytes(b"not a png at all")
-    return root
-
-
 def _refusal(compose_train, *overrides: str) -> str:
     """The one-line message ``train.py`` prints for ``overrides``; nothing may be trained."""
     with pytest.raises(ConfigError) as info:
         train(compose_train(*overrides))
-    line = train_script.one_line(info.value)
+    line = one_line(info.value)
     assert "\n" not in line
     return line
 
@@ -238,13 +231,13 @@ def test_model_that_contradicts_the_data_is_refused(compose_train, key, value, d
 
 
 def test_classes_and_channels_come_from_the_data(compose_train, tmp_path):
-    folder = _image_folder(tmp_path / "images")
+    folder = image_folder(tmp_path / "images")
     cfg = compose_train("data=imagefolder", f"data.root={folder}", "data.image_size=8")
-    datamodule = train_script._instantiate(cfg.data, "data")
-    train_script.fill_from_data(cfg, datamodule)
-    assert (cfg.model.net.num_classes, cfg.model.net.in_channels) == (2, 3)
+    datamodule = instantiate_group(cfg.data, "data")
+    assert net_from_data(cfg, datamodule) == {"num_classes": 2, "in_channels": 3}
+    assert (cfg.model.net.num_classes, cfg.model.net.in_channels) == (None, None)  # unchanged
     explicit = compose_train("model.net.num_classes=10", "model.net.in_channels=1")
-    train_script.fill_from_data(explicit, train_script._instantiate(explicit.data, "data"))
+    assert net_from_data(explicit, instantiate_group(explicit.data, "data")) == {}
 
 
 def test_image_folder_root_that_does_not_exist(compose_train, tmp_path):
@@ -282,7 +275,7 @@ def test_cifar_offline_says_how_to_place_the_files(compose_train, tmp_path, monk
 
 def test_corrupt_image_is_named(compose_train, tmp_path):
     """The broken file is read in a DataLoader worker: the one line still names it."""
-    folder = _image_folder(tmp_path / "images", corrupt=True)
+    folder = image_folder(tmp_path / "images", corrupt=True)
     cfg = compose_train(
         "data=imagefolder", f"data.root={folder}", "data.image_size=8", "data.batch_size=9",
         "data.num_workers=1", "data.pin_memory=false", "data.val_fraction=0.5",
@@ -290,8 +283,8 @@ def test_corrupt_image_is_named(compose_train, tmp_path):
     )  # fmt: skip
     with pytest.raises(ConfigError) as info:
         train(cfg)
-    line = train_script.one_line(info.value)
-    assert line.startswith(f"{folder / 'bee' / 'broken.png'}: not a readable image")
+    line = one_line(info.value)
+    assert line.startswith(f"{folder / 'class1' / 'broken.png'}: not a readable image")
     assert "\n" not in line
 
 
@@ -305,14 +298,14 @@ def test_remove_if_empty(tmp_path, monkeypatch):
     (run / "csv" / "version_0").mkdir(parents=True)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
-    assert not train_script.remove_if_empty(run, logs)  # a checkpoint keeps the folder
+    assert not runs.remove_if_empty(run, logs)  # a checkpoint keeps the folder
     assert (run / "checkpoints" / "last.ckpt").is_file()
     (run / "checkpoints" / "last.ckpt").unlink()
     (logs / "train" / "multiruns").mkdir()
-    assert train_script.remove_if_empty(run, logs)
+    assert runs.remove_if_empty(run, logs)
     assert not (logs / "train" / "runs").exists()  # left empty: removed
     assert (logs / "train" / "multiruns").is_dir()  # not ours
-    assert not train_script.remove_if_empty(tmp_path)  # the working directory: never
+    assert not runs.remove_if_empty(tmp_path)  # the working directory: never
 
 
 @pytest.mark.parametrize("where", ["named by the user", "named by another run", "sweep job"])
@@ -327,12 +320,12 @@ def test_remove_if_empty_keeps_a_folder_this_run_did_not_name(tmp_path, monkeypa
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("mine: 1\n")
     (run / "notes.log").write_text("my log")
-    assert not train_script.remove_if_empty(run, tmp_path)
+    assert not runs.remove_if_empty(run, tmp_path)
     assert (run / "notes.log").read_text() == "my log"
     assert (run / ".hydra" / "config.yaml").read_text() == "mine: 1\n"
     sweep = tmp_path / f"sweep_{runs.run_id()}" / "3"
     sweep.mkdir(parents=True)
-    assert train_script.remove_if_empty(sweep, tmp_path)  # a job folder of this run's sweep
+    assert runs.remove_if_empty(sweep, tmp_path)  # a job folder of this run's sweep
 
 
 def test_run_folders_are_unique_per_run(tmp_path):
@@ -354,10 +347,10 @@ def test_run_folders_are_unique_per_run(tmp_path):
 def test_one_line_of_a_worker_error():
     err = ConfigError(
         "Caught ConfigError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-        'call last):\n  File "x.py", line 1\nrepsqueeze.data.ConfigError: a/b.png: not a '
+        'call last):\n  File "x.py", line 1\nrepsqueeze.training.datasets.ConfigError: a/b.png: not a '
         "readable image (UnidentifiedImageError: cannot identify image file)\n"
     )
-    assert train_script.one_line(err) == (
+    assert one_line(err) == (
         "a/b.png: not a readable image (UnidentifiedImageError: cannot identify image file)"
     )
 
@@ -402,7 +395,7 @@ def test_main_returns_the_optimized_metric_and_logs_the_config(compose_train, tm
         "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1", "test=false", "deploy=false",
     )  # fmt: skip
-    value = train_script.main.__wrapped__(cfg)
+    value = cli_train.hydra_main.__wrapped__(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert value == metrics["val/acc_best"]
     hparams = yaml.safe_load(next(tmp_path.glob("csv/*/hparams.yaml")).read_text())
@@ -410,35 +403,36 @@ def test_main_returns_the_optimized_metric_and_logs_the_config(compose_train, tm
     for key in ("trainer", "optimizer", "scheduler", "data", "seed", "paths"):
         assert hparams[key] == resolved[key], key
     assert hparams["model"]["net"]["num_classes"] == 10  # filled in from the data
-    assert hparams["net_config"] == resolved["model"]["net"]  # Lightning's own, still there
+    from_data = {"num_classes": 10, "in_channels": 1}  # given when the model was built
+    assert hparams["net_config"] == {**resolved["model"]["net"], **from_data}  # Lightning's own
 
 
 def test_compare_jobs_table(tmp_path, capsys):
     for job, (block, acc) in enumerate([("plain", 0.9), ("dbb", 0.95)]):
         folder = tmp_path / str(job)
         (folder / ".hydra").mkdir(parents=True)
-        overrides = [f"model.net.block={block}", "trainer.max_epochs=3"]
+        overrides = [f"block={block}", "trainer.max_epochs=3"]
         (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
         (folder / "metrics.json").write_text(
             json.dumps({"val/acc_best": acc, "params": 1000 + job})
         )
     (tmp_path / "2").mkdir()  # a job that did not finish
-    rows = train_script.compare_jobs(tmp_path)
+    rows = cli_train.compare_jobs(tmp_path)
     assert rows == [
-        {"job": "0", "model.net.block": "plain", "val/acc_best": 0.9, "params": 1000},
-        {"job": "1", "model.net.block": "dbb", "val/acc_best": 0.95, "params": 1001},
+        {"job": "0", "block": "plain", "val/acc_best": 0.9, "params": 1000},
+        {"job": "1", "block": "dbb", "val/acc_best": 0.95, "params": 1001},
     ]
     sweep = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
-    train_script.CompareJobs().on_multirun_end(sweep)
+    cli_train.CompareJobs().on_multirun_end(sweep)
     out = capsys.readouterr().out
-    assert "2 jobs in" in out and "model.net.block" in out and "0.950" in out
+    assert "2 jobs in" in out and "block" in out and "0.950" in out
     assert "|" not in out  # the plain terminal table
     assert (tmp_path / "comparison.md").read_text().startswith("| job")
 
 
 @pytest.mark.slow
 def test_multirun_over_block_kinds_prints_a_comparison(tmp_path):
-    result = _train_script(tmp_path, "-m", "model.net.block=plain,repvgg", "debug=fdr")
+    result = _train_script(tmp_path, "-m", "block=plain,repvgg", "debug=fdr")
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("2 jobs in") :]
     assert "plain" in table and "repvgg" in table and "test/acc_deployed" in table

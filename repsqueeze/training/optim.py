@@ -138,7 +138,7 @@ def repvgg_custom_l2(net: nn.Module) -> Regularizer:
     if not pairs:
         raise ValueError(
             "repvgg_custom_l2: the network has no RepVGG block in its training form (a k x k "
-            "conv-BN branch beside a 1x1 conv-BN branch); use model.net.block=repvgg"
+            "conv-BN branch beside a 1x1 conv-BN branch); use block=repvgg"
         )
 
     def term() -> Tensor:
@@ -185,7 +185,7 @@ def dbb_identity_l2(net: nn.Module) -> Regularizer:
     if not convs:
         raise ValueError(
             "dbb_identity_l2: the network has no Diverse Branch Block whose 1x1 -> k x k "
-            "branch starts at the identity; use model.net.block=dbb"
+            "branch starts at the identity; use block=dbb"
         )
     targets = {id(c): _identity_like(c).detach() for c in convs}
 
@@ -215,7 +215,7 @@ def warmup_schedule(
     steps by ``gamma`` at the ``milestones`` (epochs); torch's ``SequentialLR`` of
     ``LinearLR`` and ``CosineAnnealingLR`` / ``MultiStepLR``.
 
-    :class:`repsqueeze.lit.Classifier` fills in ``total_steps`` and ``steps_per_epoch`` from
+    :class:`repsqueeze.training.lit.Classifier` fills in ``total_steps`` and ``steps_per_epoch`` from
     the trainer and steps it after every optimizer step.
 
     Args:

@@ -1,4 +1,4 @@
-"""Tests for repsqueeze.data: splits, shapes, determinism, and no augmentation in val.
+"""Tests for repsqueeze.training.datasets and datamodules: splits, shapes, determinism, and no augmentation in val.
 
 CIFAR and ImageFolder data are fabricated on disk in ``tmp_path``; nothing is downloaded.
 """
@@ -6,6 +6,8 @@ CIFAR and ImageFolder data are fabricated on disk in ``tmp_path``; nothing is do
 import os
 import pickle
 import re
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -17,19 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
+from training_support import CIFAR_TEST, fake_cifar10, fake_cifar100
 
-from repsqueeze.data import (
-    CIFAR_STATS,
+from repsqueeze.training.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     CIFARDataModule,
-    ConfigError,
-    DataNotFoundError,
     DigitsDataModule,
     ImageFolderDataModule,
     example_batch,
-    load_image,
 )
+from repsqueeze.training.datasets import CIFAR_STATS, ConfigError, DataNotFoundError, load_image
 
 N_DIGITS = 1797
 
@@ -179,76 +179,9 @@ def test_example_batch():
 
 # --- CIFAR -----------------------------------------------------------------------------------
 
-CIFAR10_PER_BATCH = 8  # five train batches -> 40 train images
-CIFAR_TEST = 6
-
-
-def _images(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
-
-
-def _dump(obj: dict, path: Path) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def _fake_cifar10(root: Path) -> np.ndarray:
-    """torchvision's cifar-10-batches-py layout; returns the train images as (N, 32, 32, 3)."""
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    train = []
-    for i in range(1, 6):
-        data = _images(rng, CIFAR10_PER_BATCH)
-        labels = rng.integers(0, 10, CIFAR10_PER_BATCH).tolist()
-        _dump(
-            {"batch_label": f"batch {i}", "data": data, "labels": labels},
-            folder / f"data_batch_{i}",
-        )
-        train.append(data)
-    test = {
-        "batch_label": "test",
-        "data": _images(rng, CIFAR_TEST),
-        "labels": list(range(CIFAR_TEST)),
-    }
-    _dump(test, folder / "test_batch")
-    _dump({"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}, folder / "batches.meta")
-    return np.vstack(train).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
-def _fake_cifar100(root: Path) -> None:
-    rng = np.random.default_rng(1)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, n in (("train", 40), ("test", CIFAR_TEST)):
-        split = {
-            "data": _images(rng, n),
-            "fine_labels": rng.integers(0, 100, n).tolist(),
-            "coarse_labels": rng.integers(0, 20, n).tolist(),
-            "filenames": [f"{name}_{i}.png" for i in range(n)],
-            "batch_label": name,
-        }
-        _dump(split, folder / name)
-    meta = {
-        "fine_label_names": [f"f{i}" for i in range(100)],
-        "coarse_label_names": [f"c{i}" for i in range(20)],
-    }
-    _dump(meta, folder / "meta")
-
-
-@pytest.fixture
-def skip_md5(monkeypatch):
-    """Accept any file that exists: the fabricated files cannot match torchvision's md5s.
-
-    Both ``_check_integrity`` and ``_load_meta`` go through this module-level function.
-    """
-    monkeypatch.setattr(
-        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
-    )
-
 
 def test_cifar10_shapes_split_and_val_without_augmentation(tmp_path, skip_md5):
-    train_images = _fake_cifar10(tmp_path)
+    train_images = fake_cifar10(tmp_path)
     dm = CIFARDataModule(tmp_path, batch_size=4, num_workers=0, val_size=10, seed=3)
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 3, 32)
     dm.prepare_data()
@@ -281,14 +214,14 @@ def test_cifar10_shapes_split_and_val_without_augmentation(tmp_path, skip_md5):
 
 
 def test_cifar_without_augmentation(tmp_path, skip_md5):
-    _fake_cifar10(tmp_path)
+    fake_cifar10(tmp_path)
     dm = CIFAR10DataModule(data_dir=tmp_path, val_size=10, augment=False)
     dm.setup("fit")
     assert torch.equal(dm.train_set[0][0], dm.train_set[0][0])
 
 
 def test_cifar100(tmp_path, skip_md5):
-    _fake_cifar100(tmp_path)
+    fake_cifar100(tmp_path)
     dm = CIFAR100DataModule(data_dir=tmp_path, batch_size=5, num_workers=0, val_size=8)
     assert dm.num_classes == 100
     x, y = example_batch(dm, "test")
@@ -338,7 +271,7 @@ def test_cifar_prepare_data_downloads_when_asked(tmp_path, monkeypatch, skip_md5
 
     def fake_download(url, download_root, **kwargs):
         urls.append(url)
-        _fake_cifar100(Path(download_root))
+        fake_cifar100(Path(download_root))
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
     dm = CIFARDataModule(tmp_path, name="cifar100", download=True, val_size=8, num_workers=0)
@@ -355,7 +288,7 @@ def test_cifar_unknown_name():
 
 
 def test_cifar_val_size_out_of_range(tmp_path, skip_md5):
-    _fake_cifar10(tmp_path)
+    fake_cifar10(tmp_path)
     with pytest.raises(ConfigError, match=r"val_size=40: must be in \[0, 40\)"):
         CIFARDataModule(tmp_path, val_size=40).setup("fit")
 
@@ -451,3 +384,13 @@ def test_image_folder_val_classes_must_match_train(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "dog" / "0.png")
     with pytest.raises(ValueError, match="classes"):
         ImageFolderDataModule(tmp_path, image_size=32).setup()
+
+
+def test_the_data_sets_import_neither_lightning_nor_torchmetrics():
+    """A tool that reads a data set (deploy.py's example batches) does not pay their import."""
+    code = "import sys, repsqueeze.training.datasets; print(sorted({'lightning', 'torchmetrics'} & {m.split('.')[0] for m in sys.modules}))"  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -8,56 +8,35 @@ import functools
 import importlib.util
 import logging
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.model_summary import ModelSummary
-from omegaconf import DictConfig
-from PIL import Image
 from torch import nn
+from training_support import image_folder
 
-import repsqueeze.loggers
-from repsqueeze.data import (
-    ConfigError,
-    DigitsDataModule,
-    ImageFolderDataModule,
-    MixCollate,
-    policy,
-)
-from repsqueeze.lit import Classifier
+import repsqueeze.training.loggers
+from repsqueeze.cli import deploy as deploy_cli
+from repsqueeze.cli.errors import one_line
+from repsqueeze.cli.train import train
 from repsqueeze.models import create_model
-from repsqueeze.optim import (
+from repsqueeze.surgery import deploy
+from repsqueeze.training.datamodules import DigitsDataModule, ImageFolderDataModule
+from repsqueeze.training.datasets import ConfigError, MixCollate, policy
+from repsqueeze.training.lit import Classifier
+from repsqueeze.training.optim import (
     dbb_identity_l2,
     no_decay_params,
     repvgg_custom_l2,
     warmup_schedule,
     weight_decay_groups,
 )
-from repsqueeze.surgery import deploy
 from repsqueeze.zoo import DiverseBranchBlock, RepVGGBlock
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 SHORT += ["trainer.limit_test_batches=1", "data.batch_size=16"]
-
-train_script = load_script("train.py", "train")
-
-
-@pytest.fixture
-def compose_train(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
-    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-    yield lambda *overrides: compose("train", overrides=[*paths, *QUIET, *overrides])
-    GlobalHydra.instance().clear()
 
 
 def _digits_net(block: str = "repvgg", **kwargs) -> nn.Module:
@@ -115,7 +94,7 @@ def test_per_step_schedule_is_stepped_every_optimizer_step(compose_train, single
     cfg = compose_train("scheduler=warmup_cosine", "scheduler.warmup_epochs=1", *SHORT)
     cfg.trainer.max_epochs = 2
     cfg.test = cfg.deploy = False
-    _, objects = train_script.train(cfg)
+    _, objects = train(cfg)
     trainer = objects["trainer"]
     config = trainer.lr_scheduler_configs[0]
     assert config.interval == "step"
@@ -176,7 +155,7 @@ def test_repvgg_custom_l2_is_the_papers(randomize_bn, generator):
     assert {id(p) for p in regularizer.params} == weights
     regularizer.term().backward()
     assert all(b.branches[0][1].weight.grad is None for b in blocks)  # BN scales detached
-    with pytest.raises(ValueError, match="no RepVGG block.*model.net.block=repvgg"):
+    with pytest.raises(ValueError, match="no RepVGG block.*; use block=repvgg"):
         repvgg_custom_l2(_digits_net("dbb"))
 
 
@@ -198,7 +177,7 @@ def test_dbb_identity_l2_is_zero_at_init_and_pulls_towards_the_identity():
     torch.testing.assert_close(conv.detach(), identity, atol=1e-6, rtol=0)
     # the pooling branch's 1x1 (also 4 layers long) is not the identity-initialised one
     assert len(dbb_identity_l2(_digits_net("dbb")).params) == 4
-    with pytest.raises(ValueError, match="model.net.block=dbb"):
+    with pytest.raises(ValueError, match="; use block=dbb"):
         dbb_identity_l2(_digits_net("repvgg"))
 
 
@@ -288,18 +267,8 @@ def test_digits_augmentation_changes_training_images_only():
     assert next(iter(mixed.val_dataloader()))[1].shape == (16,)
 
 
-def _image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 40) -> Path:
-    for c in range(classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = torch.randint(0, 256, (size, size + 4, 3), dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 def test_image_folder_train_and_eval_transforms(tmp_path):
-    root = _image_folder(tmp_path / "folder")
+    root = image_folder(tmp_path / "folder", size=40, width=44)
     dm = ImageFolderDataModule(
         root, batch_size=4, num_workers=0, image_size=24, val_fraction=0.25,
         auto_augment="trivialaugment", random_erasing=0.5, cutmix_alpha=1.0,
@@ -322,7 +291,7 @@ def test_ema_weights_are_validated_checkpointed_tested_and_deployed(
     compose_train, tmp_path, single_thread
 ):
     cfg = compose_train("callbacks=ema", "callbacks.ema.decay=0.5", "logger=csv", *SHORT)
-    metrics, objects = train_script.train(cfg)
+    metrics, objects = train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     averaged = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     raw = {k[4:]: v for k, v in ckpt["current_model_state"].items() if k.startswith("net.")}
@@ -335,9 +304,8 @@ def test_ema_weights_are_validated_checkpointed_tested_and_deployed(
     expected = deploy(net.eval()).state_dict()
     for name, value in payload["state_dict"].items():
         torch.testing.assert_close(value, expected[name])
-    deploy_script = importlib.import_module("repsqueeze.cli.deploy")
     notes: list[str] = []
-    loaded, _ = deploy_script.load_checkpoint(tmp_path / "checkpoints" / "best.ckpt", notes)
+    loaded, _ = deploy_cli.load_checkpoint(tmp_path / "checkpoints" / "best.ckpt", notes)
     torch.testing.assert_close(loaded.state_dict()[weight], averaged[weight], rtol=0, atol=0)
     assert notes == ["trained with weight averaging (EMA): the averaged weights are deployed"]
     lines = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
@@ -371,7 +339,7 @@ def test_channels_last_bf16_compile_clip_ema_mixup_together(
         "model.no_decay_norm_bias=true", "debug=fdr",
     )  # fmt: skip
     cfg.model.compile = {"backend": "eager"}
-    metrics, objects = train_script.train(cfg)
+    metrics, objects = train(cfg)
     assert calls == [{"backend": "eager"}]
     kernels = [p for p in objects["model"].net.parameters() if p.ndim == 4]
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
@@ -384,21 +352,21 @@ def test_missing_logger_package_is_one_line_naming_the_extra(
 ):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        repsqueeze.loggers.importlib.util,
+        repsqueeze.training.loggers.importlib.util,
         "find_spec",
         lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a),
     )
     for option in ("wandb", "mlflow"):
         with pytest.raises(ConfigError) as err:
-            train_script.train(compose_train(f"logger={option}", "debug=fdr"))
-        line = train_script.one_line(err.value)
+            train(compose_train(f"logger={option}", "debug=fdr"))
+        line = one_line(err.value)
         assert f"pip install 'repsqueeze[{option}]'" in line and "\n" not in line
 
 
 def test_rank_zero_filter(monkeypatch):
     record = logging.LogRecord("train", logging.INFO, __file__, 1, "message", None, None)
-    rank_filter = repsqueeze.loggers.RankZeroFilter()
-    monkeypatch.setattr(repsqueeze.loggers.rank_zero_only, "rank", 1)
+    rank_filter = repsqueeze.training.loggers.RankZeroFilter()
+    monkeypatch.setattr(repsqueeze.training.loggers.rank_zero_only, "rank", 1)
     assert not rank_filter.filter(record)
-    monkeypatch.setattr(repsqueeze.loggers.rank_zero_only, "rank", 0)
+    monkeypatch.setattr(repsqueeze.training.loggers.rank_zero_only, "rank", 0)
     assert rank_filter.filter(record)

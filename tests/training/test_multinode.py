@@ -7,20 +7,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from omegaconf import DictConfig
+from training_support import QUIET
 
-ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
+ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 SHORT += ["trainer.limit_test_batches=1", "data.batch_size=16"]
 SLURM = {  # task 3 of 4: the second task on the second of two nodes
@@ -35,25 +31,12 @@ SLURM = {  # task 3 of 4: the second task on the second of two nodes
 }
 
 
-@pytest.fixture
-def compose_train(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
-    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-
-    def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
-        return compose("train", overrides=[*paths, *overrides], return_hydra_config=hydra)
-
-    yield _compose
-    GlobalHydra.instance().clear()
-
-
 def test_lightning_reads_the_slurm_environment(compose_train, monkeypatch):
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
     for flag in (rank_zero_only, utils_rank_zero_only):  # the Trainer sets them to 3: restore
         monkeypatch.setattr(flag, "rank", getattr(flag, "rank", 0))
-    cfg = compose_train("trainer=ddp_cpu", "trainer.devices=2", "trainer.num_nodes=2", *QUIET)
+    cfg = compose_train("trainer=ddp_cpu", "trainer.devices=2", "trainer.num_nodes=2")
     trainer = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert (trainer.world_size, trainer.global_rank) == (4, 3)
@@ -64,12 +47,12 @@ def test_lightning_reads_the_slurm_environment(compose_train, monkeypatch):
 def test_slurm_launcher_config_follows_the_trainer(compose_train):
     cfg = compose_train(
         "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=3",
-        hydra=True,
+        hydra=True, quiet=False,
     )  # fmt: skip
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (3, 4, 4)
-    local = compose_train("hydra/launcher=submitit_local", hydra=True).hydra.launcher
+    local = compose_train("hydra/launcher=submitit_local", hydra=True, quiet=False).hydra.launcher
     assert local._target_.endswith("submitit_launcher.LocalLauncher")
 
 
@@ -107,7 +90,7 @@ def test_submitit_local_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     result = _train(
         tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-        f"hydra.sweep.dir={sweep}", "model.net.block=plain,repvgg", *SHORT,
+        f"hydra.sweep.dir={sweep}", "block=plain,repvgg", *SHORT,
         prefix=(sys.executable,), multirun=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

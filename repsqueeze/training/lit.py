@@ -1,5 +1,6 @@
 """The Lightning module: train a classifier built from re-parameterizable blocks, and at test
-time check that its deployed form (:func:`repsqueeze.surgery.deploy`) computes the same logits.
+time check that its deployed form computes the same logits
+(:class:`repsqueeze.training.callbacks.DeployCheck`).
 
 The network is given either as a module or as its constructor config, a dict that
 ``repsqueeze.models.create_model(**config)`` takes (``{"name": "digits_net", "block": "dbb",
@@ -10,9 +11,9 @@ The network is given either as a module or as its constructor config, a dict tha
     net = create_model(**ckpt["hyper_parameters"]["net_config"])     # or just the network
 
 Training-recipe knobs (see ``docs/training.md``): a per-step schedule with warmup
-(:func:`repsqueeze.optim.warmup_schedule`), weight-decay rules and the RepVGG / DBB
-regularisers (:mod:`repsqueeze.optim`), soft targets (MixUp / CutMix batches from
-:mod:`repsqueeze.data`), ``channels_last``. EMA is Lightning's ``EMAWeightAveraging``
+(:func:`repsqueeze.training.optim.warmup_schedule`), weight-decay rules and the RepVGG / DBB
+regularisers (:mod:`repsqueeze.training.optim`), soft targets (MixUp / CutMix batches from
+:mod:`repsqueeze.training.datasets`), ``channels_last``. EMA is Lightning's ``EMAWeightAveraging``
 callback: it validates, checkpoints (``state_dict``) and leaves in the module after training
 the averaged weights, so the best checkpoint, the test and the deployed network are the EMA's.
 """
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -33,9 +34,15 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from repsqueeze.models import create_model
-from repsqueeze.numerics import describe_fp32, strict_fp32
-from repsqueeze.optim import Regularizer, dbb_identity_l2, repvgg_custom_l2, weight_decay_groups
-from repsqueeze.surgery import deploy, set_mode
+from repsqueeze.numerics import strict_fp32
+from repsqueeze.surgery import set_mode
+from repsqueeze.training.callbacks import DeployCheck, dtype_of
+from repsqueeze.training.optim import (
+    Regularizer,
+    dbb_identity_l2,
+    repvgg_custom_l2,
+    weight_decay_groups,
+)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 _WEIGHT_SOURCES = ("pretrained", "pretrained_cfg_overlay")  # create_model's, not saved
@@ -51,13 +58,12 @@ class Classifier(LightningModule):
     the predictions that hit the most probable class (the larger share of a mixed image).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``,
-    ``test/loss``, ``test/acc`` (``*/acc_top5`` when there are more than 5 classes) and, from
-    the deployed copy built in :meth:`on_test_start`, ``test/acc_deployed`` and
-    ``test/max_logit_diff``: the largest absolute logit difference over the test set divided by
-    the largest absolute logit. A difference above ``deploy_tolerance`` raises ``RuntimeError``.
-    The check runs both forms eagerly, autocast off and TF32 off
-    (:func:`repsqueeze.numerics.strict_fp32`): on Ampere and later GPUs cuDNN would otherwise
-    round float32 convolutions to TF32 (about 1e-4 relative), which is not a deploy error.
+    ``test/loss``, ``test/acc`` (``*/acc_top5`` when there are more than 5 classes) and,
+    through its :attr:`deploy_check` callback (:class:`DeployCheck`, added to every trainer
+    the module runs in), ``test/acc_deployed`` and ``test/max_logit_diff``: the network is
+    deployed once per test, both forms run eagerly with autocast and TF32 off, and a relative
+    logit difference above ``deploy_tolerance`` raises ``RuntimeError``. After the test the
+    checked deployed network is ``deploy_check.deployed``.
 
     Args:
         net: the network, or its ``create_model`` config (then saved as ``net_config``).
@@ -65,7 +71,7 @@ class Classifier(LightningModule):
             ``functools.partial(torch.optim.SGD, lr=0.1)``; only needed to train.
         scheduler: ``scheduler(optimizer=...)`` builds an LR scheduler, or ``None``. One that
             takes ``total_steps`` and ``steps_per_epoch`` (as
-            :func:`repsqueeze.optim.warmup_schedule`) gets them from the trainer and is
+            :func:`repsqueeze.training.optim.warmup_schedule`) gets them from the trainer and is
             stepped after every optimizer step; any other is stepped once per epoch.
         num_classes: number of classes; taken from ``net_config`` when omitted.
         label_smoothing: label smoothing of the cross-entropy loss.
@@ -81,13 +87,13 @@ class Classifier(LightningModule):
             in the uncompiled ``net`` (clean ``state_dict`` keys, no ``_orig_mod.``), and the
             test-time deploy check runs the uncompiled network.
         no_decay_norm_bias: no weight decay on normalisation layers, biases and per-channel
-            scales (:func:`repsqueeze.optim.weight_decay_groups`); ``False`` decays every
+            scales (:func:`repsqueeze.training.optim.weight_decay_groups`); ``False`` decays every
             parameter with the optimizer's ``weight_decay``.
         repvgg_custom_l2: RepVGG's custom L2 on each block's equivalent kernel instead of
-            weight decay on its two kernels (:func:`repsqueeze.optim.repvgg_custom_l2`),
+            weight decay on its two kernels (:func:`repsqueeze.training.optim.repvgg_custom_l2`),
             weighted by ``0.5 * weight_decay``.
         dbb_identity_l2: decay DBB's identity-initialised 1x1 on its difference from the
-            identity (:func:`repsqueeze.optim.dbb_identity_l2`) instead of towards zero.
+            identity (:func:`repsqueeze.training.optim.dbb_identity_l2`) instead of towards zero.
         channels_last: keep the network's 4-D weights and the inputs in channels-last
             memory format (faster convolutions on recent GPUs, above all with bf16).
     """
@@ -109,37 +115,9 @@ class Classifier(LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(net, Mapping):
-            net_config, net = net, None
-        if net_config is not None:
-            net_config = {k: v for k, v in net_config.items() if k != "_target_"}
-        if net is None:
-            if net_config is None:
-                raise ValueError("Classifier needs net (a module or a create_model config)")
-            net = create_model(**net_config)
-        if net_config is not None:  # the checkpoint holds the weights: rebuilding needs no file
-            net_config = {k: v for k, v in net_config.items() if k not in _WEIGHT_SOURCES or not v}
-        config_classes = (net_config or {}).get("num_classes")
-        if num_classes is None:
-            num_classes = config_classes
-        if num_classes is None:
-            raise ValueError("Classifier needs num_classes (or a net_config that has it)")
-        if config_classes is not None and config_classes != num_classes:
-            raise ValueError(f"num_classes={num_classes} but net_config has {config_classes}")
-        self.save_hyperparameters(
-            {
-                "net_config": net_config,
-                "num_classes": num_classes,
-                "label_smoothing": label_smoothing,
-                "deploy_tolerance": deploy_tolerance,
-                "mode": mode,
-                "compile": compile,
-                "no_decay_norm_bias": no_decay_norm_bias,
-                "repvgg_custom_l2": repvgg_custom_l2,
-                "dbb_identity_l2": dbb_identity_l2,
-                "channels_last": channels_last,
-            }
-        )
+        net, net_config, num_classes = _network(net, net_config, num_classes)
+        # every argument but the objects (as the resolved values above); net_config rebuilds net
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = set_mode(net, mode) if mode is not None else net
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -150,13 +128,12 @@ class Classifier(LightningModule):
         self.train_metrics = _accuracies(num_classes, "train/")
         self.val_metrics = _accuracies(num_classes, "val/")
         self.test_metrics = _accuracies(num_classes, "test/")
-        self.test_acc_deployed = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
-        # Plain attributes, so they stay out of state_dict and checkpoints: the deployed copy
-        # (built in on_test_start) and the compiled network (built in configure_model).
-        self.__dict__["deployed"] = None
+        self.deploy_check = DeployCheck(deploy_tolerance)  # a callback, see configure_callbacks
+        # Plain attributes, so they stay out of state_dict and checkpoints: the compiled
+        # network (built in configure_model) and the regularisers (built with the optimizer).
         self.__dict__["compiled_net"] = None
-        self.__dict__["regularizers"] = []  # built with the optimizer
+        self.__dict__["regularizers"] = []
 
     def setup(self, stage: str) -> None:
         """Gives the model summary an example input (one image of the data module's shape),
@@ -172,7 +149,7 @@ class Classifier(LightningModule):
         """The summary's example input, in the network's dtype at the time it is read (the
         precision plugin converts the network after :meth:`setup`, e.g. ``precision=64``)."""
         x = self._example_input_array
-        return x if x is None else x.to(_dtype_of(self.net))
+        return x if x is None else x.to(dtype_of(self.net))
 
     @example_input_array.setter
     def example_input_array(self, example: Tensor | None) -> None:
@@ -246,49 +223,21 @@ class Classifier(LightningModule):
         self.val_acc_best(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
-    def on_test_start(self) -> None:
-        deployed = deploy(self.net).eval().requires_grad_(False)
-        self.__dict__["deployed"] = deployed
-        with strict_fp32():
-            precision = describe_fp32()
-        dtype = _dtype_of(self.net)
-        if dtype != torch.float32:
-            precision = f"parameters in {dtype}"
-        rank_zero_info(f"Deploy check (training vs deployed form): autocast off, {precision}")
-        self._max_diff = torch.zeros((), device=self.device)
-        self._max_logit = torch.zeros((), device=self.device)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Tests the training form and returns its logits, for :class:`DeployCheck` to
+        compare with the deployed form's: eagerly, in the parameters' own precision, TF32 and
+        autocast off (mixed-precision and TF32 noise is not a deploy error)."""
         x, y = batch
-        # Both forms eagerly, in the parameters' own precision, TF32 off: mixed-precision and
-        # TF32 noise is not a deploy error.
-        x = x.to(_dtype_of(self.net)) if x.is_floating_point() else x
+        x = x.to(dtype_of(self.net)) if x.is_floating_point() else x
         with strict_fp32(), torch.autocast(x.device.type, enabled=False):
-            logits = self.net(x)
-            logits_deployed = self.deployed(x)
+            logits = self.net(x)  # (N, num_classes)
         self.test_metrics(logits, y)
         self._log_stage(self.test_metrics, self.criterion(logits, y))
-        self.test_acc_deployed(logits_deployed, y)
-        self.log("test/acc_deployed", self.test_acc_deployed, on_step=False, on_epoch=True)
-        diff = (logits.float() - logits_deployed.float()).abs().max()
-        self._max_diff = torch.maximum(self._max_diff, diff)
-        self._max_logit = torch.maximum(self._max_logit, logits.float().abs().max())
+        return logits
 
-    def on_test_epoch_end(self) -> None:
-        max_diff = self.trainer.strategy.reduce(self._max_diff, reduce_op="max")
-        scale = self.trainer.strategy.reduce(self._max_logit, reduce_op="max")
-        scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
-        relative = max_diff / scale
-        self.log("test/max_logit_diff", relative, sync_dist=True, reduce_fx="max")
-        if not relative <= self.hparams.deploy_tolerance:  # NaN fails too
-            raise RuntimeError(
-                f"deployed model differs from the training form: max |logit difference| = "
-                f"{max_diff.item():.3g}, {relative.item():.3g} of the largest |logit| "
-                f"{scale.item():.3g}, above deploy_tolerance={self.hparams.deploy_tolerance}"
-            )
-
-    def on_test_end(self) -> None:
-        self.__dict__["deployed"] = None
+    def configure_callbacks(self) -> list[Callback]:
+        """The training-vs-deployed check (:class:`DeployCheck`), in every trainer (once)."""
+        return [] if self.deploy_check in self.trainer.callbacks else [self.deploy_check]
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -351,14 +300,38 @@ def _takes_lengths(factory: Callable[..., Any]) -> bool:
     return "total_steps" in params and "steps_per_epoch" in params
 
 
-def _dtype_of(net: nn.Module) -> torch.dtype:
-    """The dtype of ``net``'s first floating-point parameter (float32 when it has none)."""
-    return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
-
-
 def _accuracies(num_classes: int, prefix: str) -> MetricCollection:
     """Top-1 accuracy, plus top-5 when there are more than 5 classes, logged as ``{prefix}acc``."""
     metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
+
+
+def _network(
+    net: nn.Module | Mapping[str, Any] | None,
+    net_config: Mapping[str, Any] | None,
+    num_classes: int | None,
+) -> tuple[nn.Module, dict[str, Any] | None, int]:
+    """``(net, net_config, num_classes)`` from the arguments of :class:`Classifier`: the
+    network built from its config when only that is given, the config without ``_target_``
+    and without the weight sources (the checkpoint holds the weights), and the classes
+    checked against the config's."""
+    if isinstance(net, Mapping):
+        net_config, net = net, None
+    if net_config is not None:
+        net_config = {k: v for k, v in net_config.items() if k != "_target_"}
+    if net is None:
+        if net_config is None:
+            raise ValueError("Classifier needs net (a module or a create_model config)")
+        net = create_model(**net_config)
+    if net_config is not None:  # rebuilding from a checkpoint needs no weight file
+        net_config = {k: v for k, v in net_config.items() if k not in _WEIGHT_SOURCES or not v}
+    config_classes = (net_config or {}).get("num_classes")
+    if num_classes is None:
+        num_classes = config_classes
+    if num_classes is None:
+        raise ValueError("Classifier needs num_classes (or a net_config that has it)")
+    if config_classes is not None and config_classes != num_classes:
+        raise ValueError(f"num_classes={num_classes} but net_config has {config_classes}")
+    return net, net_config, num_classes

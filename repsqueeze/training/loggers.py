@@ -17,7 +17,7 @@ from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from repsqueeze.data import ConfigError
+from repsqueeze.errors import ConfigError
 
 
 def _require(package: str, option: str) -> None:

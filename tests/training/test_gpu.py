@@ -21,15 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import randomize
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 import repsqueeze as rs
+from repsqueeze.cli import train as cli_train
 from repsqueeze.numerics import strict_fp32
 from repsqueeze.zoo import BLOCKS
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The test bodies can be debugged without a GPU: GPU_TEST_DEVICE=cpu, calling them directly
 # (pytest still skips them without CUDA).
 DEVICE = os.environ.get("GPU_TEST_DEVICE", "cuda")
@@ -91,16 +90,6 @@ def test_online_equals_chain_on_cuda(kind, dtype, tol):
         assert _relative(g_chain, g_online) <= tol * 10, (kind, train)
 
 
-@pytest.fixture
-def compose_train(tmp_path: Path):
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
-    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-    quiet = ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
-    yield lambda *overrides: compose("train", overrides=[*paths, *quiet, *overrides])
-    GlobalHydra.instance().clear()
-
-
 SHORT = [
     "trainer=gpu" if DEVICE == "cuda" else "trainer=cpu",
     "trainer.max_epochs=1",
@@ -110,22 +99,13 @@ SHORT = [
 ]
 
 
-def _train():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.train
-
-
 @pytest.mark.parametrize(
     "block, precision", [("repvgg", "32"), ("repvgg", "bf16-mixed"), ("dbb", "32")]
 )
 def test_fit_and_test_on_cuda(compose_train, tmp_path, precision, block):
     overrides = [f"trainer.precision={precision}", f"model.net.block={block}", "deploy=false"]
     cfg = compose_train(*SHORT, *overrides)
-    metrics, objects = _train()(cfg)
+    metrics, objects = cli_train.train(cfg)
     assert objects["model"].device.type == DEVICE
     assert metrics["test/max_logit_diff"] < 1e-5  # strict fp32: not TF32's ~1e-4
     assert metrics["test/acc_deployed"] == metrics["test/acc"]
@@ -135,7 +115,7 @@ def test_fit_and_test_on_cuda(compose_train, tmp_path, precision, block):
 def test_gpu_checkpoint_deploys_on_a_cpu_only_process(compose_train, tmp_path):
     """A checkpoint written by a GPU run holds CUDA tensors; deploy.py must load it with
     map_location="cpu" in a process where CUDA is invisible, verify and write artifacts."""
-    _train()(compose_train(*SHORT, "deploy=false"))
+    cli_train.train(compose_train(*SHORT, "deploy=false"))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True, map_location="cpu") is not None
     saved = torch.load(ckpt, weights_only=True)  # the tensors come back on the GPU

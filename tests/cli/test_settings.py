@@ -13,55 +13,35 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
+import lightning.pytorch
 import pytest
 import torch
 import yaml
-from helpers import load_script
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
 from lightning.pytorch import Callback
-from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from omegaconf import OmegaConf
+from training_support import QUIET, image_folder
 
 import repsqueeze.cli.settings
 from repsqueeze import export
 from repsqueeze.cli import deploy as deploy_script
 from repsqueeze.cli import runs
+from repsqueeze.cli import train as cli_train
 from repsqueeze.cli.errors import RunInterrupted, SettingError, one_line
 from repsqueeze.cli.schema import Int, Rule, Schema, validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, TRAIN_SCHEMA
-from repsqueeze.data import ConfigError
-from repsqueeze.lit import Classifier
+from repsqueeze.cli.train import train
 from repsqueeze.models import create_model
 from repsqueeze.surgery import deploy
+from repsqueeze.training.datasets import ConfigError
+from repsqueeze.training.lit import Classifier
 
-ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
+ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 SHORT += ["test=false", "deploy=false"]
 NET = {"name": "digits_net", "block": "repvgg", "num_classes": 10, "in_channels": 1}
-
-train_script = load_script("train.py", "train_script")
-Compose = Callable[..., DictConfig]
-
-
-@pytest.fixture
-def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
-    """``compose_cfg(name, *overrides)``: the train or deploy config, writing under tmp_path."""
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
-    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-
-    def _compose(name: str, *overrides: str) -> DictConfig:
-        quiet = QUIET if name == "train" else []
-        return compose(name, overrides=[*paths, *quiet, *overrides])
-
-    yield _compose
-    GlobalHydra.instance().clear()
 
 
 def _checkpoint(path: Path, net_config: dict = NET) -> Path:
@@ -69,15 +49,6 @@ def _checkpoint(path: Path, net_config: dict = NET) -> Path:
     state = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
     torch.save(state, path)
     return path
-
-
-def _images(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for name in ("ant", "bee"):
-        (root / name).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")  # fmt: skip
-    return root
 
 
 def _bad_checkpoint(kind: str, tmp_path: Path) -> Path:
@@ -143,10 +114,17 @@ TRAIN_REFUSALS = [
         "+trainer.max_epoch=1",
         "trainer.max_epoch=1: lightning.pytorch.Trainer takes no argument 'max_epoch'; did you mean trainer.max_epochs?",
     ),  # fmt: skip
-    ("+data.foo=1", "data.foo=1: repsqueeze.data.DigitsDataModule takes no argument 'foo'"),
+    (
+        "+data.foo=1",
+        "data.foo=1: repsqueeze.training.datamodules.DigitsDataModule takes no argument 'foo'",
+    ),
     ("+seeed=1", "seeed=1: not a setting of this command; did you mean seed?"),
     ("model.compile=abc", "model.compile=abc: must be true or false or dict"),
     ("model.mode=fast", "model.mode=fast: must be one of chain, online, auto"),
+    (
+        "+model.net.mode=online",
+        "model.net.mode=online: the blocks' run mode is set by model.mode: use model.mode=online",
+    ),  # fmt: skip
     ("test=maybe", "test=maybe: must be true or false"),
     ("model.net.name=nope", "model.net.name=nope: must be one of"),
     (
@@ -169,21 +147,31 @@ TRAIN_REFUSALS = [
     ),  # fmt: skip
     ("data=cifar10 data.val_size=0", "data.val_size=0: must be a positive integer"),
     (
-        "model.mode=online model.net.block=dbb",
+        "model.mode=online block=dbb",
         "model.mode=online: the network cannot train on this data: branches.0.1 (BatchNorm2d) normalises with batch statistics",
     ),  # fmt: skip
     (
-        "model.mode=online model.net.block=qarepvgg",
+        "model.mode=online block=qarepvgg",
         "model.mode=online: the network cannot train on this data:",
     ),  # fmt: skip
 ]
 
 
+def test_an_option_an_experiment_asks_for_is_refused_naming_the_experiment():
+    err = MissingConfigException(
+        "In 'experiment/mine': Could not find 'block/dbbb'", "block/dbbb", ["dbb", "plain"]
+    )
+    assert one_line(err) == (
+        "block=dbbb: must be one of dbb, plain (did you mean dbb?) "
+        "(asked for by configs/experiment/mine.yaml)"
+    )
+
+
 @pytest.mark.parametrize(("overrides", "expected"), TRAIN_REFUSALS, ids=[str(r[0] if isinstance(r, tuple) else r.values[0]) for r in TRAIN_REFUSALS])  # fmt: skip
 def test_train_setting_is_refused_in_one_line(compose_cfg, overrides, expected, monkeypatch):
-    monkeypatch.setattr(train_script.L.Trainer, "fit", _no_fit)
+    monkeypatch.setattr(lightning.pytorch.Trainer, "fit", _no_fit)
     with pytest.raises(ConfigError) as info:
-        train_script.train(compose_cfg("train", *overrides.split()))
+        train(compose_cfg("train", *overrides.split()))
     line = one_line(info.value)
     assert "\n" not in line
     assert line.startswith(expected), line
@@ -221,7 +209,7 @@ def test_ddp_without_gpus_is_refused(compose_cfg, overrides, expected):
         ("pickle", "cannot be loaded safely (weights_only)"),
         (
             "other_block",
-            "its network has block=dbb, the config block=repvgg: set model.net.block=dbb to resume it",
+            "its network has block=dbb, the config block=repvgg: set block=dbb to resume it",
         ),  # fmt: skip
     ],
 )
@@ -235,10 +223,10 @@ def test_resume_checkpoint_is_checked_before_training(compose_cfg, tmp_path, kin
 
 
 def test_image_folder_without_validation_split_is_refused(compose_cfg, tmp_path):
-    root = _images(tmp_path / "images")
+    root = image_folder(tmp_path / "images", per_class=5)
     cfg = compose_cfg("train", "data=imagefolder", f"data.root={root}", "data.image_size=8", "data.val_fraction=0.01")  # fmt: skip
     with pytest.raises(SettingError, match="the data has no validation samples: without them no best checkpoint"):  # fmt: skip
-        train_script.train(cfg)
+        train(cfg)
 
 
 @pytest.mark.parametrize(
@@ -355,7 +343,7 @@ DEPLOY_REFUSALS = [
     ("threads=0", "threads=0: must be a positive integer"),
     (
         "data=digits +data.foo=1",
-        "data.foo=1: repsqueeze.data.DigitsDataModule takes no argument 'foo'",
+        "data.foo=1: repsqueeze.training.datamodules.DigitsDataModule takes no argument 'foo'",
     ),  # fmt: skip
 ]
 
@@ -399,7 +387,7 @@ def test_last_checkpoint_every_epoch_and_on_sigterm(compose_cfg, tmp_path):
     cfg = compose_cfg("train", *SHORT, "trainer.max_epochs=5", "optimizer.lr=1e-12",
                       f"+callbacks.kill._target_={__name__}.SendSigterm")  # fmt: skip
     with pytest.raises(RunInterrupted) as info:
-        train_script.train(cfg)
+        train(cfg)
     err = info.value
     (kill,) = [c for c in err.trainer_callbacks if isinstance(c, SendSigterm)]
     assert kill.last_epochs == [0, 1]
@@ -410,7 +398,7 @@ def test_last_checkpoint_every_epoch_and_on_sigterm(compose_cfg, tmp_path):
     ckpt = torch.load(last, weights_only=True)
     assert (ckpt["epoch"], ckpt["global_step"]) == (2, 5)  # the state when the signal came
     assert ckpt["val_acc_best"] == err.metrics["val/acc_best"]  # a resumed run starts from it
-    train_script.close_failed_run(tmp_path, tmp_path, err, sweep=False)  # kept: it has checkpoints
+    runs.close_failed_run(tmp_path, tmp_path, err, sweep=False)  # kept: it has checkpoints
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["error"] == one_line(err, "paths.log_dir")
 
@@ -429,7 +417,7 @@ def test_resumed_run_keeps_its_best_accuracy():
 
 
 def test_precision_64_trains_tests_and_deploys(compose_cfg):
-    metrics, objects = train_script.train(compose_cfg("train", "debug=fdr", "trainer.precision=64"))  # fmt: skip
+    metrics, objects = train(compose_cfg("train", "debug=fdr", "trainer.precision=64"))  # fmt: skip
     assert next(objects["deployed"].parameters()).dtype == torch.float64
     assert metrics["test/max_logit_diff"] < 1e-6 and metrics["latency_ms_deployed"] > 0
 
@@ -449,20 +437,20 @@ def test_failed_run_folder_is_removed_or_marked(tmp_path, monkeypatch):
     logs = tmp_path / "logs"
     ours = _run_folder(logs, f"2026-01-01_00-00-00_{runs.run_id()}")
     err = SettingError("broke")
-    train_script.close_failed_run(ours, logs, err, sweep=False)
+    runs.close_failed_run(ours, logs, err, sweep=False)
     assert not ours.exists() and not (logs / "train").exists()  # only this run's logs: removed
     ours = _run_folder(logs, f"2026-01-01_00-00-01_{runs.run_id()}")
     (ours / "checkpoints").mkdir()
     (ours / "checkpoints" / "last.ckpt").write_bytes(b"w")
-    train_script.close_failed_run(ours, logs, err, sweep=False)
+    runs.close_failed_run(ours, logs, err, sweep=False)
     assert json.loads((ours / "metrics.json").read_text()) == {"error": "broke", "status": "failed"}  # fmt: skip
     given = _run_folder(logs, "mine")  # not named by this run (hydra.run.dir=...): kept
     (given / "notes.txt").write_text("mine")
-    train_script.close_failed_run(given, logs, err, sweep=False)
+    runs.close_failed_run(given, logs, err, sweep=False)
     assert (given / "notes.txt").read_text() == "mine" and (given / "csv").is_dir()
     job = _run_folder(logs, f"sweep_{runs.run_id()}") / "0"
     job.mkdir()
-    train_script.close_failed_run(job, logs, err, sweep=True)  # a sweep's job: kept, marked
+    runs.close_failed_run(job, logs, err, sweep=True)  # a sweep's job: kept, marked
     assert json.loads((job / "metrics.json").read_text())["status"] == "failed"
 
 
@@ -474,7 +462,7 @@ def test_sweep_with_a_failed_job_says_so_and_exits_1(tmp_path, capsys):
         (tmp_path / str(job) / "metrics.json").write_text(json.dumps(metrics))
     sweep = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     with pytest.raises(SystemExit) as info:
-        train_script.CompareJobs().on_multirun_end(sweep)
+        cli_train.CompareJobs().on_multirun_end(sweep)
     assert info.value.code == 1
     out = capsys.readouterr()
     assert "failed" in out.out and "finished" in out.out
@@ -488,16 +476,16 @@ def test_resume_continues_in_the_checkpoints_run_folder(tmp_path):
     (run_dir / "checkpoints").mkdir()
     last = _checkpoint(run_dir / "checkpoints" / "last.ckpt")
     argv = ["train.py", f"paths.root_dir={tmp_path}", "resume=true", "trainer.max_epochs=9"]
-    assert train_script.resume_argv(argv) == [
+    assert cli_train.resume_argv(argv) == [
         "train.py", f"paths.root_dir={tmp_path}", "trainer.max_epochs=9", f"ckpt_path={last}",
         f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resume-1",
     ]  # fmt: skip
-    explicit = train_script.resume_argv(["train.py", f"ckpt_path={last}"])
+    explicit = cli_train.resume_argv(["train.py", f"ckpt_path={last}"])
     assert f"hydra.run.dir='{run_dir}'" in explicit
     elsewhere = _checkpoint(tmp_path / "loose.ckpt")  # not in a run folder: a new run
-    assert train_script.resume_argv(["train.py", f"ckpt_path={elsewhere}"]) == ["train.py", f"ckpt_path={elsewhere}"]  # fmt: skip
+    assert cli_train.resume_argv(["train.py", f"ckpt_path={elsewhere}"]) == ["train.py", f"ckpt_path={elsewhere}"]  # fmt: skip
     untouched = ["train.py", "-m", "ckpt_path=last"]
-    assert train_script.resume_argv(untouched) == untouched
+    assert cli_train.resume_argv(untouched) == untouched
 
 
 # --- end to end (python train.py) ------------------------------------------------------------

@@ -5,21 +5,17 @@ check, deploy) on a tiny ImageFolder or a fabricated CIFAR-10 made in the test.
 An experiment whose model is not registered is skipped, naming the model.
 """
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import load_script
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
-from test_data import _fake_cifar10, skip_md5  # noqa: F401 (a fixture)
-from test_recipes import _image_folder
+from training_support import fake_cifar10, image_folder
 
+from repsqueeze.cli.train import train
 from repsqueeze.models import list_models
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGENET = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*_imagenet.yaml"))
 CIFAR = [name.replace("_imagenet", "_cifar10") for name in IMAGENET]
 # one optimizer step on batches of 4: the recipes' learning rates are for their batch sizes
@@ -33,17 +29,6 @@ TARGETS = {
     "dbb_resnet18_imagenet": "71.01%",
     "qarepvgg_b0_imagenet": "74.8%",
 }
-train_script = load_script("train.py", "train")
-
-
-@pytest.fixture
-def compose_train(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3")
-    paths = [f"paths.{key}={tmp_path}" for key in ("root_dir", "log_dir", "output_dir")]
-    quiet = ["callbacks.progress_bar.refresh_rate=0"]
-    yield lambda *overrides: compose("train", overrides=[*paths, *quiet, *overrides])
-    GlobalHydra.instance().clear()
 
 
 def _skip_unregistered(cfg: DictConfig) -> None:
@@ -80,24 +65,24 @@ def test_recipes_carry_the_published_settings(compose_train):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGENET)
 def test_imagenet_recipe_fast_dev_run(compose_train, tmp_path, name):
-    root = _image_folder(tmp_path / "imagefolder", classes=3, per_class=4)
+    root = image_folder(tmp_path / "imagefolder", classes=3, per_class=4, size=40, width=44)
     cfg = compose_train(
         f"experiment={name}", *TINY, f"data.root={root}", "data.image_size=32",
         "data.val_fraction=0.25",
     )  # fmt: skip
     _skip_unregistered(cfg)
-    metrics, _ = train_script.train(cfg)
+    metrics, _ = train(cfg)
     assert metrics["test/max_logit_diff"] < 1e-4
     assert (tmp_path / "deployed.pt").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CIFAR)
-def test_cifar_recipe_fast_dev_run(compose_train, tmp_path, skip_md5, name):  # noqa: F811
-    _fake_cifar10(tmp_path / "cifar")
+def test_cifar_recipe_fast_dev_run(compose_train, tmp_path, skip_md5, name):
+    fake_cifar10(tmp_path / "cifar")
     cfg = compose_train(
         f"experiment={name}", *TINY, f"data.data_dir={tmp_path / 'cifar'}", "data.val_size=8"
     )
     _skip_unregistered(cfg)
-    metrics, _ = train_script.train(cfg)
+    metrics, _ = train(cfg)
     assert metrics["test/max_logit_diff"] < 1e-4
