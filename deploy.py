@@ -47,9 +47,9 @@ from repsqueeze.cli.errors import SettingError, full_error, report, run_main
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, read_checkpoint
 from repsqueeze.convert import deploy
+from repsqueeze.core.numerics import describe_fp32, strict_fp32
 from repsqueeze.folders import Target
 from repsqueeze.models import create_model
-from repsqueeze.numerics import describe_fp32, strict_fp32
 from repsqueeze.tables import table
 
 OWNER = "deploy.py"

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import primitives
-from repsqueeze.blocks import (
+from repsqueeze.core import primitives
+from repsqueeze.core.blocks import (
     Squeezable,
     SqueezableBlock,
     check_inner_hooks,
@@ -213,15 +213,15 @@ def set_mode(model: nn.Module, mode: str, recompute: bool | None = None) -> nn.M
 
     Args:
         model: any module.
-        mode: see :meth:`repsqueeze.blocks.Squeezable.set_mode`.
+        mode: see :meth:`repsqueeze.core.blocks.Squeezable.set_mode`.
         recompute: chain mode recomputes each block's inner activations during backward
-            instead of keeping them (see :meth:`~repsqueeze.blocks.Squeezable.set_mode`);
+            instead of keeping them (see :meth:`~repsqueeze.core.blocks.Squeezable.set_mode`);
             ``None`` leaves each block's setting as it is.
 
     Returns:
         ``model``, changed in place.
     """
-    from repsqueeze.blocks import MODES
+    from repsqueeze.core.blocks import MODES
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -28,8 +28,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from repsqueeze.blocks import MODES, Squeezable
 from repsqueeze.convert import block_from_conv_bn, split_into
+from repsqueeze.core.blocks import MODES, Squeezable
 from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, load_norm
 
 

@@ -33,8 +33,8 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from repsqueeze.convert import deploy, set_mode
+from repsqueeze.core.numerics import describe_fp32, strict_fp32
 from repsqueeze.models import create_model
-from repsqueeze.numerics import describe_fp32, strict_fp32
 from repsqueeze.optim import Regularizer, dbb_identity_l2, repvgg_custom_l2, weight_decay_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -56,7 +56,7 @@ class Classifier(LightningModule):
     ``test/max_logit_diff``: the largest absolute logit difference over the test set divided by
     the largest absolute logit. A difference above ``deploy_tolerance`` raises ``RuntimeError``.
     The check runs both forms eagerly, autocast off and TF32 off
-    (:func:`repsqueeze.numerics.strict_fp32`): on Ampere and later GPUs cuDNN would otherwise
+    (:func:`repsqueeze.core.numerics.strict_fp32`): on Ampere and later GPUs cuDNN would otherwise
     round float32 convolutions to TF32 (about 1e-4 relative), which is not a deploy error.
 
     Args:

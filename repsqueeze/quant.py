@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from repsqueeze import export, primitives
+from repsqueeze import export
+from repsqueeze.core import primitives
 
 FORMAT = "ONNX QDQ: symmetric per-channel INT8 weights, INT8 activations (static, calibrated)"
 METHODS = ("minmax", "entropy", "percentile")

@@ -13,7 +13,7 @@ from helpers import assert_equivalent, randomize
 from torch import Tensor, nn
 
 import repsqueeze as rs
-from repsqueeze import chainops
+from repsqueeze.core import chainops
 from repsqueeze.models import create_model
 from repsqueeze.zoo import make_block
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
-from repsqueeze.online import choose_by_macs
+from repsqueeze.core.online import choose_by_macs
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),

@@ -10,7 +10,7 @@ from helpers import assert_equivalent, load_script, randomize_bn
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze import blocks
+from repsqueeze.core import blocks
 from repsqueeze.models import create_model
 from repsqueeze.zoo import BLOCKS, make_block
 

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import repsqueeze as rs
-from repsqueeze.numerics import strict_fp32
+from repsqueeze.core.numerics import strict_fp32
 from repsqueeze.zoo import BLOCKS
 
 pytestmark = pytest.mark.gpu

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import repsqueeze as rs
+from repsqueeze.core.numerics import strict_fp32
 from repsqueeze.data import DigitsDataModule
 from repsqueeze.lit import Classifier
-from repsqueeze.numerics import strict_fp32
 
 NET = {"name": "digits_net", "block": "repvgg", "num_classes": 10, "in_channels": 1}
 

@@ -1,6 +1,6 @@
 """Online mode as cheap as its math, chain mode as lean as its structure, auto by measurement.
 
-Op counts are real ``torch.profiler`` counts (:func:`repsqueeze.online.count_ops`: top-level
+Op counts are real ``torch.profiler`` counts (:func:`repsqueeze.core.online.count_ops`: top-level
 aten operators of one forward pass of a 64-channel block in training mode, on the CPU). The
 op budgets (repvgg and acb online <= 15, dbb online <= 25, dbb chain <= 35) were set with a
 harness that counts 2 operators of its own per block (input creation, reduction), so they
@@ -18,7 +18,7 @@ from helpers import assert_equivalent, randomize
 from torch import Tensor, nn
 
 import repsqueeze as rs
-from repsqueeze import online
+from repsqueeze.core import online
 from repsqueeze.zoo import make_block
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -58,7 +58,7 @@ def test_dbb_chain_op_count_dropped():
     n, names = _count("dbb", "chain")
     assert n + HARNESS <= 35, names  # BatchNorm and the border constant as one op each
     # the border constant comes from the statistics BatchNorm computes anyway (no second
-    # reduction); the two BatchNorms before a border run as one op each (repsqueeze.chainops)
+    # reduction); the two BatchNorms before a border run as one op each (repsqueeze.core.chainops)
     assert "aten::var_mean" not in names
     assert names.count("aten::batch_norm") == 4  # the others native
 

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze.blocks import Squeezable
 from repsqueeze.convert import block_from_conv_bn, split_into
+from repsqueeze.core.blocks import Squeezable
 from repsqueeze.interop import convert_official_state_dict
 from repsqueeze.zoo import ACBlock, ConvBN, DiverseBranchBlock, ExpandedConv, MobileOneBlock
 

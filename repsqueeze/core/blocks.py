@@ -33,9 +33,9 @@ from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from repsqueeze import chainops, online, primitives, recompute
-from repsqueeze.algebra import ConvMap, Layout, Pad, chain, concat, conv_of, parallel
-from repsqueeze.primitives import Geometry, Precision, identity_geometry, name_of, pad
+from repsqueeze.core import chainops, online, primitives, recompute
+from repsqueeze.core.algebra import ConvMap, Layout, Pad, chain, concat, conv_of, parallel
+from repsqueeze.core.primitives import Geometry, Precision, identity_geometry, name_of, pad
 
 MODES = online.MODES
 
@@ -198,7 +198,7 @@ class Squeezable(nn.Module):
             )
         return self
 
-    # --- modes: chain, online (repsqueeze.online), auto ------------------------------------------
+    # --- modes: chain, online (repsqueeze.core.online), auto ------------------------------------------
     def set_mode(self, mode: str, recompute: bool | None = None) -> Squeezable:
         """Chooses how the training form runs.
 
@@ -209,9 +209,9 @@ class Squeezable(nn.Module):
                 batch of each input shape (on the device it runs) and keeps the faster one.
                 BatchNorm with batch statistics cannot be folded online, except trailing
                 BatchNorms, which run after the composed convolution. See
-                :mod:`repsqueeze.online`.
+                :mod:`repsqueeze.core.online`.
             recompute: in chain mode keep only the block's input for backward and run the
-                layers again during backward (:mod:`repsqueeze.recompute`: less memory, one
+                layers again during backward (:mod:`repsqueeze.core.recompute`: less memory, one
                 more forward pass of the block; BatchNorm statistics updated once).
                 ``None`` leaves the setting as it is.
         """
@@ -243,7 +243,7 @@ class Squeezable(nn.Module):
 
     def macs(self, input_shape: tuple[int, ...], batch: int = 1) -> dict[str, float]:
         """Multiply-accumulates of one forward pass of a batch in each mode (the cost model
-        :func:`repsqueeze.online.macs`)."""
+        :func:`repsqueeze.core.online.macs`)."""
         return online.macs(self, input_shape, batch)
 
     # --- squeeze and deploy ----------------------------------------------------------------
@@ -929,7 +929,7 @@ def squeeze_all(named: list[tuple[str, Squeezable]]) -> list[nn.Module]:
     """The squeezed convolution of each block (none deployed), the blocks unchanged.
 
     Each composite is built from the blocks' tensors in float64 with the fewest, largest
-    ops (:mod:`repsqueeze.online`'s grouped terms; the architecture from :meth:`layout`);
+    ops (:mod:`repsqueeze.core.online`'s grouped terms; the architecture from :meth:`layout`);
     every input and output tensor is checked for non-finite values at once. Only when that
     check fails are the blocks rebuilt one by one with per-tensor checks, which raise the
     ``ValueError`` naming the layer (prefixed by the block's path, when given).

@@ -1,7 +1,7 @@
 """The single PyTorch layers a block accepts, each seen three ways.
 
 * :func:`geometry`: stride, padding, window and channels, from attributes alone;
-* :func:`linear_map`: the layer as a :class:`~repsqueeze.algebra.ConvMap`;
+* :func:`linear_map`: the layer as a :class:`~repsqueeze.core.algebra.ConvMap`;
 * :func:`run`: the layer applied to an input that was already padded (border-consistent
   padding: the block pads once, every layer runs unpadded).
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import chainops
-from repsqueeze.algebra import ConvMap, Pad, dense_kernel
+from repsqueeze.core import chainops
+from repsqueeze.core.algebra import ConvMap, Pad, dense_kernel
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)

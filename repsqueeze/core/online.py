@@ -13,8 +13,8 @@ The composition works on kernels in their natural form, never on dense ``C x C``
   common window with ``F.pad``.
 
 Anything the fast rules do not cover (two k x k convs in a row, mixed groups, a
-:class:`~repsqueeze.blocks.Squeezable` subclass with its own combination) falls back to the
-exact dense algebra of :mod:`repsqueeze.algebra`, so online mode stays exact for every block.
+:class:`~repsqueeze.core.blocks.Squeezable` subclass with its own combination) falls back to the
+exact dense algebra of :mod:`repsqueeze.core.algebra`, so online mode stays exact for every block.
 The structural part (how many children are composed, the layout of the resulting conv) is a
 :class:`Plan`, computed once per block and spatial dimensionality outside the forward pass
 and rebuilt when a child module is replaced. The forward pass has no host-device
@@ -41,9 +41,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import blocks, primitives
-from repsqueeze.algebra import ConvMap, Layout, Pad, chain, dense_kernel, grouped_layout, parallel
-from repsqueeze.primitives import STRUCTURE, Geometry, Precision
+from repsqueeze.core import blocks, primitives
+from repsqueeze.core.algebra import (
+    ConvMap,
+    Layout,
+    Pad,
+    chain,
+    dense_kernel,
+    grouped_layout,
+    parallel,
+)
+from repsqueeze.core.primitives import STRUCTURE, Geometry, Precision
 
 MODES = ("chain", "online", "auto")
 AUTO_REPEATS = 3  # timed runs of each form per decision of mode="auto"
