@@ -15,13 +15,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze.core import primitives
-from repsqueeze.core.blocks import (
-    Squeezable,
-    SqueezableBlock,
-    check_inner_hooks,
-    composites,
-    deploy_blocks,
-)
+from repsqueeze.core.blocks import Squeezable, SqueezableBlock
+from repsqueeze.core.hooks import check_inner_hooks
+from repsqueeze.core.squeeze import composites, deploy_blocks
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.
@@ -627,7 +623,7 @@ def _contracted(
     bias: Tensor,
     copy_rest: bool,
 ) -> tuple[nn.Module, nn.Module]:
-    device, dtype = primitives.device_of(block), block._dtype()
+    device, dtype = primitives.device_of(block), primitives.dtype_of(block)
     ref = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)  # main path's
     if ref is None:  # deployed already: unit statistics
         ref = nn.BatchNorm1d(origin.norm.num_features, eps=origin.norm.eps).eval()

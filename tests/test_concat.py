@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
-from repsqueeze.core.online import choose_by_macs
+from repsqueeze.core.auto import choose_by_macs, pick_mode
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -174,7 +174,7 @@ def test_online_refuses_a_training_mode_bn_in_a_branch_and_auto_falls_back_to_ch
     with _raises(ValueError, "branches.1.1 (BatchNorm2d)", "online_norm"):
         copy.deepcopy(block).train().set_mode("online")(x)
     auto = copy.deepcopy(block).train().set_mode("auto")
-    assert auto._pick_mode(x, 2) == "chain"
+    assert pick_mode(auto, x, 2) == "chain"
     assert_equivalent(auto(x), copy.deepcopy(block).train()(x), 1e-12)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
-from repsqueeze.core.online import choose_by_macs
+from repsqueeze.core.auto import choose_by_macs
 from repsqueeze.lit import Classifier
 from repsqueeze.zoo import make_block
 

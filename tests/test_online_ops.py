@@ -1,6 +1,6 @@
 """Online mode as cheap as its math, chain mode as lean as its structure, auto by measurement.
 
-Op counts are real ``torch.profiler`` counts (:func:`repsqueeze.core.online.count_ops`: top-level
+Op counts are real ``torch.profiler`` counts (:func:`repsqueeze.core.cost.count_ops`: top-level
 aten operators of one forward pass of a 64-channel block in training mode, on the CPU). The
 op budgets (repvgg and acb online <= 15, dbb online <= 25, dbb chain <= 35) were set with a
 harness that counts 2 operators of its own per block (input creation, reduction), so they
@@ -18,7 +18,7 @@ from helpers import assert_equivalent, randomize
 from torch import Tensor, nn
 
 import repsqueeze as rs
-from repsqueeze.core import online
+from repsqueeze.core import auto, cost, online
 from repsqueeze.zoo import make_block
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,7 +34,7 @@ def _gen(seed: int) -> torch.Generator:
 def _count(kind: str, mode: str, **kw) -> tuple[int, list[str]]:
     torch.manual_seed(0)
     block = make_block(kind, 64, 64, mode=mode, **kw).train()
-    return online.count_ops(block, torch.randn(2, 64, 8, 8))
+    return cost.count_ops(block, torch.randn(2, 64, 8, 8))
 
 
 def test_count_ops_sees_the_three_ops_of_a_plain_conv_bn():
@@ -79,32 +79,23 @@ def test_online_plan_is_rebuilt_when_a_child_is_swapped():
     block = rs.Parallel(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1), mode="online")
     x = torch.randn(2, 3, 7, 7, dtype=F64)
     block.double()(x)
-    assert block._plans[2].layout.kernel_size == (3, 3)
+    assert online.plan(block, 2).layout.kernel_size == (3, 3)
     block.branches[1] = nn.Conv2d(3, 4, 5, padding=2).double()
     y = block(x)
-    assert block._plans[2].layout.kernel_size == (5, 5)
+    assert online.plan(block, 2).layout.kernel_size == (5, 5)
     expected = block.branches[0](x) + block.branches[1](x)
     assert_equivalent(y, expected, 1e-10)
 
 
-class _GenericParallel(rs.Parallel):
-    """A subclass combining its children its own way (here: a sum, through _combine_maps),
-    as ``rs.Concat`` does: online mode must compose it through the generic dense path."""
-
-    _combine = "generic"
-
-
-def test_online_composes_an_unspecialised_squeezable_through_the_generic_path():
+def test_online_composes_a_nested_concatenation_through_the_dense_path():
     torch.manual_seed(0)
-    inner = _GenericParallel(nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4))
-    block = rs.SqueezableBlock(nn.Conv2d(3, 4, 1), inner, nn.Conv2d(4, 2, 3, padding=1))
+    inner = rs.Concat(nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4))
+    block = rs.SqueezableBlock(nn.Conv2d(3, 4, 1), inner, nn.Conv2d(8, 2, 3, padding=1))
     block = randomize(block.double(), _gen(1)).eval()
     x = torch.randn(2, 3, 8, 8, dtype=F64, generator=_gen(2))
     chain, on = copy.deepcopy(block), copy.deepcopy(block).set_mode("online")
     assert_equivalent(on(x), chain(x), 1e-10)
-    top = randomize(
-        _GenericParallel(nn.Conv2d(3, 3, 3, padding=1), nn.Identity()).double(), _gen(3)
-    )
+    top = randomize(rs.Concat(nn.Conv2d(3, 3, 3, padding=1), nn.Identity()).double(), _gen(3))
     assert_equivalent(copy.deepcopy(top).set_mode("online")(x), top(x), 1e-10)
 
 
@@ -183,17 +174,15 @@ def test_auto_times_both_forms_once_per_shape_and_leaves_no_trace(monkeypatch):
     block = make_block("expand_cl", 4, 4, expansion=2, mode="auto").train()
     before = {k: v.clone() for k, v in block.state_dict().items()}
     calls = []
-    timing = online.choose_by_timing
-    monkeypatch.setattr(
-        online, "choose_by_timing", lambda *a: calls.append(a[1].shape) or timing(*a)
-    )
+    timing = auto.choose_by_timing
+    monkeypatch.setattr(auto, "choose_by_timing", lambda *a: calls.append(a[1].shape) or timing(*a))
     x = torch.randn(2, 4, 8, 8)
     for _ in range(3):
         block(x)
     assert len(calls) == 1
     block(torch.randn(3, 4, 8, 8))
     assert len(calls) == 2
-    assert set(block._auto_cache.values()) <= {"chain", "online"}
+    assert set(auto.decisions(block).values()) <= {"chain", "online"}
     block.eval()
     with torch.no_grad():
         block(x)
@@ -210,11 +199,11 @@ def test_auto_decision_is_the_faster_form(monkeypatch):
     block = make_block("expand_cl", 4, 4, expansion=2, mode="auto").train()
     for verdict in ("chain", "online"):
         block.set_mode("auto")
-        monkeypatch.setattr(online, "time_interleaved", lambda fns, *a, v=verdict: {
+        monkeypatch.setattr(auto, "time_interleaved", lambda fns, *a, v=verdict: {
             k: (0.0 if k == v else 1.0) for k in fns
         })  # fmt: skip
         block(torch.randn(2, 4, 8, 8))
-        assert list(block._auto_cache.values()) == [verdict]
+        assert list(auto.decisions(block).values()) == [verdict]
 
 
 def test_auto_under_compile_does_not_time(monkeypatch):
@@ -223,11 +212,11 @@ def test_auto_under_compile_does_not_time(monkeypatch):
     def refuse(*a):
         raise AssertionError("timed under torch.compile")
 
-    monkeypatch.setattr(online, "choose_by_timing", refuse)
+    monkeypatch.setattr(auto, "choose_by_timing", refuse)
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="eager", fullgraph=True)
     x = torch.randn(2, 4, 8, 8)
     y = compiled(x)
-    assert block._auto_cache == {}  # the MAC model decided, nothing cached while tracing
+    assert auto.decisions(block) == {}  # the MAC model decided, nothing cached while tracing
     with torch.no_grad():
         assert_equivalent(y, rs.set_mode(copy.deepcopy(block), "chain")(x), 1e-5)

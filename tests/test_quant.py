@@ -20,6 +20,7 @@ from torch import nn
 
 import repsqueeze as rs
 from repsqueeze import quant
+from repsqueeze.core.auto import pick_mode
 from repsqueeze.lit import Classifier
 from repsqueeze.zoo import QARepVGGBlock, make_block
 
@@ -133,7 +134,7 @@ def test_qarepvgg_online_norm_trains_online_like_chain():
 def test_qarepvgg_auto_in_training_falls_back_to_chain():
     block = make_block("qarepvgg", 16, 16, mode="auto").train()
     x = torch.randn(8, 16, 16, 16)
-    assert block._pick_mode(x, 2) == "chain"
+    assert pick_mode(block, x, 2) == "chain"
     block(x)  # no error
 
 
