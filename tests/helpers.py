@@ -250,3 +250,35 @@ def assert_gradients_match_finite_differences(module: nn.Module, x: Tensor) -> N
     inputs = (x.detach().double().requires_grad_(True), *params)
     assert all(t.dtype == torch.float64 for t in inputs), "gradcheck needs float64"
     assert torch.autograd.gradcheck(call, inputs, fast_mode=True)
+
+
+def bn_and_pad(bn: _BatchNorm, y: Tensor, fill: Tensor | None = None) -> Tensor:
+    """DBB's BN-and-pad with batch statistics, made exact: ``bn`` on ``y`` with the batch's
+    statistics (running statistics untouched), padded by 1 with the value the same
+    normalisation gives the border constant ``fill`` (per channel; zeros when ``None``)."""
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    fill = torch.zeros_like(mean) if fill is None else fill
+    value = bn.bias + (fill - mean) * bn.weight / torch.sqrt(var + bn.eps)
+    z = torch.nn.functional.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    ring = torch.ones(1, 1, *y.shape[2:], dtype=y.dtype)
+    ring = 1 - torch.nn.functional.pad(ring, [1, 1, 1, 1])  # 1 on the border, 0 inside
+    return torch.nn.functional.pad(z, [1, 1, 1, 1]) + value.reshape(1, -1, 1, 1) * ring
+
+
+def saved_bytes(module: nn.Module, x: Tensor, backward: bool = False) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of ``module(x)``
+    (parameters excluded); ``backward``: run the backward pass too."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+        if backward:
+            y.sum().backward()
+    return sum(storages.values())

@@ -14,8 +14,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equivalent, randomize
-from torch import Tensor, nn
+from helpers import assert_equivalent, bn_and_pad, randomize, saved_bytes
+from torch import nn
 
 import repsqueeze as rs
 from repsqueeze.core import auto, cost, online
@@ -100,22 +100,6 @@ def test_online_composes_a_nested_concatenation_through_the_dense_path():
 
 
 # --- chain mode: BatchNorm on the interior, border as its per-channel constant ----------------
-def _dbb_style_branch(seq: nn.Sequential, x: Tensor) -> Tensor:
-    """Independent oracle: 1x1 conv, BN in training, pad with BN's value at the conv's border
-    output (batch statistics: DBB's BNAndPad, made exact), 3x3 conv unpadded, BN."""
-    conv1, bn1, conv3, bn2 = seq
-    y = conv1(x)
-    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
-    z = F.batch_norm(y, None, None, bn1.weight, bn1.bias, training=True, eps=bn1.eps)
-    # the border of the 1x1 conv's output is its bias (zeros in, bias out); BN maps it
-    value = bn1.bias + (conv1.bias - mean) * bn1.weight / torch.sqrt(var + bn1.eps)
-    z = F.pad(z, [1, 1, 1, 1])
-    ring = F.pad(torch.zeros(1, 1, *y.shape[2:], dtype=y.dtype), [1, 1, 1, 1], value=1.0)
-    z = z + value.reshape(1, -1, 1, 1) * ring
-    out = F.conv2d(z, conv3.weight, conv3.bias)
-    return F.batch_norm(out, None, None, bn2.weight, bn2.bias, training=True, eps=bn2.eps)
-
-
 def test_chain_bn_after_pointwise_conv_runs_natively_and_pads_with_its_constant():
     torch.manual_seed(0)
     seq = nn.Sequential(
@@ -128,7 +112,10 @@ def test_chain_bn_after_pointwise_conv_runs_natively_and_pads_with_its_constant(
     before = bn.running_mean.clone()
     y = block(x)
     x2 = x.detach().clone().requires_grad_(True)
-    ref = _dbb_style_branch(seq, x2)
+    conv1_, bn1_, conv3_, bn2_ = seq  # the oracle: DBB's BN-and-pad, at the conv's bias
+    z = bn_and_pad(bn1_, conv1_(x2), fill=conv1_.bias)
+    out = F.conv2d(z, conv3_.weight, conv3_.bias)
+    ref = F.batch_norm(out, None, None, bn2_.weight, bn2_.bias, training=True, eps=bn2_.eps)
     assert_equivalent(y, ref, 1e-10)
     w = torch.randn(y.shape, dtype=F64, generator=_gen(6))
     (y * w).sum().backward()
@@ -142,21 +129,6 @@ def test_chain_bn_after_pointwise_conv_runs_natively_and_pads_with_its_constant(
     assert_equivalent(bn.running_mean, expected, 1e-10)
 
 
-def _saved_bytes(module: nn.Module, x: Tensor) -> int:
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(storages.values())
-
-
 def test_dbb_chain_saves_one_tensor_per_layer_output_that_backward_needs():
     """x, the kxk and 1x1 outputs, 1x1 -> BN -> (padded) -> kxk: three, 1x1 -> BN ->
     (padded) -> pool: three; nothing else of activation size (no hand-written BN temporaries,
@@ -165,7 +137,7 @@ def test_dbb_chain_saves_one_tensor_per_layer_output_that_backward_needs():
     x = torch.randn(4, 8, 16, 16)
     one = x.numel() * x.element_size()
     padded = 4 * 8 * 18 * 18 * x.element_size()
-    assert _saved_bytes(block, x) <= 5 * one + 4 * padded
+    assert saved_bytes(block, x) <= 5 * one + 4 * padded
 
 
 # --- mode="auto": decided by timing both forms, cached, never timed under compile ------------
