@@ -7,6 +7,7 @@ not check the library against itself.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -282,3 +283,52 @@ def saved_bytes(module: nn.Module, x: Tensor, backward: bool = False) -> int:
         if backward:
             y.sum().backward()
     return sum(storages.values())
+
+
+def with_mode(block: nn.Module, mode: str) -> nn.Module:
+    """A copy of ``block`` (or of a model) in run mode ``mode``."""
+    return rs.set_mode(copy.deepcopy(block), mode)
+
+
+def _step(block: nn.Module, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, dict]:
+    """Output, input gradient and parameter gradients of ``sum(weight * block(x))``."""
+    x = x.clone().requires_grad_(True)
+    y = block(x)
+    (y * weight).sum().backward()
+    grads = {
+        name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        for name, p in block.named_parameters()
+    }
+    return y.detach(), x.grad.detach(), grads
+
+
+def assert_matches_chain(block: nn.Module, x: Tensor, tol: float, mode: str = "online") -> None:
+    """Copies of ``block`` in ``mode`` and in chain mode agree in output and every gradient.
+
+    Outputs are compared relative to ``max(1, max|y|)``; gradients (of every parameter and of
+    the input) relative to the largest gradient of any parameter.
+    """
+    chain, other = with_mode(block, "chain"), with_mode(block, mode)
+    with torch.no_grad():
+        shape = copy.deepcopy(chain)(x).shape
+        weight = torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    y_c, gx_c, g_c = _step(chain, x, weight)
+    y_o, gx_o, g_o = _step(other, x, weight)
+    assert_equivalent(y_o, y_c, tol)
+    scale = max([g.abs().max().item() for g in g_c.values() if g.numel()] + [1e-30])
+    assert list(g_o) == list(g_c)
+    for name in g_c:
+        err = (g_o[name].double() - g_c[name].double()).abs().max().item()
+        assert err <= tol * scale, f"grad of {name}: {err:.3e} > {tol:.0e} * {scale:.3e}"
+    err = (gx_o.double() - gx_c.double()).abs().max().item()
+    assert err <= tol * max(scale, gx_c.abs().max().item()), f"input grad: {err:.3e}"
+    assert_same_buffers(other, chain, tol)
+
+
+def assert_same_buffers(a: nn.Module, b: nn.Module, tol: float) -> None:
+    """The floating-point buffers (BatchNorm statistics) of ``a`` and ``b`` agree."""
+    for (name, u), (_, v) in zip(a.named_buffers(), b.named_buffers(), strict=True):
+        if u.is_floating_point():
+            assert_equivalent(u, v, tol)
+        else:
+            assert torch.equal(u, v), name

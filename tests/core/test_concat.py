@@ -20,6 +20,7 @@ from helpers import (
     POOL_CLASS,
     assert_equivalent,
     assert_interior_matches_naive,
+    assert_matches_chain,
     expected_stride,
     interior_sizes,
     naive,
@@ -27,7 +28,6 @@ from helpers import (
 )
 from hypothesis import given, note, settings
 from strategies import Example, concat_examples
-from test_online import assert_matches_chain
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
