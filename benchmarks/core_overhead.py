@@ -5,49 +5,39 @@
 
 Small inputs on purpose (resnet20_cifar, batch 8, 16x16; a DBB ``repvgg_a0`` deployed as a
 copy), where the time the core spends walking block trees shows most. With ``--against``
-both trees run in turn, one fresh process each per round (``PYTHONPATH`` pointing at the
-tree), so load on a shared machine falls on both alike; the figures are medians of the
-per-round ratios ``this / other`` with their interquartile range.
+the other tree's package is loaded beside this one under another name (a copy with its
+imports rewritten) and every round runs each case of both trees in turn, so load on a
+shared machine falls on both alike; the figures are medians of the per-round ratios
+``this / other`` with their interquartile range.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
+import re
+import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: plans, layouts, allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(repeats: int) -> dict[str, float]:
-    """Median seconds of each case in this process (one thread)."""
-    import torch
-
-    import repsqueeze as rs
-
-    torch.set_num_threads(1)
+def cases(rs: ModuleType) -> dict[str, Callable[[], object]]:
+    """Label -> one call of each case, built with the package ``rs`` (one thread)."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    results = {}
-    cases = [("plain", "chain", {}), ("dbb", "chain", {}), ("dbb", "online", {"online_norm": True})]
-    cases += [("expand_ck", "online", {})]
-    for kind, mode, kw in cases:
+    calls = {}
+    kinds = [("plain", "chain", {}), ("dbb", "chain", {}), ("dbb", "online", {"online_norm": True})]
+    kinds += [("expand_ck", "online", {})]
+    for kind, mode, kw in kinds:
         model = rs.create_model("resnet20_cifar", block=kind, mode=mode, **kw).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
@@ -56,42 +46,61 @@ def measure(repeats: int) -> dict[str, float]:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
 
-        results[f"train step {kind} {mode}"] = _median_s(step, repeats)
+        calls[f"train step {kind} {mode}"] = step
     big = rs.create_model("repvgg_a0", block="dbb").eval()
-    results["deploy repvgg_a0 dbb (copy)"] = _median_s(lambda: rs.deploy(big), max(3, repeats // 4))
-    return results
+    calls["deploy repvgg_a0 dbb (copy)"] = lambda: rs.deploy(big)
+    return calls
 
 
-def compare(other: Path, rounds: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Per case: the median and interquartile range of the per-round ratios this / other."""
-    ratios: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        got = {}
-        for tree in (ROOT, other):
-            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--repeats", str(repeats)]
-            out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=True)
-            got[tree] = json.loads(out.stdout.strip().splitlines()[-1])
-        for case, mine in got[ROOT].items():
-            ratios.setdefault(case, []).append(mine / got[other][case])
-    summary = {}
-    for case, rs_ in ratios.items():
-        q1, med, q3 = statistics.quantiles(rs_, n=4) if len(rs_) > 1 else rs_ * 3
-        summary[case] = {"ratio": statistics.median(rs_), "q1": q1, "q3": q3}
-    return summary
+def load_as(tree: Path, name: str) -> ModuleType:
+    """The package ``repsqueeze`` of ``tree``, copied under ``name`` with its imports
+    rewritten, so that two trees run side by side in one process."""
+    folder = Path(tempfile.mkdtemp(prefix="core_overhead_"))
+    shutil.copytree(tree / "repsqueeze", folder / name)
+    for path in (folder / name).rglob("*.py"):
+        text = re.sub(r"\brepsqueeze\b", name, path.read_text())
+        path.write_text(text)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
+
+
+def interleaved(packages: dict[str, ModuleType], repeats: int) -> dict[str, dict[str, list]]:
+    """Per tree and case, the seconds of each round; every round runs each case of every
+    tree once, in turn, so load on a shared machine falls on all alike."""
+    calls = {tree: cases(rs) for tree, rs in packages.items()}
+    for per_tree in calls.values():
+        for fn in per_tree.values():
+            fn()  # warm-up: plans, layouts, allocator
+    times: dict[str, dict[str, list]] = {t: {c: [] for c in calls[t]} for t in calls}
+    for _ in range(repeats):
+        for case in next(iter(calls.values())):
+            for tree, per_tree in calls.items():
+                start = time.perf_counter()
+                per_tree[case]()
+                times[tree][case].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", type=Path, default=None, help="another tree to compare")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of --against")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per case")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
     args = parser.parse_args()
-    if args.against is None:
-        print(json.dumps(measure(args.repeats)))
-        return
-    for case, s in compare(args.against.resolve(), args.rounds, args.repeats).items():
-        print(f"{case:32s} this/other {s['ratio']:.3f}  (IQR {s['q1']:.3f}-{s['q3']:.3f})")
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    packages = {"this": importlib.import_module("repsqueeze")}
+    if args.against is not None:
+        packages["other"] = load_as(args.against.resolve(), "repsqueeze_other")
+    times = interleaved(packages, args.repeats)
+    for case, mine in times["this"].items():
+        line = f"{case:32s} this {statistics.median(mine) * 1e3:8.2f} ms"
+        if args.against is not None:
+            other = times["other"][case]
+            ratios = sorted(a / b for a, b in zip(mine, other, strict=True))
+            q1, med, q3 = statistics.quantiles(ratios, n=4)
+            line += f"  other {statistics.median(other) * 1e3:8.2f} ms"
+            line += f"  this/other {med:.3f} (IQR {q1:.3f}-{q3:.3f})"
+        print(line)
 
 
 if __name__ == "__main__":
