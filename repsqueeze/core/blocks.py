@@ -208,11 +208,7 @@ class SqueezableBlock(Squeezable):
 
     combine = "chain"
     parts_name = "layers"
-
-    def __init__(self, *layers: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
-        if not layers:
-            raise ValueError("SqueezableBlock needs at least one layer")
-        super().__init__(*layers, deployed=deployed, mode=mode)
+    part_noun = "layer"
 
 
 class Parallel(Squeezable):
@@ -229,11 +225,7 @@ class Parallel(Squeezable):
 
     combine = "sum"
     parts_name = "branches"
-
-    def __init__(self, *branches: nn.Module, deployed: bool = False, mode: str = "chain") -> None:
-        if not branches:
-            raise ValueError("Parallel needs at least one branch")
-        super().__init__(*branches, deployed=deployed, mode=mode)
+    part_noun = "branch"
 
 
 class Concat(Squeezable):
@@ -265,30 +257,13 @@ class Concat(Squeezable):
     """
 
     parts_name = "branches"
+    part_noun = "branch"
     __jit_unused_properties__ = ["combine"]  # noqa: RUF012  (TorchScript reads this name)
 
     @property
     def combine(self) -> str:
         """``"split"`` with ``split``, else ``"concat"``."""
         return "split" if self.split is not None else "concat"
-
-    def __init__(
-        self,
-        *branches: nn.Module,
-        split: Sequence[int] | None = None,
-        deployed: bool = False,
-        mode: str = "chain",
-    ) -> None:
-        if not branches:
-            raise ValueError("Concat needs at least one branch")
-        if split is not None and (
-            len(split) != len(branches) or not all(isinstance(c, int) and c > 0 for c in split)
-        ):
-            raise ValueError(
-                f"Concat: split={tuple(split)} must give a positive channel count for each of "
-                f"the {len(branches)} branches"
-            )
-        super().__init__(*branches, split=split, deployed=deployed, mode=mode)
 
     def extra_repr(self) -> str:
         split = f"split={self.split}" if self.split is not None else ""

@@ -45,6 +45,7 @@ class Combinator(nn.Module):
             ``split``).
         parts_name: the attribute (and state-dict prefix) holding the parts, an
             ``nn.ModuleList``.
+        part_noun: what one part is called in messages (``"layer"``, ``"branch"``).
         split: for ``"split"``: input channels of each part.
         deployed: whether the block holds one convolution ``conv`` instead of its parts.
         deployed_geometry: the block's geometry once deployed (its padding may be
@@ -58,20 +59,30 @@ class Combinator(nn.Module):
     # Class defaults without annotations: TorchScript cannot read postponed (string) ones.
     combine = "chain"
     parts_name = "layers"
+    part_noun = "part"
     split = None
     deployed = False
     deployed_geometry = None
 
     def __init__(self, parts: Sequence[nn.Module], split: Sequence[int] | None = None) -> None:
         super().__init__()
+        if not parts:
+            raise ValueError(f"{type(self).__name__} needs at least one {self.part_noun}")
+        name = type(self).__name__
+        if split is not None and (
+            len(split) != len(parts) or not all(isinstance(c, int) and c > 0 for c in split)
+        ):
+            raise ValueError(
+                f"{name}: split={tuple(split)} must give a positive channel count for each of "
+                f"the {len(parts)} {self.parts_name}"
+            )
         self.split = tuple(split) if split is not None else None
         if self.combine not in COMBINES:
+            raise ValueError(f"{name}: combine must be one of {COMBINES}, got {self.combine!r}")
+        if (self.combine == "split") != (self.split is not None):
             raise ValueError(
-                f"{type(self).__name__}: combine must be one of {COMBINES}, got {self.combine!r}"
-            )
-        if self.combine == "split" and (self.split is None or len(self.split) != len(parts)):
-            raise ValueError(
-                f"{type(self).__name__}: combine='split' needs split, one channel count per part"
+                f"{name}: split goes with combine='split' only (combine={self.combine!r}, "
+                f"split={self.split})"
             )
         setattr(self, self.parts_name, nn.ModuleList(parts))
         self._memos: dict[str, dict] = {}
