@@ -123,7 +123,7 @@ def to_map(t: Term, c_in: int, ctx: Ctx) -> ConvMap:
     return ConvMap(weight, bias, t.stride, t.pad)
 
 
-def _scale_inputs(w: Tensor, scale: Tensor, groups: int) -> Tensor:
+def scale_inputs(w: Tensor, scale: Tensor, groups: int) -> Tensor:
     """``w`` (grouped) followed by a depthwise kernel ``scale`` on its inputs: input channel
     ``i`` multiplied by ``scale[i]``, whose shape is ``(C, 1, *k)`` (``k`` all 1: a scale)."""
     if groups == 1:
@@ -152,7 +152,7 @@ def chain_terms(a: Term, b: Term, c_mid: int, ctx: Ctx) -> Term:
     if a.bias is not None:
         bias = _add(bias, bias_through(b.weight, b.groups, a.bias))
     if a.weight is None:  # per-channel before a kernel
-        weight = b.weight if a.scale is None else _scale_inputs(b.weight, a.scale, b.groups)
+        weight = b.weight if a.scale is None else scale_inputs(b.weight, a.scale, b.groups)
         return replace(b, weight=weight, bias=bias)
     stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride, strict=True))
     pad = tuple(
@@ -173,7 +173,7 @@ def chain_terms(a: Term, b: Term, c_mid: int, ctx: Ctx) -> Term:
         elif depthwise_b:
             groups, weight = a.groups, a.weight * b.weight
         elif depthwise_a:
-            groups, weight = b.groups, _scale_inputs(b.weight, a.weight, b.groups)
+            groups, weight = b.groups, scale_inputs(b.weight, a.weight, b.groups)
     elif all(k == 1 for k in a.kernel):  # a pointwise a, then a k x k b
         dilation = tuple(d * s for d, s in zip(b.dilation, a.stride, strict=True))
         if a.groups == b.groups:
@@ -185,7 +185,7 @@ def chain_terms(a: Term, b: Term, c_mid: int, ctx: Ctx) -> Term:
         elif depthwise_b:
             groups, weight = a.groups, b.weight * a.weight
         elif depthwise_a:
-            groups, weight = b.groups, _scale_inputs(b.weight, a.weight, b.groups)
+            groups, weight = b.groups, scale_inputs(b.weight, a.weight, b.groups)
     if weight is None:  # two k x k kernels or mixed groups: the dense algebra
         m = chain(to_map(a, 0, ctx), to_map(b, c_mid, ctx))
         return from_map(ConvMap(m.weight, m.bias, m.stride, m.pad))
