@@ -1,7 +1,7 @@
 """repsqueeze: train rich convolution blocks, deploy one exact convolution per block."""
 
-from repsqueeze.algebra import ConvMap
-from repsqueeze.blocks import Concat, Parallel, Squeezable, SqueezableBlock
+from repsqueeze.core.algebra import ConvMap
+from repsqueeze.core.blocks import Concat, Parallel, Squeezable, SqueezableBlock
 from repsqueeze.export import load_deployed, save_deployed
 from repsqueeze.interop import convert_official_state_dict, from_timm, load_official_state_dict
 from repsqueeze.models import create_model, list_models, register_model

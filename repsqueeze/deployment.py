@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from repsqueeze import export, timing
+from repsqueeze.core.numerics import describe_fp32, strict_fp32
 from repsqueeze.errors import ConfigError
-from repsqueeze.numerics import describe_fp32, strict_fp32
 
 
 class DeploymentError(ConfigError):

@@ -28,7 +28,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from repsqueeze.blocks import MODES, Squeezable
+from repsqueeze.core import primitives
+from repsqueeze.core.auto import MODES
+from repsqueeze.core.blocks import Squeezable
 from repsqueeze.surgery import block_from_conv_bn, split_into
 from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, load_norm
 
@@ -167,7 +169,7 @@ def _check_conv_norm(part: nn.Module, where: str) -> None:
 def _reinit_as(ours: Squeezable, kind: str, kwargs: dict) -> Squeezable:
     """A block of ``kind`` with the function of ``ours``: squeezed, split into conv + BN
     with the main branch's statistics, then ``from_conv_bn``."""
-    dtype, device = ours._dtype(), ours.branches[0][0].weight.device
+    dtype, device = primitives.dtype_of(ours), ours.branches[0][0].weight.device
     like = ours.branches[0][1]
     squeezed = copy.deepcopy(ours).double().squeeze()
     conv = type(squeezed)(**_conv_args(squeezed), bias=False)

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import primitives
-from repsqueeze.algebra import CONV_CLASSES
-from repsqueeze.blocks import Parallel, Squeezable, SqueezableBlock
+from repsqueeze.core import primitives
+from repsqueeze.core.algebra import CONV_CLASSES
+from repsqueeze.core.blocks import Parallel, Squeezable, SqueezableBlock
 
 NormLayer = Callable[[int], nn.Module]
 _NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

@@ -7,6 +7,7 @@ not check the library against itself.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -238,3 +239,84 @@ def assert_gradients_match_finite_differences(module: nn.Module, x: Tensor) -> N
     inputs = (x.detach().double().requires_grad_(True), *params)
     assert all(t.dtype == torch.float64 for t in inputs), "gradcheck needs float64"
     assert torch.autograd.gradcheck(call, inputs, fast_mode=True)
+
+
+def bn_and_pad(bn: _BatchNorm, y: Tensor, fill: Tensor | None = None) -> Tensor:
+    """DBB's BN-and-pad with batch statistics, made exact: ``bn`` on ``y`` with the batch's
+    statistics (running statistics untouched), padded by 1 with the value the same
+    normalisation gives the border constant ``fill`` (per channel; zeros when ``None``)."""
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    fill = torch.zeros_like(mean) if fill is None else fill
+    value = bn.bias + (fill - mean) * bn.weight / torch.sqrt(var + bn.eps)
+    z = torch.nn.functional.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    ring = torch.ones(1, 1, *y.shape[2:], dtype=y.dtype)
+    ring = 1 - torch.nn.functional.pad(ring, [1, 1, 1, 1])  # 1 on the border, 0 inside
+    return torch.nn.functional.pad(z, [1, 1, 1, 1]) + value.reshape(1, -1, 1, 1) * ring
+
+
+def saved_bytes(module: nn.Module, x: Tensor, backward: bool = False) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of ``module(x)``
+    (parameters excluded); ``backward``: run the backward pass too."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+        if backward:
+            y.sum().backward()
+    return sum(storages.values())
+
+
+def with_mode(block: nn.Module, mode: str) -> nn.Module:
+    """A copy of ``block`` (or of a model) in run mode ``mode``."""
+    return rs.set_mode(copy.deepcopy(block), mode)
+
+
+def _step(block: nn.Module, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, dict]:
+    """Output, input gradient and parameter gradients of ``sum(weight * block(x))``."""
+    x = x.clone().requires_grad_(True)
+    y = block(x)
+    (y * weight).sum().backward()
+    grads = {
+        name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        for name, p in block.named_parameters()
+    }
+    return y.detach(), x.grad.detach(), grads
+
+
+def assert_matches_chain(block: nn.Module, x: Tensor, tol: float, mode: str = "online") -> None:
+    """Copies of ``block`` in ``mode`` and in chain mode agree in output and every gradient.
+
+    Outputs are compared relative to ``max(1, max|y|)``; gradients (of every parameter and of
+    the input) relative to the largest gradient of any parameter.
+    """
+    chain, other = with_mode(block, "chain"), with_mode(block, mode)
+    with torch.no_grad():
+        shape = copy.deepcopy(chain)(x).shape
+        weight = torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    y_c, gx_c, g_c = _step(chain, x, weight)
+    y_o, gx_o, g_o = _step(other, x, weight)
+    assert_equivalent(y_o, y_c, tol)
+    scale = max([g.abs().max().item() for g in g_c.values() if g.numel()] + [1e-30])
+    assert list(g_o) == list(g_c)
+    for name in g_c:
+        err = (g_o[name].double() - g_c[name].double()).abs().max().item()
+        assert err <= tol * scale, f"grad of {name}: {err:.3e} > {tol:.0e} * {scale:.3e}"
+    err = (gx_o.double() - gx_c.double()).abs().max().item()
+    assert err <= tol * max(scale, gx_c.abs().max().item()), f"input grad: {err:.3e}"
+    assert_same_buffers(other, chain, tol)
+
+
+def assert_same_buffers(a: nn.Module, b: nn.Module, tol: float) -> None:
+    """The floating-point buffers (BatchNorm statistics) of ``a`` and ``b`` agree."""
+    for (name, u), (_, v) in zip(a.named_buffers(), b.named_buffers(), strict=True):
+        if u.is_floating_point():
+            assert_equivalent(u, v, tol)
+        else:
+            assert torch.equal(u, v), name

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
-from repsqueeze.algebra import CONV_CLASSES
+from repsqueeze.core.algebra import CONV_CLASSES
 from repsqueeze.zoo import (
     BLOCKS,
     ACBlock,

@@ -64,7 +64,7 @@ def _block_kinds() -> list[str]:
 
 
 def _modes() -> list[str]:
-    from repsqueeze.blocks import MODES
+    from repsqueeze.core.blocks import MODES
 
     return list(MODES)
 

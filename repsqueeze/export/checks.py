@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable
-from repsqueeze.numerics import strict_fp32
+from repsqueeze.core import primitives
+from repsqueeze.core.blocks import Squeezable
+from repsqueeze.core.numerics import strict_fp32
 from repsqueeze.surgery import deploy
 
 
@@ -72,7 +72,7 @@ def verify(
     float64 checks the squeeze itself: a float64 copy of the training form against its own
     deployment, so float32 rounding of the stored weights cannot hide an error. float32
     checks the artifact: ``deployed`` as it will be written, against the training form.
-    Both run with TF32 off (:func:`repsqueeze.numerics.strict_fp32`): on a GPU, TF32 noise
+    Both run with TF32 off (:func:`repsqueeze.core.numerics.strict_fp32`): on a GPU, TF32 noise
     (about 1e-4) would otherwise be measured instead of the squeeze. Inputs run on the
     models' device.
 

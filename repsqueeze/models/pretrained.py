@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze.blocks import Squeezable
+from repsqueeze.core.blocks import Squeezable
 from repsqueeze.interop import convert_official_state_dict
 from repsqueeze.surgery import block_from_conv_bn, split_into
 from repsqueeze.zoo import ACBlock, ConvBN, DiverseBranchBlock, ExpandedConv, MobileOneBlock

@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from repsqueeze import primitives
-from repsqueeze.online import _scale_inputs
+from repsqueeze.core import primitives
+from repsqueeze.core.terms import scale_inputs
 from repsqueeze.quant.ranges import channel_ranges, input_ranges
 from repsqueeze.surgery import fx
 
@@ -80,5 +80,5 @@ def equalize(
             if conv1.bias is not None:
                 conv1.bias.copy_(conv1.bias.double() / s)
             per_input = s.reshape(-1, 1, *([1] * (w2.dim() - 2)))  # a depthwise 1 x 1 kernel
-            conv2.weight.copy_(_scale_inputs(w2, per_input, conv2.groups))
+            conv2.weight.copy_(scale_inputs(w2, per_input, conv2.groups))
     return model, pairs

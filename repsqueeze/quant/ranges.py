@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from repsqueeze import primitives
+from repsqueeze.core import primitives
 
 
 def channel_ranges(weight: Tensor) -> Tensor:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, SqueezableBlock
+from repsqueeze.core import primitives
+from repsqueeze.core.blocks import Squeezable, SqueezableBlock
 
 
 @dataclass

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable, composites
+from repsqueeze.core import primitives
+from repsqueeze.core.blocks import Squeezable
+from repsqueeze.core.squeeze import composites
 from repsqueeze.surgery.origin import ORIGIN, Origin
 
 

@@ -9,7 +9,9 @@ import warnings
 import torch
 from torch import nn
 
-from repsqueeze.blocks import Squeezable, check_inner_hooks, deploy_blocks
+from repsqueeze.core.blocks import Squeezable
+from repsqueeze.core.hooks import check_inner_hooks
+from repsqueeze.core.squeeze import deploy_blocks
 from repsqueeze.surgery.hooks import FOREIGN_HOOKS, check_module, is_hook, without_wrappers
 from repsqueeze.surgery.origin import ORIGIN, Origin
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable
+from repsqueeze.core import primitives
+from repsqueeze.core.blocks import Squeezable
 from repsqueeze.surgery import fx
 from repsqueeze.surgery.hooks import (
     FOREIGN_REASON,

@@ -8,8 +8,8 @@ import sys
 
 from torch import nn
 
-from repsqueeze import primitives
-from repsqueeze.blocks import Squeezable
+from repsqueeze.core import primitives
+from repsqueeze.core.blocks import Squeezable
 
 # Method names other libraries use for "switch this block to its deployed form":
 # timm/MobileOne ``reparameterize``, RepVGG/DBB/ACNet ``switch_to_deploy``, YOLO-style ``fuse``.

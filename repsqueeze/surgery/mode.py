@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from repsqueeze.blocks import MODES, Squeezable
+from repsqueeze.core.auto import MODES
+from repsqueeze.core.blocks import Squeezable
 
 
 def set_mode(model: nn.Module, mode: str, recompute: bool | None = None) -> nn.Module:
@@ -12,9 +13,9 @@ def set_mode(model: nn.Module, mode: str, recompute: bool | None = None) -> nn.M
 
     Args:
         model: any module.
-        mode: see :meth:`repsqueeze.blocks.Squeezable.set_mode`.
+        mode: see :meth:`repsqueeze.core.blocks.Squeezable.set_mode`.
         recompute: chain mode recomputes each block's inner activations during backward
-            instead of keeping them (see :meth:`~repsqueeze.blocks.Squeezable.set_mode`);
+            instead of keeping them (see :meth:`~repsqueeze.core.blocks.Squeezable.set_mode`);
             ``None`` leaves each block's setting as it is.
 
     Returns:

@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from repsqueeze.numerics import describe_fp32, strict_fp32
+from repsqueeze.core.numerics import describe_fp32, strict_fp32
 from repsqueeze.surgery import deploy
 
 
@@ -32,7 +32,7 @@ class DeployCheck(Callback):
 
     The module's ``test_step`` returns the training form's logits, computed eagerly in the
     parameters' own precision with autocast and TF32 off
-    (:func:`repsqueeze.numerics.strict_fp32`); the deployed form runs the same way here. On
+    (:func:`repsqueeze.core.numerics.strict_fp32`); the deployed form runs the same way here. On
     Ampere and later GPUs cuDNN would otherwise round float32 convolutions to TF32 (about
     1e-4 relative), which is not a deploy error.
 

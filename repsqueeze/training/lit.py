@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from repsqueeze.core.numerics import strict_fp32
 from repsqueeze.models import create_model
-from repsqueeze.numerics import strict_fp32
 from repsqueeze.surgery import set_mode
 from repsqueeze.training.callbacks import DeployCheck, dtype_of
 from repsqueeze.training.optim import (

@@ -336,9 +336,9 @@ def test_count_macs_of_a_linear_and_mode_is_restored():
 def _hand_counted_macs(model: nn.Module, x: torch.Tensor) -> int:
     """The counter export.count_macs had before FlopCounterMode (an independent oracle):
     conv and linear modules from their outputs, a training-form block layer by layer with
-    :func:`repsqueeze.online.node_macs` (each layer on its own, unpadded, output size)."""
-    from repsqueeze.blocks import Squeezable
-    from repsqueeze.online import node_macs
+    :func:`repsqueeze.core.cost.node_macs` (each layer on its own, unpadded, output size)."""
+    from repsqueeze.core.blocks import Squeezable
+    from repsqueeze.core.cost import node_macs
 
     total, inside = 0.0, set()
     for m in model.modules():

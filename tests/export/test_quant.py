@@ -21,6 +21,7 @@ import repsqueeze as rs
 from benchmarks import int8 as int8_bench
 from repsqueeze import quant
 from repsqueeze.cli import deploy as deploy_cli
+from repsqueeze.core.auto import pick_mode
 from repsqueeze.training.lit import Classifier
 from repsqueeze.zoo import QARepVGGBlock, make_block
 
@@ -134,7 +135,7 @@ def test_qarepvgg_online_norm_trains_online_like_chain():
 def test_qarepvgg_auto_in_training_falls_back_to_chain():
     block = make_block("qarepvgg", 16, 16, mode="auto").train()
     x = torch.randn(8, 16, 16, 16)
-    assert block._pick_mode(x, 2) == "chain"
+    assert pick_mode(block, x, 2) == "chain"
     block(x)  # no error
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import repsqueeze as rs
 from benchmarks import deploy_time, mirror
-from repsqueeze import blocks
+from repsqueeze.core import compose, squeeze
 from repsqueeze.models import create_model
 from repsqueeze.zoo import BLOCKS, make_block
 
@@ -108,16 +108,16 @@ def test_squeeze_never_shares_memory_with_the_block():
 
 def test_layout_decided_once_per_kind_and_shape(monkeypatch):
     calls = []
-    term_layout = blocks.online.term_layout
+    term_layout = compose.term_layout
 
     def counting(*args):
         calls.append(1)
         return term_layout(*args)
 
-    blocks._LAYOUTS.clear()
-    monkeypatch.setattr(blocks.online, "term_layout", counting)
+    squeeze._LAYOUTS.clear()
+    monkeypatch.setattr(compose, "term_layout", counting)
     model = create_model("resnet20_cifar", block="repvgg", num_classes=10).eval()
-    shapes = {blocks.structure_key(m) for m in model.modules() if isinstance(m, rs.Squeezable)}
+    shapes = {squeeze.structure_key(m) for m in model.modules() if isinstance(m, rs.Squeezable)}
     calls.clear()
     rs.deploy(model)
     assert len(calls) <= len(shapes) < sum(isinstance(m, rs.Squeezable) for m in model.modules())

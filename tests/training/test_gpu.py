@@ -24,7 +24,7 @@ from helpers import randomize
 
 import repsqueeze as rs
 from repsqueeze.cli import train as cli_train
-from repsqueeze.numerics import strict_fp32
+from repsqueeze.core.numerics import strict_fp32
 from repsqueeze.zoo import BLOCKS
 
 pytestmark = pytest.mark.gpu

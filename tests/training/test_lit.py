@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze.numerics import strict_fp32
+from repsqueeze.core.numerics import strict_fp32
 from repsqueeze.training.datamodules import DigitsDataModule
 from repsqueeze.training.lit import Classifier
 

@@ -20,6 +20,7 @@ from helpers import (
     POOL_CLASS,
     assert_equivalent,
     assert_interior_matches_naive,
+    assert_matches_chain,
     expected_stride,
     interior_sizes,
     naive,
@@ -27,12 +28,11 @@ from helpers import (
 )
 from hypothesis import given, note, settings
 from strategies import Example, concat_examples
-from test_online import assert_matches_chain
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
-from repsqueeze.online import choose_by_macs
+from repsqueeze.core.auto import choose_by_macs, pick_mode
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -174,7 +174,7 @@ def test_online_refuses_a_training_mode_bn_in_a_branch_and_auto_falls_back_to_ch
     with _raises(ValueError, "branches.1.1 (BatchNorm2d)", "online_norm"):
         copy.deepcopy(block).train().set_mode("online")(x)
     auto = copy.deepcopy(block).train().set_mode("auto")
-    assert auto._pick_mode(x, 2) == "chain"
+    assert pick_mode(auto, x, 2) == "chain"
     assert_equivalent(auto(x), copy.deepcopy(block).train()(x), 1e-12)
 
 

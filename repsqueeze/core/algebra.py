@@ -79,6 +79,21 @@ def dense_kernel(weight: Tensor, groups: int, dilation: tuple[int, ...]) -> Tens
     return dense
 
 
+def grouped(w: Tensor, groups: int) -> Tensor:
+    """``(C_out, C_in/g, *k)`` viewed as ``(g, C_out/g, C_in/g, *k)``."""
+    return w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
+
+
+def bias_through(w: Tensor, groups: int, bias: Tensor) -> Tensor:
+    """The output of the grouped kernel ``w`` on a constant input ``bias`` (per input
+    channel)."""
+    taps = w.sum(dim=tuple(range(2, w.dim())))  # (C_out, C_in/g)
+    if groups == 1:
+        return taps @ bias
+    out = torch.einsum("goi,gi->go", grouped(taps, groups), bias.reshape(groups, -1))
+    return out.reshape(-1)
+
+
 def chain(a: ConvMap, b: ConvMap) -> ConvMap:
     """The map ``x -> b(a(x))``."""
     # out[o, i, u * s_a + t] += W_b[o, m, u] * W_a[m, i, t]

@@ -17,6 +17,7 @@ from helpers import assert_equivalent
 from torch._dynamo.utils import counters
 
 import repsqueeze as rs
+from repsqueeze.core import auto
 from repsqueeze.zoo import make_block
 
 pytestmark = [
@@ -92,11 +93,11 @@ def test_auto_decisions_taken_eagerly_are_reused_without_recompiling():
     model = rs.set_mode(rs.create_model("digits_net", block="expand_cl", expansion=2), "auto")
     x = torch.randn(4, 1, 8, 8)
     model(x)  # eager: every block times both forms once and keeps its choice
-    decided = [dict(b._auto_cache) for b in model.modules() if isinstance(b, rs.Squeezable)]
+    decided = [auto.decisions(b) for b in model.modules() if isinstance(b, rs.Squeezable)]
     compiled = _compiled(model)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(2):
             compiled(torch.randn(4, 1, 8, 8))
     assert counters["stats"]["unique_graphs"] == 1
-    after = [dict(b._auto_cache) for b in model.modules() if isinstance(b, rs.Squeezable)]
+    after = [auto.decisions(b) for b in model.modules() if isinstance(b, rs.Squeezable)]
     assert after == decided

@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equivalent, randomize
+from helpers import assert_equivalent, bn_and_pad, randomize, saved_bytes
 from torch import Tensor, nn
 
 import repsqueeze as rs
-from repsqueeze import chainops
+from repsqueeze.core import chainops
 from repsqueeze.models import create_model
 from repsqueeze.zoo import make_block
 
@@ -70,13 +70,13 @@ def test_border_batch_norm_and_pad_pass_gradcheck():
     fill, weight, bias = (torch.randn(2, dtype=F64, generator=_gen(s)) for s in (3, 4, 5))
     amount = ((1, 2), (0, 1))
 
-    def bn_and_pad(x, fill, weight, bias):
+    def normalise_then_pad(x, fill, weight, bias):
         y, border = chainops._BatchNormBorder.apply(x, fill, weight, bias, None, None, 0.0, 1e-5)
         return chainops.pad_filled(y, amount, border)
 
     inputs = tuple(t.requires_grad_(True) for t in (x, fill, weight, bias))
-    assert torch.autograd.gradcheck(bn_and_pad, inputs, fast_mode=True)
-    out = bn_and_pad(*inputs)
+    assert torch.autograd.gradcheck(normalise_then_pad, inputs, fast_mode=True)
+    out = normalise_then_pad(*inputs)
     assert out.shape == (3, 2, 6, 5)
     y = F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
     assert_equivalent(out[..., 1:4, 0:4], y, 1e-12)  # the interior, copied
@@ -133,15 +133,6 @@ def test_dbb_chain_equals_the_explicit_statistics_path_values_gradients_running_
     assert seen  # the BatchNorms ran as modules: the other path ran
 
 
-def _bn_and_pad(bn: nn.BatchNorm2d, y: Tensor) -> Tensor:
-    """DBB's BN-and-pad with batch statistics: ``bn(y)`` padded by 1 with ``bn(0)``."""
-    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
-    value = bn.bias - mean * bn.weight / torch.sqrt(var + bn.eps)
-    z = F.pad(bn(y), [1, 1, 1, 1])
-    ring = F.pad(torch.zeros(1, 1, *y.shape[2:]), [1, 1, 1, 1], value=1.0)
-    return z + value.reshape(1, -1, 1, 1) * ring
-
-
 def test_dbb_chain_in_float32_equals_its_branches_with_bn_and_pad():
     """The whole block in training mode, float32, against its four branches written out
     (the 1x1 -> BN chains padded with the BN's value at zero, from the batch statistics)."""
@@ -152,8 +143,8 @@ def test_dbb_chain_in_float32_equals_its_branches_with_bn_and_pad():
     kxk, one, chain, pool = branches
     conv1, bn1, conv2, bn2 = chain
     ref = kxk(x) + one(x)
-    ref = ref + bn2(F.conv2d(_bn_and_pad(bn1, conv1(x)), conv2.weight))
-    ref = ref + pool[3](F.avg_pool2d(_bn_and_pad(pool[1], pool[0](x)), 3, 1, 0))
+    ref = ref + bn2(F.conv2d(bn_and_pad(bn1, conv1(x)), conv2.weight))
+    ref = ref + pool[3](F.avg_pool2d(bn_and_pad(pool[1], pool[0](x)), 3, 1, 0))
     assert_equivalent(block(x), ref, 1e-5)
 
 
@@ -183,37 +174,21 @@ def test_recompute_gives_the_same_values_gradients_and_one_statistics_update(mom
     assert counts == {2}
 
 
-def _saved_bytes(model: nn.Module, x: Tensor) -> int:
-    """Distinct storages autograd keeps for backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    return sum(storages.values())
-
-
 def test_recompute_keeps_only_the_block_input():
     block = make_block("dbb", 8, 8).train()
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
-    kept = _saved_bytes(copy.deepcopy(block).set_mode("chain", recompute=True), x)
+    kept = saved_bytes(copy.deepcopy(block).set_mode("chain", recompute=True), x, backward=True)
     assert kept == x.numel() * x.element_size()
-    assert _saved_bytes(block, x) > 6 * kept
+    assert saved_bytes(block, x, backward=True) > 6 * kept
 
 
 def test_recompute_brings_a_dbb_resnet_under_twice_the_plain_activations():
     x = torch.randn(2, 3, 16, 16)
-    plain = _saved_bytes(create_model("resnet20_cifar", block="plain").train(), x)
+    plain = saved_bytes(create_model("resnet20_cifar", block="plain").train(), x, backward=True)
     dbb = create_model("resnet20_cifar", block="dbb").train()
-    assert _saved_bytes(dbb, x) > 4 * plain
+    assert saved_bytes(dbb, x, backward=True) > 4 * plain
     assert rs.set_mode(dbb, "chain", recompute=True) is dbb
     assert all(m.recompute for m in dbb.modules() if isinstance(m, rs.Squeezable))
-    assert _saved_bytes(dbb, x) <= 2 * plain
+    assert saved_bytes(dbb, x, backward=True) <= 2 * plain
     rs.set_mode(dbb, "chain")  # None: the setting stays
     assert all(m.recompute for m in dbb.modules() if isinstance(m, rs.Squeezable))

@@ -1,7 +1,7 @@
 """The single PyTorch layers a block accepts, each seen three ways.
 
 * :func:`geometry`: stride, padding, window and channels, from attributes alone;
-* :func:`linear_map`: the layer as a :class:`~repsqueeze.algebra.ConvMap`;
+* :func:`linear_map`: the layer as a :class:`~repsqueeze.core.algebra.ConvMap`;
 * :func:`run`: the layer applied to an input that was already padded (border-consistent
   padding: the block pads once, every layer runs unpadded).
 
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze import chainops
-from repsqueeze.algebra import ConvMap, Pad, dense_kernel
+from repsqueeze.core import chainops
+from repsqueeze.core.algebra import ConvMap, Pad, dense_kernel
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -43,7 +43,7 @@ class Geometry:
         stride: per spatial dim.
         pad: ``(left, right)`` border the layer needs on its input, per spatial dim.
         extent: width of the window one output reads (dilation included), per spatial dim.
-        mode: padding mode of that border, ``None`` when the layer needs none.
+        padding_mode: padding mode of that border, ``None`` when the layer needs none.
         c_in: input channels, ``None`` for layers that keep whatever they get.
         c_out: output channels, ``None`` likewise.
     """
@@ -51,7 +51,7 @@ class Geometry:
     stride: tuple[int, ...]
     pad: Pad
     extent: tuple[int, ...]
-    mode: str | None
+    padding_mode: str | None
     c_in: int | None
     c_out: int | None
 
@@ -129,12 +129,13 @@ def _pool_args(pool: nn.Module, ndim: int) -> tuple[tuple[int, ...], ...]:
 
 
 @dataclass(frozen=True)
-class Precision:
-    """How to build a map: ``structure`` (indicator weights, for the architecture), ``exact``
-    (detached, checked for non-finite values, float64: for deploy) or ``live`` (the
-    parameters themselves, autograd kept: for online training). ``check=False`` skips the
-    per-tensor checks of ``exact`` (the caller checks every tensor at once, see
-    :func:`all_finite`, and rebuilds with checks to name the layer when that fails)."""
+class Values:
+    """Which values a map is built from: ``structure`` (indicator weights, for the
+    architecture), ``exact`` (detached copies in ``dtype``, float64 for deploy, checked for
+    non-finite values) or ``live`` (the parameters themselves, autograd kept: for online
+    training). ``check=False`` skips the per-tensor checks of ``exact`` (the caller checks
+    every tensor at once, see :func:`all_finite`, and rebuilds with checks to name the layer
+    when that fails)."""
 
     kind: str
     dtype: torch.dtype = torch.float64
@@ -143,10 +144,10 @@ class Precision:
 
 
 # Indicator weights are non-negative path counts: float32 keeps every non-zero non-zero.
-STRUCTURE = Precision("structure", torch.float32)
+STRUCTURE = Values("structure", torch.float32)
 
 
-def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, how: Precision) -> ConvMap:
+def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, how: Values) -> ConvMap:
     """The layer as a :class:`ConvMap` built as ``how`` says."""
     geo = geometry(layer, ndim, path)
     kw = {"dtype": how.dtype, "device": how.device}
@@ -173,7 +174,7 @@ def linear_map(layer: nn.Module, c_in: int, ndim: int, path: str, how: Precision
     return _diagonal(torch.ones(channels, **kw), torch.zeros(channels, **kw), ndim)
 
 
-def bn_affine(bn: _BatchNorm, path: str, how: Precision) -> tuple[Tensor, Tensor]:
+def bn_affine(bn: _BatchNorm, path: str, how: Values) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` with ``bn(x) == scale * x + shift`` in eval mode."""
     if how.kind == "live" and uses_batch_stats(bn):
         raise ValueError(
@@ -209,7 +210,7 @@ def _diagonal(scale: Tensor, shift: Tensor, ndim: int) -> ConvMap:
     return ConvMap(weight, shift, (1,) * ndim, ((0, 0),) * ndim)
 
 
-def value_of(layer: nn.Module, path: str, attr: str, how: Precision) -> Tensor:
+def value_of(layer: nn.Module, path: str, attr: str, how: Values) -> Tensor:
     value = getattr(layer, attr)
     if how.kind == "live":
         return value
@@ -242,6 +243,13 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 def uses_batch_stats(bn: _BatchNorm) -> bool:
     return bn.training or bn.running_mean is None
+
+
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter or buffer (else the default)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    return floats[0] if floats else torch.get_default_dtype()
 
 
 def device_of(layer: nn.Module) -> torch.device:

@@ -16,8 +16,11 @@ import pytest
 import torch
 from helpers import (
     assert_equivalent,
+    assert_matches_chain,
+    assert_same_buffers,
     randomize,
     randomize_bn,
+    with_mode,
 )
 from hypothesis import given
 from strategies import Example, examples
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
-from repsqueeze.online import choose_by_macs
+from repsqueeze.core.auto import choose_by_macs
 from repsqueeze.training.lit import Classifier
 from repsqueeze.zoo import make_block
 
@@ -51,52 +54,6 @@ def _top_blocks(model: nn.Module) -> list[rs.Squeezable]:
     if isinstance(model, rs.Squeezable):
         return [model]
     return [b for child in model.children() for b in _top_blocks(child)]
-
-
-def _with_mode(block: nn.Module, mode: str) -> nn.Module:
-    return rs.set_mode(copy.deepcopy(block), mode)
-
-
-def _step(block: nn.Module, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, dict]:
-    """Output, input gradient and parameter gradients of ``sum(weight * block(x))``."""
-    x = x.clone().requires_grad_(True)
-    y = block(x)
-    (y * weight).sum().backward()
-    grads = {
-        name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-        for name, p in block.named_parameters()
-    }
-    return y.detach(), x.grad.detach(), grads
-
-
-def assert_matches_chain(block: nn.Module, x: Tensor, tol: float, mode: str = "online") -> None:
-    """Copies of ``block`` in ``mode`` and in chain mode agree in output and every gradient.
-
-    Outputs are compared relative to ``max(1, max|y|)``; gradients (of every parameter and of
-    the input) relative to the largest gradient of any parameter.
-    """
-    chain, other = _with_mode(block, "chain"), _with_mode(block, mode)
-    with torch.no_grad():
-        weight = _randn(*copy.deepcopy(chain)(x).shape, seed=7, dtype=x.dtype)
-    y_c, gx_c, g_c = _step(chain, x, weight)
-    y_o, gx_o, g_o = _step(other, x, weight)
-    assert_equivalent(y_o, y_c, tol)
-    scale = max([g.abs().max().item() for g in g_c.values() if g.numel()] + [1e-30])
-    assert list(g_o) == list(g_c)
-    for name in g_c:
-        err = (g_o[name].double() - g_c[name].double()).abs().max().item()
-        assert err <= tol * scale, f"grad of {name}: {err:.3e} > {tol:.0e} * {scale:.3e}"
-    err = (gx_o.double() - gx_c.double()).abs().max().item()
-    assert err <= tol * max(scale, gx_c.abs().max().item()), f"input grad: {err:.3e}"
-    _assert_same_buffers(other, chain, tol)
-
-
-def _assert_same_buffers(a: nn.Module, b: nn.Module, tol: float) -> None:
-    for (name, u), (_, v) in zip(a.named_buffers(), b.named_buffers(), strict=True):
-        if u.is_floating_point():
-            assert_equivalent(u, v, tol)
-        else:
-            assert torch.equal(u, v), name
 
 
 # --- hypothesis: BN-free blocks (the shared strategies) ----------------------------------------
@@ -139,14 +96,14 @@ def test_trailing_bn_block_online_equals_chain_in_training(
     x = _randn(4, c_in, *(9,) * dims)
     assert_matches_chain(block, x, 1e-10)
 
-    chain, online = _with_mode(block, "chain"), _with_mode(block, "online")
+    chain, online = with_mode(block, "chain"), with_mode(block, "online")
     for model in (chain, online):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for seed in (11, 12):
             opt.zero_grad()
             model(_randn(*x.shape, seed=seed)).square().mean().backward()
             opt.step()
-    _assert_same_buffers(online, chain, 1e-10)
+    assert_same_buffers(online, chain, 1e-10)
     assert chain.layers[-1].num_batches_tracked.item() == 2
     assert_equivalent(online(x), chain(x), 1e-10)
     for p, q in zip(online.parameters(), chain.parameters(), strict=True):
@@ -177,7 +134,7 @@ def test_online_norm_online_equals_chain_and_deploys_exactly(kind, c_in, c_out, 
     deployed = rs.deploy(block)
     with torch.no_grad():
         assert_equivalent(deployed(x), block(x), 1e-10)
-        assert_equivalent(deployed(x), _with_mode(block, "chain")(x), 1e-10)
+        assert_equivalent(deployed(x), with_mode(block, "chain")(x), 1e-10)
 
 
 def _conv_signature(conv: nn.Module) -> tuple:
@@ -287,7 +244,7 @@ def test_auto_picks_chain_when_composing_costs_more():
     assert costs["online"] > 100 * costs["chain"]
     assert choose_by_macs(block, tuple(x.shape), 2) == "chain"
     with torch.no_grad():
-        assert_equivalent(block(x), _with_mode(block, "chain")(x), 1e-6)
+        assert_equivalent(block(x), with_mode(block, "chain")(x), 1e-6)
 
 
 def test_auto_cost_of_a_parallel_does_not_depend_on_nesting():
@@ -338,7 +295,7 @@ def test_auto_in_eval_never_folds_a_bn_with_batch_statistics(bn_state):
     assert costs["online"] < costs["chain"]  # online would be picked, were the BN foldable
     y = block(x)  # raises ValueError today: auto picks online and the live fold refuses the BN
     with torch.no_grad():
-        assert_equivalent(y, _with_mode(block, "chain")(x), 1e-5)
+        assert_equivalent(y, with_mode(block, "chain")(x), 1e-5)
 
 
 # --- model-level switches ----------------------------------------------------------------------
@@ -373,7 +330,7 @@ def test_lightning_classifier_sets_mode_on_its_net():
 def test_training_online_follows_the_same_trajectory_as_chain():
     torch.manual_seed(0)
     chain = rs.create_model("digits_net", block="expand_cl", expansion=2).double().train()
-    online = _with_mode(chain, "online")
+    online = with_mode(chain, "online")
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (chain, online)]
     gen = _gen(13)
     for _ in range(20):
@@ -385,7 +342,7 @@ def test_training_online_follows_the_same_trajectory_as_chain():
             opt.step()
     for p, q in zip(online.parameters(), chain.parameters(), strict=True):
         assert_equivalent(p.detach(), q.detach(), 1e-8)
-    _assert_same_buffers(online, chain, 1e-8)
+    assert_same_buffers(online, chain, 1e-8)
 
 
 def test_online_sees_children_replaced_after_first_forward():
