@@ -13,8 +13,8 @@
    onto the CPU) and rebuilds the network from its ``net_config``;
 3. deploys every block (:func:`repsqueeze.deploy`), in eval mode;
 4. verifies both forms in float64 and in float32 with TF32 off, on a random batch and on a
-   real batch of the run's data when available (:func:`repsqueeze.deployment.verify_forms`);
-5. writes every artifact (:data:`repsqueeze.deployment.ARTIFACTS`), each reloaded and checked
+   real batch of the run's data when available (:func:`repsqueeze.artifacts.verify_forms`);
+5. writes every artifact (:data:`repsqueeze.artifacts.ARTIFACTS`), each reloaded and checked
    against PyTorch, plus ``report.json`` into a staging folder beside the output folder, then
    swaps the folders: a reader sees the previous export or the new one, never a mix;
 6. prints parameters and multiply-accumulates (CPU latency at batch 1 and 32 with
@@ -38,12 +38,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repsqueeze import checkpoints, deployment, export, files
+from repsqueeze import artifacts, checkpoints, export, files
+from repsqueeze.artifacts import timed
 from repsqueeze.cli import runs  # noqa: F401  (registers ${run_id:} for the run folder)
 from repsqueeze.cli.errors import SettingError, full_error, report, run_main
 from repsqueeze.cli.schema import validate
 from repsqueeze.cli.settings import DEPLOY_SCHEMA, moved_deploy_setting
-from repsqueeze.deployment import timed
 from repsqueeze.files import Target
 from repsqueeze.surgery import deploy
 from repsqueeze.tables import table
@@ -152,15 +152,15 @@ def build_artifacts(
     with timed(timings, "deploy"):
         deployed = deploy(net).eval()
     with timed(timings, "verify"):
-        errors, numerics = deployment.verify_forms(net, deployed, inputs, cfg.tol, cfg.device)
+        errors, numerics = artifacts.verify_forms(net, deployed, inputs, cfg.tol, cfg.device)
     x = inputs.get("data", inputs["random"])
-    job = deployment.Job(net, deployed, net_config, x, errors, cfg.formats.onnx_opset)
-    checks = deployment.write_artifacts(job, folder, cfg.formats, cfg.tol, timings)
+    job = artifacts.Job(net, deployed, net_config, x, errors, cfg.formats.onnx_opset)
+    checks = artifacts.write_artifacts(job, folder, cfg.formats, cfg.tol, timings)
     measurements = None
     if cfg.measure.enabled:
         with timed(timings, "measure"):
             latency = cfg.measure.min_run_time if cfg.measure.latency else None
-            measurements = deployment.measure(net, deployed, x.shape[1:], latency)
+            measurements = artifacts.measure(net, deployed, x.shape[1:], latency)
     return {
         "net_config": net_config,
         "verification": errors,
@@ -219,7 +219,7 @@ def run(cfg: DictConfig) -> dict:
         result = _deploy_into(cfg, ckpt_path, staging, timings)
         result["timings_s"]["total"] = round(time.perf_counter() - started, 3)
         (staging / "report.json").write_text(json.dumps(result, indent=2))
-        files.publish(staging, target, OWNER, deployment.OWN_FILES)
+        files.publish(staging, target, OWNER, artifacts.OWN_FILES)
     except files.FolderError as err:
         raise DeployError(str(err)) from err
     finally:
@@ -247,7 +247,7 @@ def _deploy_into(cfg: DictConfig, ckpt_path: Path, staging: Path, timings: dict)
         inputs = verification_inputs(cfg, ckpt_path, net, notes)
     try:
         result = build_artifacts(cfg, net, net_config, inputs, staging)
-    except deployment.DeploymentError as err:
+    except artifacts.DeploymentError as err:
         raise DeployError(str(err)) from err
     result["timings_s"] = {**timings, **result["timings_s"]}
     if cfg.int8.enabled:

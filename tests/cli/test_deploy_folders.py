@@ -13,7 +13,7 @@ import pytest
 import torch
 from deploy_support import DEPLOYED_ONLY, FAST, bad_file, listing, no_outputs
 
-from repsqueeze import checkpoints, deployment, export
+from repsqueeze import artifacts, checkpoints, export
 from repsqueeze import files as folders
 from repsqueeze.cli import deploy as cli_deploy
 
@@ -276,14 +276,14 @@ def test_files_that_appear_while_deploying_are_kept(
     """An empty folder that receives a user's file while deploy.py works is not replaced."""
     out = tmp_path / "empty"
     out.mkdir()
-    write = deployment.write_deployed_pt
+    write = artifacts.write_deployed_pt
 
     def and_a_user_writes(job, path):
         (out / "notes.txt").write_text("mine")
         return write(job, path)
 
-    first = dataclasses.replace(deployment.ARTIFACTS[0], write=and_a_user_writes)
-    monkeypatch.setattr(deployment, "ARTIFACTS", [first, *deployment.ARTIFACTS[1:]])
+    first = dataclasses.replace(artifacts.ARTIFACTS[0], write=and_a_user_writes)
+    monkeypatch.setattr(artifacts, "ARTIFACTS", [first, *artifacts.ARTIFACTS[1:]])
     common = [f"output_dir={out}", *DEPLOYED_ONLY]
     with pytest.raises(DeployError, match="received files while deploy.py ran"):
         cli_deploy.run(compose_deploy(f"ckpt_path={checkpoint}", *common))
