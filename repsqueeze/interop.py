@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from repsqueeze.blocks import MODES, Squeezable
-from repsqueeze.convert import block_from_conv_bn, split_into
-from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, load_norm
+from repsqueeze.convert import split_into
+from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, block_factory, load_norm
 
 
 # --- timm ------------------------------------------------------------------------------------
@@ -170,22 +170,29 @@ def _reinit_as(ours: Squeezable, kind: str, kwargs: dict) -> Squeezable:
     dtype, device = ours._dtype(), ours.branches[0][0].weight.device
     like = ours.branches[0][1]
     squeezed = copy.deepcopy(ours).double().squeeze()
-    conv = type(squeezed)(**_conv_args(squeezed), bias=False)
+    conv = conv_like(squeezed)
     bn = type(like)(like.num_features, eps=like.eps, momentum=like.momentum)
     conv.to(device=device, dtype=torch.float64)
     bn.to(device=device, dtype=torch.float64)
     split_into(squeezed.weight, squeezed.bias, like, conv, bn)
     conv.train(ours.training)
-    new = block_from_conv_bn(kind, conv, bn, **kwargs)
+    new = block_factory(kind).from_conv_bn(conv, bn, **kwargs)
     return new.to(dtype=dtype)
 
 
-def _conv_args(conv: nn.Module) -> dict:
-    return {
-        "in_channels": conv.in_channels, "out_channels": conv.out_channels,
-        "kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
-        "dilation": conv.dilation, "groups": conv.groups, "padding_mode": conv.padding_mode,
-    }  # fmt: skip
+def conv_like(conv: nn.Module) -> nn.Module:
+    """A bias-free conv with ``conv``'s geometry (freshly initialised, on the CPU)."""
+    return type(conv)(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=False,
+        padding_mode=conv.padding_mode,
+    )
 
 
 # --- official state dicts --------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch import nn
 
 import repsqueeze as rs
 from repsqueeze.models import RepVGG, registry
-from repsqueeze.models.mobileone import MobileOne
+from repsqueeze.models.mobileone import MobileOne, with_branches
 from repsqueeze.models.repvgg import repvgg_widths
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -61,10 +61,9 @@ def tiny_models(monkeypatch):
     def tiny_repvgg(**kw) -> RepVGG:
         return RepVGG((1, *TINY_DEPTHS), repvgg_widths(0.25, 0.125), **kw)
 
-    def tiny_mobileone(**kw) -> MobileOne:
-        if kw.get("block", "mobileone") == "mobileone":
-            kw.setdefault("num_conv_branches", 2)
-        return MobileOne((0.25, 0.25, 0.25, 0.125), depths=TINY_DEPTHS, **kw)
+    def tiny_mobileone(block="mobileone", **kw) -> MobileOne:
+        block = with_branches(block, 2)
+        return MobileOne((0.25, 0.25, 0.25, 0.125), block=block, depths=TINY_DEPTHS, **kw)
 
     rs.register_model(tiny_repvgg)
     rs.register_model(tiny_mobileone)
