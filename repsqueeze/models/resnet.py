@@ -134,9 +134,7 @@ class ResNet(ConvClassifier):
         block: the blocks of every 3x3 conv: a kind (see :func:`repsqueeze.zoo.list_blocks`)
             or a factory (:func:`repsqueeze.zoo.block_factory`).
         num_classes: outputs of the linear head.
-        in_channels: input channels.
-        deployed: build every block's single convolution directly.
-        act_layer: activation constructor.
+        in_channels, deployed, act_layer: as in :class:`CifarResNet`.
     """
 
     def __init__(

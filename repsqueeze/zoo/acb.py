@@ -6,11 +6,11 @@ Convolution Blocks", ICCV 2019.
 
 from __future__ import annotations
 
-from typing import Any
+from torch import nn
 
 from repsqueeze.blocks import Parallel
 from repsqueeze.zoo.embedding import BranchesFromConvBN
-from repsqueeze.zoo.layers import BlockArgs, centered_padding
+from repsqueeze.zoo.layers import BlockArgs, ZooBlock, centered_padding
 
 
 def _along(axis: int, value: int, other: int, dims: int) -> tuple[int, ...]:
@@ -18,7 +18,7 @@ def _along(axis: int, value: int, other: int, dims: int) -> tuple[int, ...]:
     return tuple(value if d == axis else other for d in range(dims))
 
 
-class ACBlock(BranchesFromConvBN, Parallel):
+class ACBlock(BranchesFromConvBN, ZooBlock, Parallel):
     """k x k conv-BN plus one asymmetric conv-BN per spatial axis, summed (ACNet).
 
     The asymmetric branch of axis ``d`` has kernel ``k`` along ``d`` and 1 elsewhere (1 x k
@@ -26,36 +26,24 @@ class ACBlock(BranchesFromConvBN, Parallel):
     Every branch has the block's stride, dilation, groups and padding mode.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         kernel_size: kernel size of the square branch.
-        stride: stride of the block (of its deployed convolution).
-        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.BlockArgs`).
+        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.ZooBlock`).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        **shared: Any,
-    ) -> None:
-        args = BlockArgs.of(type(self).__name__, {"stride": stride, **shared})
-        square = centered_padding(kernel_size, args.dilation, args.stride)
-        with args.building():
-            branches = [args.main(in_channels, out_channels, kernel_size)]
-            for axis in range(args.dims):
-                padding = square if isinstance(square, str) else _along(axis, square, 0, args.dims)
-                branches.append(
-                    args.conv_norm(
-                        in_channels,
-                        out_channels,
-                        _along(axis, kernel_size, 1, args.dims),
-                        stride=args.stride,
-                        padding=padding,
-                        dilation=args.dilation,
-                        padding_mode=args.padding_mode,
-                    )
-                )
-        super().__init__(*branches, deployed=args.deployed, mode=args.mode)
+    def parts(self, args: BlockArgs) -> list[nn.Module]:
+        square = centered_padding(args.kernel_size, args.dilation, args.stride)
+        branches = [args.main()]
+        for axis in range(args.dims):
+            padding = square if isinstance(square, str) else _along(axis, square, 0, args.dims)
+            kernel = _along(axis, args.kernel_size, 1, args.dims)
+            branch = args.conv_norm(
+                args.in_channels,
+                args.out_channels,
+                kernel,
+                args.stride,
+                padding,
+                args.dilation,
+                args.padding_mode,
+            )
+            branches.append(branch)
+        return branches

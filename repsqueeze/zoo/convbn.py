@@ -2,54 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze.blocks import SqueezableBlock
-from repsqueeze.zoo.embedding import built_like, take_over
-from repsqueeze.zoo.layers import BlockArgs
+from repsqueeze.zoo.embedding import FromConvBN, take_over_pair
+from repsqueeze.zoo.layers import BlockArgs, ZooBlock
 
 
-class ConvBN(SqueezableBlock):
+class ConvBN(FromConvBN, ZooBlock, SqueezableBlock):
     """k x k conv (no bias) followed by BN: the plain, un-re-parameterized baseline.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         kernel_size: kernel size along every spatial dim.
-        stride: stride of the block (of its deployed convolution).
-        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.BlockArgs`).
+        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.ZooBlock`).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        **shared: Any,
-    ) -> None:
-        args = BlockArgs.of(type(self).__name__, {"stride": stride, **shared})
-        with args.building():
-            layers = args.main(in_channels, out_channels, kernel_size)
-        super().__init__(*layers, deployed=args.deployed, mode=args.mode)
+    def parts(self, args: BlockArgs) -> list[nn.Module]:
+        return [*args.main()]
 
-    @classmethod
-    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs: Any) -> ConvBN:
-        """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
-        weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
-        momentum.
-
-        Args:
-            conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
-            bn: the ``BatchNormNd`` after it (the BatchNorm part of a norm + act module).
-            **kwargs: further constructor arguments (``mode``, ...).
-
-        Raises:
-            ValueError: a pair the block cannot take over, with the reason.
-        """
-        block = built_like(cls, conv, bn, kwargs)
-        take_over(block.layers, conv, bn)
-        return block
+    @torch.no_grad()
+    def take_over(self, conv: nn.Module, bn: _BatchNorm) -> None:
+        take_over_pair(self.layers, conv, bn)

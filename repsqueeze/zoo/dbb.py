@@ -6,17 +6,15 @@ CVPR 2021.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from repsqueeze.blocks import Parallel
 from repsqueeze.zoo.embedding import BranchesFromConvBN
-from repsqueeze.zoo.layers import POOLS, BlockArgs
+from repsqueeze.zoo.layers import POOLS, BlockArgs, ZooBlock
 
 
-class DiverseBranchBlock(BranchesFromConvBN, Parallel):
+class DiverseBranchBlock(BranchesFromConvBN, ZooBlock, Parallel):
     """k x k, 1x1, 1x1 -> k x k and 1x1 -> average-pool branches, each with BN, summed (DBB).
 
     As in DBB, the 1x1 branch and the 1x1 conv of the pooling branch are left out for a
@@ -28,57 +26,52 @@ class DiverseBranchBlock(BranchesFromConvBN, Parallel):
     dilation 1 (its average pool has no other form).
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         kernel_size: odd kernel size of the k x k convs and of the average pool.
-        stride: stride of the block (of its deployed convolution).
         internal_channels: width of the 1x1 -> k x k chain; ``None``: ``in_channels``, or
             ``2 * in_channels`` for a depthwise block (as in DBB). With ``in_channels``, the
             chain's 1x1 starts as the identity (DBB's ``IdentityBasedConv1x1``).
-        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.BlockArgs`).
+        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.ZooBlock`).
     """
 
-    def __init__(
+    def parts(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
+        args: BlockArgs,
         *,
         internal_channels: int | None = None,
-        **shared: Any,
-    ) -> None:
-        args = BlockArgs.of(type(self).__name__, {"stride": stride, **shared})
-        _check(kernel_size, args)
-        depthwise = args.groups == out_channels
+    ) -> list[nn.Module]:
+        _check(args)
+        depthwise = args.groups == args.out_channels
         if internal_channels is None:
-            internal_channels = 2 * in_channels if depthwise else in_channels
-        padding, stride = kernel_size // 2, args.stride
-        with args.building():
-            branches = [args.main(in_channels, out_channels, kernel_size)]
-            if not depthwise:
-                branches.append(args.conv_norm(in_channels, out_channels, 1, stride))
-            chain = nn.Sequential(
-                *args.conv_norm(in_channels, internal_channels, 1),
-                *args.conv_norm(internal_channels, out_channels, kernel_size, stride, padding),
-            )
-            branches.append(chain)
-            keeps_channels = depthwise and in_channels == out_channels
-            squeeze = [] if keeps_channels else [*args.conv_norm(in_channels, out_channels, 1)]
-            pool = POOLS[args.dims](kernel_size, stride, padding)
-            branches.append(nn.Sequential(*squeeze, pool, args.norm(out_channels)))
-        if internal_channels == in_channels and not args.deployed:
+            internal_channels = 2 * args.in_channels if depthwise else args.in_channels
+        padding, stride = args.kernel_size // 2, args.stride
+        branches = [args.main()]
+        if not depthwise:
+            branches.append(args.conv_norm(args.in_channels, args.out_channels, 1, stride))
+        chain = nn.Sequential(
+            *args.conv_norm(args.in_channels, internal_channels, 1),
+            *args.conv_norm(
+                internal_channels, args.out_channels, args.kernel_size, stride, padding
+            ),
+        )
+        branches.append(chain)
+        keeps_channels = depthwise and args.in_channels == args.out_channels
+        squeeze = (
+            [] if keeps_channels else [*args.conv_norm(args.in_channels, args.out_channels, 1)]
+        )
+        pool = POOLS[args.dims](args.kernel_size, stride, padding)
+        branches.append(nn.Sequential(*squeeze, pool, args.norm(args.out_channels)))
+        if internal_channels == args.in_channels and not args.deployed:
             with torch.no_grad():  # DBB's IdentityBasedConv1x1: the chain's 1x1 starts as identity
                 weight = chain[0].weight.zero_()  # (in, in // groups, 1, ...)
-                idx = torch.arange(in_channels)
+                idx = torch.arange(args.in_channels)
                 weight[(idx, idx % weight.shape[1], *([0] * args.dims))] = 1
-        super().__init__(*branches, deployed=args.deployed, mode=args.mode)
+        return branches
 
 
-def _check(kernel_size: int, args: BlockArgs) -> None:
-    if kernel_size % 2 == 0:
+def _check(args: BlockArgs) -> None:
+    if args.kernel_size % 2 == 0:
         raise ValueError(
-            f"DiverseBranchBlock needs an odd kernel_size, got {kernel_size}: its average "
+            f"DiverseBranchBlock needs an odd kernel_size, got {args.kernel_size}: its average "
             "pool can only be centred on the k x k kernel with symmetric padding"
         )
     if args.padding_mode != "zeros":

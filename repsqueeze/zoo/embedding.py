@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze import primitives
 from repsqueeze.algebra import CONV_CLASSES
-from repsqueeze.blocks import Parallel, Squeezable
+from repsqueeze.blocks import Squeezable
 from repsqueeze.zoo.layers import NORMS, load_norm
 
 
@@ -48,7 +48,6 @@ def check_conv_bn(conv: nn.Module, bn: nn.Module) -> None:
 
 def built_like(cls: type, conv: nn.Module, bn: _BatchNorm, kwargs: dict[str, Any]) -> Squeezable:
     """A block of ``cls`` with the geometry of ``conv`` and norms with ``bn``'s eps/momentum."""
-    check_conv_bn(conv, bn)
     dims = conv.weight.dim() - 2
     norm = nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else NORMS[dims]
     geometry = {
@@ -63,25 +62,17 @@ def built_like(cls: type, conv: nn.Module, bn: _BatchNorm, kwargs: dict[str, Any
     return block.train(conv.training)
 
 
-@torch.no_grad()
-def take_over(main: nn.Module, conv: nn.Module, bn: _BatchNorm) -> None:
-    """The ``(conv, norm)`` pair ``main`` computes ``bn(conv(x))``."""
-    main[0].weight.copy_(conv.weight)
-    load_norm(main[1], bn, conv.bias)
-
-
-class BranchesFromConvBN:
-    """``from_conv_bn`` of the blocks whose branch 0 is conv -> BN (ACNet, DBB, MobileOne):
-    branch 0 takes over ``bn(conv(x))``; every other branch ends in a BatchNorm with zero
-    scale and shift, so it adds zero in eval and in training mode alike."""
+class FromConvBN:
+    """``from_conv_bn``: a block that starts as an exact copy of a conv + BatchNorm pair. A
+    family says how it takes the pair over (:meth:`take_over`) and may refuse pairs it
+    cannot hold (:meth:`check_pair`)."""
 
     @classmethod
     @torch.no_grad()
-    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs: Any) -> Parallel:
+    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs: Any) -> Squeezable:
         """A block computing ``bn(conv(x))`` exactly (eval and training mode): ``conv``'s
         weights (its bias folded into the statistics) and ``bn``'s statistics, eps and
-        momentum on the main path; the other branches end in a BatchNorm with zero scale and
-        shift.
+        momentum on the main path; any other branch adds zero.
 
         Args:
             conv: a ``ConvNd`` with a square, odd kernel, dilation 1 and centred padding.
@@ -91,14 +82,41 @@ class BranchesFromConvBN:
         Raises:
             ValueError: a pair the block cannot take over, with the reason.
         """
+        check_conv_bn(conv, bn)
+        cls.check_pair(conv, kwargs)
         block = built_like(cls, conv, bn, kwargs)
-        main, *others = block.branches
-        take_over(main, conv, bn)
+        block.take_over(conv, bn)
+        return block
+
+    @classmethod
+    def check_pair(cls, conv: nn.Module, kwargs: dict[str, Any]) -> None:
+        """Refuses a conv this family cannot hold exactly with ``kwargs`` (none here)."""
+
+    def take_over(self, conv: nn.Module, bn: _BatchNorm) -> None:
+        """Sets the block's weights so that it computes ``bn(conv(x))``."""
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def take_over_pair(main: nn.Module, conv: nn.Module, bn: _BatchNorm) -> None:
+    """The ``(conv, norm)`` pair ``main`` computes ``bn(conv(x))``."""
+    main[0].weight.copy_(conv.weight)
+    load_norm(main[1], bn, conv.bias)
+
+
+class BranchesFromConvBN(FromConvBN):
+    """The blocks whose branch 0 is conv -> BN (ACNet, DBB, MobileOne): branch 0 takes over
+    ``bn(conv(x))``; every other branch ends in a BatchNorm with zero scale and shift, so it
+    adds zero in eval and in training mode alike."""
+
+    @torch.no_grad()
+    def take_over(self, conv: nn.Module, bn: _BatchNorm) -> None:
+        main, *others = self.branches
+        take_over_pair(main, conv, bn)
         for branch in others:
             last = [m for m in branch.modules() if isinstance(m, _BatchNorm)][-1]
             last.weight.zero_()
             last.bias.zero_()
-        return block
 
 
 def embed_chain(convs: list[nn.Module], weight: torch.Tensor) -> None:

@@ -13,11 +13,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze.blocks import SqueezableBlock
-from repsqueeze.zoo.embedding import built_like, check_conv_bn, embed_chain
-from repsqueeze.zoo.layers import BlockArgs, centered_padding, load_norm
+from repsqueeze.zoo.embedding import FromConvBN, embed_chain
+from repsqueeze.zoo.layers import BlockArgs, ZooBlock, centered_padding, load_norm
 
 
-class ExpandedConv(SqueezableBlock):
+class ExpandedConv(FromConvBN, ZooBlock, SqueezableBlock):
     """A k x k conv expanded into a linear chain of convs, then BN (ExpandNets).
 
     * ``'cl'``: 1x1 (in -> e*in) -> k x k (-> e*out) -> 1x1 (-> out);
@@ -29,71 +29,57 @@ class ExpandedConv(SqueezableBlock):
     mode, so the squeezed conv keeps them; dilation is 1.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         kernel_size: kernel size of the squeezed conv (odd for ``'ck'``).
-        stride: stride of the block (of its deployed convolution).
         expand_mode: ``'ck'`` (expand the kernel) or ``'cl'`` (expand the channels).
         expansion: channel expansion rate ``e``.
-        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.BlockArgs`).
+        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.ZooBlock`).
     """
 
-    def __init__(
+    def parts(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
+        args: BlockArgs,
         *,
         expand_mode: str = "ck",
         expansion: int = 4,
-        **shared: Any,
-    ) -> None:
-        args = BlockArgs.of(type(self).__name__, {"stride": stride, **shared})
+    ) -> list[nn.Module]:
         args.require("ExpandedConv", dilation=1)
         if expand_mode == "cl":
-            kernels = [1, kernel_size, 1]
-            channels = [in_channels, expansion * in_channels, expansion * out_channels]
-            paddings = [0, centered_padding(kernel_size, 1, args.stride), 0]
+            kernels = [1, args.kernel_size, 1]
+            channels = [
+                args.in_channels,
+                expansion * args.in_channels,
+                expansion * args.out_channels,
+            ]
+            paddings = [0, centered_padding(args.kernel_size, 1, args.stride), 0]
             strides = [1, args.stride, 1]
         elif expand_mode == "ck":
-            if kernel_size % 2 == 0:
+            if args.kernel_size % 2 == 0:
                 raise ValueError(
                     f"expand_mode='ck' builds a k x k kernel from 3x3 convs and needs an odd "
-                    f"kernel_size, got {kernel_size}"
+                    f"kernel_size, got {args.kernel_size}"
                 )
-            n = kernel_size // 2
+            n = args.kernel_size // 2
             kernels = [3] * n + [1] * max(0, 2 - n)
-            channels = [in_channels] + [expansion * out_channels] * (len(kernels) - 1)
+            channels = [args.in_channels] + [expansion * args.out_channels] * (len(kernels) - 1)
             paddings = [k // 2 for k in kernels]
             strides = [args.stride if i == max(n - 1, 0) else 1 for i in range(len(kernels))]
         else:
             raise ValueError(f"expand_mode must be 'ck' or 'cl', got {expand_mode!r}")
-        channels.append(out_channels)
+        channels.append(args.out_channels)
         steps = zip(channels, channels[1:], kernels, strides, paddings, strict=False)
-        with args.building():
-            layers = [args.conv(c_in, c_out, k, s, p) for c_in, c_out, k, s, p in steps]
-            layers.append(args.norm(out_channels))
-        super().__init__(*layers, deployed=args.deployed, mode=args.mode)
+        layers = [args.conv(c_in, c_out, k, s, p) for c_in, c_out, k, s, p in steps]
+        return [*layers, args.norm(args.out_channels)]
 
     @classmethod
-    @torch.no_grad()
-    def from_conv_bn(cls, conv: nn.Module, bn: _BatchNorm, **kwargs: Any) -> ExpandedConv:
-        """A chain computing ``bn(conv(x))`` exactly: the convs embed ``conv``'s kernel
-        (1x1 layers pass channels through, the 3x3 layers of ``'ck'`` build shifted copies
-        of the input, one layer mixes them with ``conv``'s taps), the BatchNorm is ``bn``.
-
-        Args:
-            conv: a ``ConvNd`` with a square, odd kernel, dilation 1, centred padding and
-                ``groups=1``.
-            bn: the ``BatchNormNd`` after it.
-            **kwargs: further constructor arguments (``expand_mode``, ``expansion``, ...).
+    def check_pair(cls, conv: nn.Module, kwargs: dict[str, Any]) -> None:
+        """The convs embed ``conv``'s kernel exactly (1x1 layers pass channels through, the
+        3x3 layers of ``'ck'`` build shifted copies of the input, one layer mixes them with
+        ``conv``'s taps) for ``groups=1`` and hidden layers wide enough for the copies.
 
         Raises:
             ValueError: for ``groups > 1``, or when the hidden layers of ``'ck'`` are too
                 narrow to hold the shifted copies a kernel above 3 needs.
         """
-        check_conv_bn(conv, bn)
         if conv.groups != 1:
             raise ValueError("ExpandNets blocks start from an exact embedding only for groups=1")
         k, dims = conv.kernel_size[0], conv.weight.dim() - 2
@@ -104,8 +90,9 @@ class ExpandedConv(SqueezableBlock):
                 f"expand_ck needs >= {need} hidden channels for an exact start, has {hidden} "
                 f"(expansion * out_channels); raise expansion"
             )
-        block = built_like(cls, conv, bn, kwargs)
-        *convs, norm = block.layers
+
+    @torch.no_grad()
+    def take_over(self, conv: nn.Module, bn: _BatchNorm) -> None:
+        *convs, norm = self.layers
         embed_chain(list(convs), conv.weight)
         load_norm(norm, bn, conv.bias)
-        return block

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from repsqueeze.algebra import CONV_CLASSES
 
 NormLayer = Callable[[int], nn.Module]
+GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride")  # the positional ones
 NORMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 POOLS: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
@@ -47,18 +49,15 @@ def conv_norm(
     in_channels: int,
     out_channels: int,
     kernel_size: int | tuple[int, ...],
-    dims: int = 2,
-    stride: int = 1,
-    padding: int | tuple[int, ...] | str = 0,
-    dilation: int = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
+    *args: Any,
     norm_layer: NormLayer | None = None,
+    **kwargs: Any,
 ) -> nn.Sequential:
-    """``ConvNd`` (no bias) followed by a norm layer, as a nested chain."""
-    args = (dims, stride, padding, dilation, groups, padding_mode)
-    layer = conv(in_channels, out_channels, kernel_size, *args)
-    return nn.Sequential(layer, (norm_layer or NORMS[dims])(out_channels))
+    """:func:`conv` (its further arguments: ``dims``, ``stride``, ...) followed by a norm layer
+    (default ``BatchNorm{dims}d``), as a nested chain."""
+    layer = conv(in_channels, out_channels, kernel_size, *args, **kwargs)
+    norm = norm_layer or NORMS[layer.weight.dim() - 2]
+    return nn.Sequential(layer, norm(out_channels))
 
 
 def centered_padding(kernel_size: int, dilation: int, stride: int) -> int | str:
@@ -104,12 +103,17 @@ def load_norm(dst: _BatchNorm, bn: _BatchNorm, shift: torch.Tensor | None = None
 
 @dataclass(frozen=True)
 class BlockArgs:
-    """The constructor arguments every block of the zoo takes (as keywords), declared once.
+    """The constructor arguments every block of the zoo takes, declared once: its geometry
+    and the shared keywords.
 
     A block's signature is ``(in_channels, out_channels, kernel_size=3, stride=1, *, own
-    arguments, **shared)``: ``shared`` are these (``stride`` may also come fourth).
+    arguments, **shared)`` (:class:`ZooBlock`): ``shared`` are these, ``stride`` may also
+    come fourth.
 
     Attributes:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel size of the deployed convolution.
         stride: stride of the block (of its deployed convolution).
         dilation: dilation of the k x k convolutions.
         groups: groups of every convolution.
@@ -121,6 +125,9 @@ class BlockArgs:
         mode: ``"chain"``, ``"online"`` or ``"auto"`` (see :meth:`Squeezable.set_mode`).
     """
 
+    in_channels: int = 1
+    out_channels: int = 1
+    kernel_size: int = 3
     stride: int = 1
     dilation: int = 1
     groups: int = 1
@@ -135,14 +142,14 @@ class BlockArgs:
             raise ValueError(f"dims must be 1, 2 or 3 spatial dims, got {self.dims!r}")
 
     @classmethod
-    def of(cls, owner: str, shared: Mapping[str, Any]) -> BlockArgs:
-        """The shared arguments of a ``owner`` block; a name that is none of them is refused
-        as Python refuses an unexpected keyword argument."""
-        names = {f.name for f in dataclasses.fields(cls)}
+    def of(cls, owner: str, geometry: Mapping[str, int], shared: Mapping[str, Any]) -> BlockArgs:
+        """The arguments of an ``owner`` block; a shared name that is none of them is
+        refused as Python refuses an unexpected keyword argument."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(GEOMETRY)
         for name in shared:
             if name not in names:
                 raise TypeError(f"{owner} got an unexpected keyword argument {name!r}")
-        return cls(**shared)
+        return cls(**geometry, **shared)
 
     def building(self) -> contextlib.AbstractContextManager:
         """Where a block builds its branches: on the meta device (never allocated) when it
@@ -179,26 +186,18 @@ class BlockArgs:
         padding_mode: str = "zeros",
     ) -> nn.Sequential:
         """Conv (the block's groups) -> the block's norm."""
-        layer = conv(
-            in_channels,
-            out_channels,
-            kernel_size,
-            self.dims,
-            stride,
-            padding,
-            dilation,
-            self.groups,
-            padding_mode,
-        )
+        geometry = (self.dims, stride, padding, dilation, self.groups, padding_mode)
+        layer = conv(in_channels, out_channels, kernel_size, *geometry)
         return nn.Sequential(layer, self.norm(out_channels))
 
-    def main(self, in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-        """The k x k conv-norm: the block's stride, dilation and padding mode, centred."""
-        padding = centered_padding(kernel_size, self.dilation, self.stride)
+    def main(self) -> nn.Sequential:
+        """The k x k conv-norm of the block: its channels, stride, dilation and padding
+        mode, centred."""
+        padding = centered_padding(self.kernel_size, self.dilation, self.stride)
         return self.conv_norm(
-            in_channels,
-            out_channels,
-            kernel_size,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
             self.stride,
             padding,
             self.dilation,
@@ -212,3 +211,54 @@ class BlockArgs:
                 raise ValueError(
                     f"{owner} is built with {name}={value!r} only, got {getattr(self, name)!r}"
                 )
+
+
+class _ClassSignature:
+    """``inspect.signature(Block)``: the shared constructor with the family's own arguments.
+    Instances have none (theirs is that of ``forward``)."""
+
+    def __get__(self, obj: Any, cls: type) -> inspect.Signature:
+        if obj is not None:
+            raise AttributeError("__signature__")
+        shared = list(inspect.signature(ZooBlock.__init__).parameters.values())
+        own = list(inspect.signature(cls.parts).parameters.values())[2:]
+        return inspect.Signature([*shared[1:5], *own, shared[-1]])
+
+
+class ZooBlock:
+    """The constructor every block of the zoo shares:
+    ``Block(in_channels, out_channels, kernel_size=3, stride=1, *, own arguments, **shared)``
+    with ``shared`` the arguments of :class:`BlockArgs`.
+
+    A family defines :meth:`parts` (its branches or layers, from the geometry, the shared
+    arguments and its own keyword arguments); the constructor builds them (on the meta
+    device when deployed) and hands them to the combinator that follows in the class's
+    bases (``Parallel`` or ``SqueezableBlock``), as timm's byobnet blocks take ``LayerFn``.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel size of the deployed convolution.
+        stride: stride of the block (may also be given by name).
+        **shared: the family's own arguments, then those of :class:`BlockArgs` (``groups``,
+            ``dilation``, ``padding_mode``, ``dims``, ``norm_layer``, ``deployed``, ``mode``).
+    """
+
+    __signature__ = _ClassSignature()
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, **shared
+    ) -> None:
+        names = list(inspect.signature(self.parts).parameters)[1:]
+        own = {k: v for k, v in shared.items() if k in names}
+        rest = {k: v for k, v in shared.items() if k not in names}
+        geometry = (in_channels, out_channels, kernel_size, stride)
+        args = BlockArgs.of(type(self).__name__, dict(zip(GEOMETRY, geometry, strict=True)), rest)
+        with args.building():
+            parts = self.parts(args, **own)
+        super().__init__(*parts, deployed=args.deployed, mode=args.mode)
+
+    def parts(self, args: BlockArgs) -> list[nn.Module]:
+        """The block's branches (a ``Parallel``) or layers (a ``SqueezableBlock``); a family
+        adds its own arguments as keywords."""
+        raise NotImplementedError

@@ -5,56 +5,45 @@ Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023
 
 from __future__ import annotations
 
-from typing import Any
+from torch import nn
 
 from repsqueeze.blocks import Parallel
 from repsqueeze.zoo.embedding import BranchesFromConvBN
-from repsqueeze.zoo.layers import BlockArgs
+from repsqueeze.zoo.layers import BlockArgs, ZooBlock
 
 
-class MobileOneBlock(BranchesFromConvBN, Parallel):
+class MobileOneBlock(BranchesFromConvBN, ZooBlock, Parallel):
     """``n`` k x k conv-BN + 1x1 conv-BN (scale) + identity BN (when shapes allow), summed.
 
     The dilation and padding mode apply to the k x k branches.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         kernel_size: size of the k x k branches.
-        stride: stride of the block (of its deployed convolution).
         num_conv_branches: number ``n >= 1`` of parallel k x k conv-BN branches.
         use_scale: add the 1x1 conv-BN branch; ``None`` adds it for ``kernel_size > 1``
             (a 1x1 block's conv branches are already 1x1, as in MobileOne).
         use_identity: add the BN-only branch; ``None`` adds it when in/out channels match
             and stride is 1.
-        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.BlockArgs`).
+        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.ZooBlock`).
     """
 
-    def __init__(
+    def parts(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
+        args: BlockArgs,
         *,
         num_conv_branches: int = 1,
         use_scale: bool | None = None,
         use_identity: bool | None = None,
-        **shared: Any,
-    ) -> None:
-        args = BlockArgs.of(type(self).__name__, {"stride": stride, **shared})
+    ) -> list[nn.Module]:
         if num_conv_branches < 1:
             raise ValueError(f"num_conv_branches must be at least 1, got {num_conv_branches}")
         if use_identity is None:
-            use_identity = in_channels == out_channels and args.stride == 1
+            use_identity = args.in_channels == args.out_channels and args.stride == 1
         if use_scale is None:
-            use_scale = kernel_size > 1
-        with args.building():
-            branches = [
-                args.main(in_channels, out_channels, kernel_size) for _ in range(num_conv_branches)
-            ]
-            if use_scale:
-                branches.append(args.conv_norm(in_channels, out_channels, 1, args.stride))
-            if use_identity:
-                branches.append(args.norm(out_channels))
-        super().__init__(*branches, deployed=args.deployed, mode=args.mode)
+            use_scale = args.kernel_size > 1
+        branches = [args.main() for _ in range(num_conv_branches)]
+        if use_scale:
+            branches.append(args.conv_norm(args.in_channels, args.out_channels, 1, args.stride))
+        if use_identity:
+            branches.append(args.norm(args.out_channels))
+        return branches

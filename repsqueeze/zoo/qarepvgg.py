@@ -5,16 +5,14 @@ Chu et al., "Make RepVGG Greater Again: A Quantization-aware Approach", AAAI 202
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from repsqueeze.algebra import CONV_CLASSES
 from repsqueeze.blocks import Parallel, SqueezableBlock
-from repsqueeze.zoo.layers import BlockArgs
+from repsqueeze.zoo.layers import BlockArgs, ZooBlock
 
 
-class QARepVGGBlock(SqueezableBlock):
+class QARepVGGBlock(ZooBlock, SqueezableBlock):
     """QARepVGG: (k x k conv-BN + 1x1 conv + identity), summed, then one BatchNorm.
 
     RepVGG's folded kernel quantizes badly: the BN of the identity and 1x1 branches
@@ -40,36 +38,26 @@ class QARepVGGBlock(SqueezableBlock):
     dilation and padding mode apply to the main branch.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         kernel_size: size of the main branch.
-        stride: stride of the block (of its deployed convolution).
         use_identity: add the identity branch; ``None`` adds it when in/out channels match
             and stride is 1.
         bias_1x1: give the 1x1 conv a bias.
-        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.BlockArgs`).
+        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.ZooBlock`).
     """
 
-    def __init__(
+    def parts(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
+        args: BlockArgs,
         *,
         use_identity: bool | None = None,
         bias_1x1: bool = False,
-        **shared: Any,
-    ) -> None:
-        args = BlockArgs.of(type(self).__name__, {"stride": stride, **shared})
+    ) -> list[nn.Module]:
         if use_identity is None:
-            use_identity = in_channels == out_channels and args.stride == 1
-        with args.building():
-            scale = CONV_CLASSES[args.dims](
-                in_channels, out_channels, 1, args.stride, groups=args.groups, bias=bias_1x1
-            )
-            branches = [args.main(in_channels, out_channels, kernel_size), scale]
-            if use_identity:
-                branches.append(nn.Identity())
-            layers = [Parallel(*branches), args.norm(out_channels)]
-        super().__init__(*layers, deployed=args.deployed, mode=args.mode)
+            use_identity = args.in_channels == args.out_channels and args.stride == 1
+        scale = CONV_CLASSES[args.dims](
+            args.in_channels, args.out_channels, 1, args.stride, groups=args.groups, bias=bias_1x1
+        )
+        branches = [args.main(), scale]
+        if use_identity:
+            branches.append(nn.Identity())
+        return [Parallel(*branches), args.norm(args.out_channels)]

@@ -24,7 +24,7 @@ from repsqueeze.zoo.acb import ACBlock
 from repsqueeze.zoo.convbn import ConvBN
 from repsqueeze.zoo.dbb import DiverseBranchBlock
 from repsqueeze.zoo.expanded import ExpandedConv
-from repsqueeze.zoo.layers import BlockArgs, channel_scale
+from repsqueeze.zoo.layers import GEOMETRY, BlockArgs, channel_scale
 from repsqueeze.zoo.mobileone import MobileOneBlock
 from repsqueeze.zoo.qarepvgg import QARepVGGBlock
 from repsqueeze.zoo.repvgg import RepVGGBlock
@@ -33,8 +33,6 @@ Build = TypeVar("Build", bound=Callable[..., nn.Module])
 BlockLike = str | Callable[..., nn.Module]
 """What a model's ``block`` argument takes: a kind's name, a :class:`BlockFactory`, or a
 block constructor."""
-# what a model sets for each block it builds; the other arguments are the block's own
-GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride")
 # arguments every kind takes besides BlockArgs' (online_norm: see make_block)
 COMMON = ("groups", "dims", "deployed", "mode", "online_norm")
 _SHARED = tuple(f.name for f in dataclasses.fields(BlockArgs))

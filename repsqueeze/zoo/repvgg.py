@@ -5,8 +5,9 @@ Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
 
 from __future__ import annotations
 
-from typing import Any
+from torch import nn
 
+from repsqueeze.zoo.layers import BlockArgs
 from repsqueeze.zoo.mobileone import MobileOneBlock
 
 
@@ -17,34 +18,22 @@ class RepVGGBlock(MobileOneBlock):
     padding mode apply to the main branch.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
         kernel_size: size of the main branch.
-        stride: stride of the block (of its deployed convolution).
         use_identity: add the BN-only branch; ``None`` adds it when in/out channels match
             and stride is 1.
         use_1x1: add the 1x1 branch.
-        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.BlockArgs`).
+        **shared: the arguments every block takes (:class:`~repsqueeze.zoo.ZooBlock`).
     """
 
-    def __init__(
+    def parts(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
+        args: BlockArgs,
         *,
         use_identity: bool | None = None,
         use_1x1: bool = True,
-        **shared: Any,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            num_conv_branches=1,
+    ) -> list[nn.Module]:
+        return super().parts(
+            args,
             use_scale=use_1x1,
             use_identity=use_identity,
-            **shared,
         )
