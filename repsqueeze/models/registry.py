@@ -29,6 +29,19 @@ def register_model(fn: Constructor) -> Constructor:
     return fn
 
 
+def unregister_model(name: str) -> Callable[..., nn.Module]:
+    """Removes a registered model (one registered for a test or a notebook session).
+
+    Returns:
+        its constructor.
+
+    Raises:
+        ValueError: an unknown name, listing the registered ones.
+    """
+    get_model(name)
+    return _MODELS.pop(name)
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the registered models that match a shell-style pattern, sorted.
 

@@ -24,10 +24,12 @@ References:
 from repsqueeze.zoo.acb import ACBlock
 from repsqueeze.zoo.convbn import ConvBN
 from repsqueeze.zoo.dbb import DiverseBranchBlock
+from repsqueeze.zoo.embedding import FromConvBN
 from repsqueeze.zoo.expanded import ExpandedConv
 from repsqueeze.zoo.layers import (
     BlockArgs,
     NormLayer,
+    ZooBlock,
     centered_padding,
     channel_scale,
     conv,
@@ -45,6 +47,7 @@ from repsqueeze.zoo.registry import (
     list_blocks,
     make_block,
     register_block,
+    unregister_block,
 )
 from repsqueeze.zoo.repvgg import RepVGGBlock
 
@@ -57,10 +60,12 @@ __all__ = [
     "ConvBN",
     "DiverseBranchBlock",
     "ExpandedConv",
+    "FromConvBN",
     "MobileOneBlock",
     "NormLayer",
     "QARepVGGBlock",
     "RepVGGBlock",
+    "ZooBlock",
     "block_factory",
     "centered_padding",
     "channel_scale",
@@ -71,4 +76,5 @@ __all__ = [
     "load_norm",
     "make_block",
     "register_block",
+    "unregister_block",
 ]

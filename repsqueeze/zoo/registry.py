@@ -156,6 +156,19 @@ def register_block(name: str, build: Build | None = None, **defaults: Any) -> An
     return build
 
 
+def unregister_block(name: str) -> BlockFactory:
+    """Removes a registered block kind (one registered for a test or a notebook session).
+
+    Returns:
+        its factory.
+
+    Raises:
+        ValueError: an unknown kind, naming the valid ones.
+    """
+    block_factory(name)
+    return _BLOCKS.pop(name)
+
+
 def list_blocks() -> list[str]:
     """Names of the registered block kinds, in registration order."""
     return list(_BLOCKS)

@@ -17,7 +17,7 @@ from helpers import randomize
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze.models import RepVGG, registry
+from repsqueeze.models import RepVGG, unregister_model
 from repsqueeze.models.mobileone import MobileOne, with_branches
 from repsqueeze.models.repvgg import repvgg_widths
 
@@ -54,9 +54,8 @@ def float64():
 
 
 @pytest.fixture
-def tiny_models(monkeypatch):
+def tiny_models():
     """Tiny RepVGG (groups, SE) and MobileOne (SE) registered for the test only."""
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
 
     def tiny_repvgg(**kw) -> RepVGG:
         return RepVGG((1, *TINY_DEPTHS), repvgg_widths(0.25, 0.125), **kw)
@@ -67,7 +66,9 @@ def tiny_models(monkeypatch):
 
     rs.register_model(tiny_repvgg)
     rs.register_model(tiny_mobileone)
-    return tiny_repvgg
+    yield tiny_repvgg
+    unregister_model("tiny_repvgg")
+    unregister_model("tiny_mobileone")
 
 
 def _official_tiny(**kw) -> official.RepVGG:
@@ -342,7 +343,8 @@ def test_config_key_model_net_pretrained_reaches_create_model(tmp_path):
     trained = randomize(rs.create_model("digits_net", block="acb"), _gen())
     torch.save(trained.state_dict(), tmp_path / "w.pt")
     GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "configs"), version_base="1.3")  # fmt: skip
+    configs = Path(__file__).parents[2] / "configs"
+    initialize_config_dir(config_dir=str(configs), version_base="1.3")
     try:
         fixed = ["model.net.num_classes=10", "model.net.in_channels=1", f"paths.root_dir={tmp_path}"]  # fmt: skip
         assert compose("train", overrides=fixed).model.net.pretrained is False
