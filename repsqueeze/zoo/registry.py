@@ -157,14 +157,8 @@ def register_block(name: str, build: Build | None = None, **defaults: Any) -> An
 
 
 def unregister_block(name: str) -> BlockFactory:
-    """Removes a registered block kind (one registered for a test or a notebook session).
-
-    Returns:
-        its factory.
-
-    Raises:
-        ValueError: an unknown kind, naming the valid ones.
-    """
+    """Removes the kind ``name`` (one registered for a test, say) and returns its factory; an
+    unknown kind is refused as :func:`block_factory` refuses it."""
     block_factory(name)
     return _BLOCKS.pop(name)
 

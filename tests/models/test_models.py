@@ -20,9 +20,9 @@ from repsqueeze.models import (
     unregister_model,
 )
 from repsqueeze.models.repvgg import DEPTHS_A, DEPTHS_B, repvgg_widths
-from repsqueeze.zoo import BLOCKS, ConvBN
+from repsqueeze.zoo import ConvBN, list_blocks
 
-KINDS = list(BLOCKS)
+KINDS = list_blocks()
 RTOL = 1e-10  # float64: max|squeezed - block| <= RTOL * max(1, max|block|)
 NUM_CLASSES = 7
 # name -> (constructor kwargs, input shape (C, H, W)); the big ones are slow.
