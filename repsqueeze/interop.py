@@ -118,11 +118,16 @@ def _from_timm_block(
     main = convs[0].conv
     norm = partial(nn.BatchNorm2d, eps=convs[0].bn.eps, momentum=convs[0].bn.momentum)
     geometry = {
-        "in_channels": main.in_channels, "out_channels": main.out_channels,
-        "kernel_size": main.kernel_size[0], "stride": main.stride[0],
-        "dilation": main.dilation[0], "groups": main.groups, "padding_mode": main.padding_mode,
-        "use_identity": src.identity is not None, "norm_layer": norm,
-    }  # fmt: skip
+        "in_channels": main.in_channels,
+        "out_channels": main.out_channels,
+        "kernel_size": main.kernel_size[0],
+        "stride": main.stride[0],
+        "dilation": main.dilation[0],
+        "groups": main.groups,
+        "padding_mode": main.padding_mode,
+        "use_identity": src.identity is not None,
+        "norm_layer": norm,
+    }
     if repvgg:
         ours = RepVGGBlock(**geometry, use_1x1=scale is not None)
     else:
@@ -203,14 +208,17 @@ OFFICIAL = {
     "qarepvgg": ("rbr_1x1.weight", "rbr_reparam", ("rbr_dense", "rbr_1x1", "rbr_identity", "bn")),
     "repvgg": ("rbr_dense.conv.weight", "rbr_reparam", ("rbr_dense", "rbr_1x1", "rbr_identity")),
     "dbb": (
-        "dbb_origin.conv.weight", "dbb_reparam", ("dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg"),
+        "dbb_origin.conv.weight",
+        "dbb_reparam",
+        ("dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg"),
     ),
     "acb": (
-        "square_conv.weight", "fused_conv",
+        "square_conv.weight",
+        "fused_conv",
         ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn"),
     ),
     "mobileone": ("rbr_conv.0.conv.weight", "reparam_conv", ("rbr_conv", "rbr_scale", "rbr_skip")),
-}  # fmt: skip
+}
 
 
 def _module_map(kind: str, keys: set[str]) -> list[tuple[str, str]]:
@@ -224,9 +232,11 @@ def _module_map(kind: str, keys: set[str]) -> list[tuple[str, str]]:
 
     if kind == "qarepvgg":  # (k x k conv-BN + bare 1x1 conv + identity), then one BN
         return [
-            ("rbr_dense.conv", "layers.0.branches.0.0"), ("rbr_dense.bn", "layers.0.branches.0.1"),
-            ("rbr_1x1", "layers.0.branches.1"), ("bn", "layers.1"),
-        ]  # fmt: skip
+            ("rbr_dense.conv", "layers.0.branches.0.0"),
+            ("rbr_dense.bn", "layers.0.branches.0.1"),
+            ("rbr_1x1", "layers.0.branches.1"),
+            ("bn", "layers.1"),
+        ]
     if kind == "acb":  # our axis-0 branch is k x 1 (ACNet's "ver"), axis 1 is 1 x k ("hor")
         return [
             (f"{name}_{part}", f"branches.{j}.{p}")

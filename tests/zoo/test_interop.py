@@ -105,9 +105,13 @@ def test_deploy_skips_hooks_that_need_arguments():
 def test_timm_reparameterize_model_deploys_our_blocks():
     torch.manual_seed(0)
     model = nn.Sequential(
-        rs.RepVGGBlock(3, 8), nn.ReLU(), rs.DiverseBranchBlock(8, 8, stride=2), nn.ReLU(),
-        rs.make_block("expand_cl", 8, 4), nn.Sequential(rs.ACBlock(4, 4), nn.ReLU()),
-    )  # fmt: skip
+        rs.RepVGGBlock(3, 8),
+        nn.ReLU(),
+        rs.DiverseBranchBlock(8, 8, stride=2),
+        nn.ReLU(),
+        rs.make_block("expand_cl", 8, 4),
+        nn.Sequential(rs.ACBlock(4, 4), nn.ReLU()),
+    )
     randomize(model, _gen()).eval()
     x = torch.randn(2, 3, 12, 12, generator=_gen(1))
     with torch.no_grad():

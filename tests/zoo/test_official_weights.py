@@ -37,9 +37,15 @@ def _bn_w(sd: dict, prefix: str, c: int, g: torch.Generator) -> None:
 
 def _bn(y: torch.Tensor, sd: dict, prefix: str) -> torch.Tensor:
     return F.batch_norm(
-        y, sd[prefix + "running_mean"], sd[prefix + "running_var"], sd[prefix + "weight"],
-        sd[prefix + "bias"], False, 0.0, 1e-5,
-    )  # fmt: skip
+        y,
+        sd[prefix + "running_mean"],
+        sd[prefix + "running_var"],
+        sd[prefix + "weight"],
+        sd[prefix + "bias"],
+        False,
+        0.0,
+        1e-5,
+    )
 
 
 def _bn_and_pad(y: torch.Tensor, sd: dict, prefix: str, p: int) -> torch.Tensor:
