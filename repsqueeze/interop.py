@@ -24,9 +24,11 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze.blocks import MODES, Squeezable
 from repsqueeze.convert import split_into
@@ -147,7 +149,7 @@ def _from_timm_block(
             load_norm(dst, part)
     ours.train(src.training)
     if kind is not None and (kind != ("repvgg" if repvgg else "mobileone") or kwargs):
-        ours = _reinit_as(ours, kind, kwargs)
+        ours = convert_block(ours, kind, **kwargs).to(dtype=main.weight.dtype)
     ours.set_mode(mode)
     tail = [("attn", src.attn)] if not isinstance(src.attn, nn.Identity) else []
     return nn.Sequential(OrderedDict([("block", ours), *tail, ("act", src.act)]))
@@ -169,20 +171,31 @@ def _check_conv_norm(part: nn.Module, where: str) -> None:
         )
 
 
-def _reinit_as(ours: Squeezable, kind: str, kwargs: dict) -> Squeezable:
-    """A block of ``kind`` with the function of ``ours``: squeezed, split into conv + BN
-    with the main branch's statistics, then ``from_conv_bn``."""
-    dtype, device = ours._dtype(), ours.branches[0][0].weight.device
-    like = ours.branches[0][1]
-    squeezed = copy.deepcopy(ours).double().squeeze()
-    conv = conv_like(squeezed)
+@torch.no_grad()
+def convert_block(block: nn.Module, kind: str, **kwargs: Any) -> Squeezable:
+    """A block of ``kind`` computing what ``block`` computes in eval mode: ``block`` squeezed
+    in float64 and split into conv + BatchNorm with the statistics of its first BatchNorm
+    (unit statistics for a deployed block), then ``kind``'s ``from_conv_bn``.
+
+    Args:
+        block: a squeezable block (training form or deployed).
+        kind: a registered kind (see :func:`repsqueeze.zoo.list_blocks`).
+        **kwargs: further arguments of the new block.
+
+    Returns:
+        The new block, in float64, on ``block``'s device, in its train / eval state.
+    """
+    device = next(block.parameters()).device
+    squeezed = copy.deepcopy(block).double().squeeze()
+    like = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)
+    if like is None:  # deployed: unit statistics
+        like = nn.BatchNorm2d(squeezed.out_channels).eval()
+    conv = conv_like(squeezed).to(device=device, dtype=torch.float64)
     bn = type(like)(like.num_features, eps=like.eps, momentum=like.momentum)
-    conv.to(device=device, dtype=torch.float64)
     bn.to(device=device, dtype=torch.float64)
     split_into(squeezed.weight, squeezed.bias, like, conv, bn)
-    conv.train(ours.training)
-    new = block_factory(kind).from_conv_bn(conv, bn, **kwargs)
-    return new.to(dtype=dtype)
+    conv.train(block.training)
+    return block_factory(kind).from_conv_bn(conv, bn, **kwargs)
 
 
 def conv_like(conv: nn.Module) -> nn.Module:

@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze.blocks import Squeezable
-from repsqueeze.convert import split_into
-from repsqueeze.interop import conv_like
+from repsqueeze.interop import convert_block
 from repsqueeze.models.registry import build_model, signature
 from repsqueeze.zoo import (
     ACBlock,
@@ -179,18 +177,12 @@ def _carry(src: nn.Module, dst: nn.Module, kind: str | None, kwargs: dict) -> di
             f"a {type(dst).__name__} cannot start from another block's weights exactly; load "
             "a checkpoint of the same block kind, or build the model with another kind"
         )
-    like = next((m for m in src.modules() if isinstance(m, _BatchNorm)), None)
-    if like is None:  # deployed: unit statistics
-        like = nn.BatchNorm2d(squeezed.out_channels).eval().double()
-    conv = conv_like(squeezed).double()
-    bn = nn.BatchNorm2d(squeezed.out_channels, eps=like.eps, momentum=like.momentum).double()
-    split_into(squeezed.weight, squeezed.bias, like, conv, bn)
     kwargs = _accepted(kind, kwargs)
     if type(dst) is MobileOneBlock:
         k = dst.branches[0][0].kernel_size
         convs = [b for b in dst.branches if isinstance(b, nn.Sequential) and b[0].kernel_size == k]
         kwargs = {"num_conv_branches": len(convs), **kwargs}
-    new = block_factory(kind).from_conv_bn(conv, bn, **kwargs)
+    new = convert_block(src, kind, **kwargs)
     return {k: v.to(dtype) for k, v in new.state_dict().items()}
 
 
