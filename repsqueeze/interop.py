@@ -24,15 +24,16 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from repsqueeze.core import primitives
 from repsqueeze.core.auto import MODES
 from repsqueeze.core.blocks import Squeezable
-from repsqueeze.surgery import block_from_conv_bn, split_into
-from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, load_norm
+from repsqueeze.surgery import split_into
+from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, block_factory, load_norm
 
 
 # --- timm ------------------------------------------------------------------------------------
@@ -120,11 +121,16 @@ def _from_timm_block(
     main = convs[0].conv
     norm = partial(nn.BatchNorm2d, eps=convs[0].bn.eps, momentum=convs[0].bn.momentum)
     geometry = {
-        "in_channels": main.in_channels, "out_channels": main.out_channels,
-        "kernel_size": main.kernel_size[0], "stride": main.stride[0],
-        "dilation": main.dilation[0], "groups": main.groups, "padding_mode": main.padding_mode,
-        "use_identity": src.identity is not None, "norm_layer": norm,
-    }  # fmt: skip
+        "in_channels": main.in_channels,
+        "out_channels": main.out_channels,
+        "kernel_size": main.kernel_size[0],
+        "stride": main.stride[0],
+        "dilation": main.dilation[0],
+        "groups": main.groups,
+        "padding_mode": main.padding_mode,
+        "use_identity": src.identity is not None,
+        "norm_layer": norm,
+    }
     if repvgg:
         ours = RepVGGBlock(**geometry, use_1x1=scale is not None)
     else:
@@ -144,7 +150,7 @@ def _from_timm_block(
             load_norm(dst, part)
     ours.train(src.training)
     if kind is not None and (kind != ("repvgg" if repvgg else "mobileone") or kwargs):
-        ours = _reinit_as(ours, kind, kwargs)
+        ours = convert_block(ours, kind, **kwargs).to(dtype=main.weight.dtype)
     ours.set_mode(mode)
     tail = [("attn", src.attn)] if not isinstance(src.attn, nn.Identity) else []
     return nn.Sequential(OrderedDict([("block", ours), *tail, ("act", src.act)]))
@@ -166,28 +172,46 @@ def _check_conv_norm(part: nn.Module, where: str) -> None:
         )
 
 
-def _reinit_as(ours: Squeezable, kind: str, kwargs: dict) -> Squeezable:
-    """A block of ``kind`` with the function of ``ours``: squeezed, split into conv + BN
-    with the main branch's statistics, then ``from_conv_bn``."""
-    dtype, device = primitives.dtype_of(ours), ours.branches[0][0].weight.device
-    like = ours.branches[0][1]
-    squeezed = copy.deepcopy(ours).double().squeeze()
-    conv = type(squeezed)(**_conv_args(squeezed), bias=False)
+@torch.no_grad()
+def convert_block(block: nn.Module, kind: str, **kwargs: Any) -> Squeezable:
+    """A block of ``kind`` computing what ``block`` computes in eval mode: ``block`` squeezed
+    in float64 and split into conv + BatchNorm with the statistics of its first BatchNorm
+    (unit statistics for a deployed block), then ``kind``'s ``from_conv_bn``.
+
+    Args:
+        block: a squeezable block (training form or deployed).
+        kind: a registered kind (see :func:`repsqueeze.zoo.list_blocks`).
+        **kwargs: further arguments of the new block.
+
+    Returns:
+        The new block, in float64, on ``block``'s device, in its train / eval state.
+    """
+    device = next(block.parameters()).device
+    squeezed = copy.deepcopy(block).double().squeeze()
+    like = next((m for m in block.modules() if isinstance(m, _BatchNorm)), None)
+    if like is None:  # deployed: unit statistics
+        like = nn.BatchNorm2d(squeezed.out_channels).eval()
+    conv = conv_like(squeezed).to(device=device, dtype=torch.float64)
     bn = type(like)(like.num_features, eps=like.eps, momentum=like.momentum)
-    conv.to(device=device, dtype=torch.float64)
     bn.to(device=device, dtype=torch.float64)
     split_into(squeezed.weight, squeezed.bias, like, conv, bn)
-    conv.train(ours.training)
-    new = block_from_conv_bn(kind, conv, bn, **kwargs)
-    return new.to(dtype=dtype)
+    conv.train(block.training)
+    return block_factory(kind).from_conv_bn(conv, bn, **kwargs)
 
 
-def _conv_args(conv: nn.Module) -> dict:
-    return {
-        "in_channels": conv.in_channels, "out_channels": conv.out_channels,
-        "kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
-        "dilation": conv.dilation, "groups": conv.groups, "padding_mode": conv.padding_mode,
-    }  # fmt: skip
+def conv_like(conv: nn.Module) -> nn.Module:
+    """A bias-free conv with ``conv``'s geometry (freshly initialised, on the CPU)."""
+    return type(conv)(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=False,
+        padding_mode=conv.padding_mode,
+    )
 
 
 # --- official state dicts --------------------------------------------------------------------
@@ -198,14 +222,17 @@ OFFICIAL = {
     "qarepvgg": ("rbr_1x1.weight", "rbr_reparam", ("rbr_dense", "rbr_1x1", "rbr_identity", "bn")),
     "repvgg": ("rbr_dense.conv.weight", "rbr_reparam", ("rbr_dense", "rbr_1x1", "rbr_identity")),
     "dbb": (
-        "dbb_origin.conv.weight", "dbb_reparam", ("dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg"),
+        "dbb_origin.conv.weight",
+        "dbb_reparam",
+        ("dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg"),
     ),
     "acb": (
-        "square_conv.weight", "fused_conv",
+        "square_conv.weight",
+        "fused_conv",
         ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn"),
     ),
     "mobileone": ("rbr_conv.0.conv.weight", "reparam_conv", ("rbr_conv", "rbr_scale", "rbr_skip")),
-}  # fmt: skip
+}
 
 
 def _module_map(kind: str, keys: set[str]) -> list[tuple[str, str]]:
@@ -219,9 +246,11 @@ def _module_map(kind: str, keys: set[str]) -> list[tuple[str, str]]:
 
     if kind == "qarepvgg":  # (k x k conv-BN + bare 1x1 conv + identity), then one BN
         return [
-            ("rbr_dense.conv", "layers.0.branches.0.0"), ("rbr_dense.bn", "layers.0.branches.0.1"),
-            ("rbr_1x1", "layers.0.branches.1"), ("bn", "layers.1"),
-        ]  # fmt: skip
+            ("rbr_dense.conv", "layers.0.branches.0.0"),
+            ("rbr_dense.bn", "layers.0.branches.0.1"),
+            ("rbr_1x1", "layers.0.branches.1"),
+            ("bn", "layers.1"),
+        ]
     if kind == "acb":  # our axis-0 branch is k x 1 (ACNet's "ver"), axis 1 is 1 x k ("hor")
         return [
             (f"{name}_{part}", f"branches.{j}.{p}")

@@ -1,5 +1,6 @@
 """Models built from squeezable blocks; importing this package registers them all."""
 
+from repsqueeze.models.create import create_model
 from repsqueeze.models.finetune import freeze, match_parameters, parameter_groups, unfreeze
 from repsqueeze.models.layers import (
     ConvClassifier,
@@ -18,7 +19,7 @@ from repsqueeze.models.mobileone import (
     mobileone_s4,
 )
 from repsqueeze.models.pretrained import LoadReport, load_pretrained
-from repsqueeze.models.registry import create_model, list_models, register_model
+from repsqueeze.models.registry import list_models, register_model, unregister_model
 from repsqueeze.models.repvgg import RepVGG, repvgg_a0, repvgg_a1, repvgg_b0
 from repsqueeze.models.resnet import (
     BasicBlock,
@@ -67,4 +68,5 @@ __all__ = [
     "resnet50",
     "resnet56_cifar",
     "unfreeze",
+    "unregister_model",
 ]

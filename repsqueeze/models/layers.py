@@ -3,7 +3,8 @@ and the backbone interface (timm's ``forward_features`` / ``forward_head`` /
 ``reset_classifier`` / ``features_only``).
 
 A model is ``stem -> stages -> global average pool -> linear``; each conv-BN of the original
-architecture is a block from :func:`repsqueeze.zoo.make_block`, and activations (and
+architecture is a block from the model's block factory (:func:`repsqueeze.zoo.block_factory`:
+a kind's name resolved once, with its arguments bound), and activations (and
 squeeze-and-excitation, where the architecture has it) stay between blocks, so
 ``rs.deploy(model)`` leaves one convolution per block.
 """
@@ -11,11 +12,12 @@ squeeze-and-excitation, where the architecture has it) stay between blocks, so
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from repsqueeze.zoo import make_block
+from repsqueeze.zoo import BlockFactory
 
 ActLayer = Callable[[], nn.Module]
 AttnLayer = Callable[[int], nn.Module]
@@ -53,36 +55,27 @@ class SqueezeExcite(nn.Module):
 
 
 def block_act(
-    block: str,
+    block: BlockFactory,
     in_channels: int,
     out_channels: int,
     stride: int = 1,
-    deployed: bool = False,
     act_layer: ActLayer = relu,
-    kernel_size: int = 3,
-    groups: int = 1,
     attn_layer: AttnLayer | None = None,
-    **block_kwargs,
+    **block_kwargs: Any,
 ) -> nn.Sequential:
-    """A block of kind ``block``, then ``attn_layer`` (if any), then an activation.
+    """A block from ``block``, then ``attn_layer`` (if any), then an activation.
 
     Args:
-        block: block kind (see :data:`repsqueeze.zoo.BLOCKS`).
+        block: the factory of the blocks (:func:`repsqueeze.zoo.block_factory`).
         in_channels: input channels.
         out_channels: output channels.
         stride: stride of the block.
-        deployed: build the block's single convolution directly.
         act_layer: activation constructor.
-        kernel_size: kernel size of the block.
-        groups: groups of the block.
         attn_layer: ``attn_layer(out_channels)`` builds an attention module between the block
             and the activation (e.g. :class:`SqueezeExcite`); ``None`` for none.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
+        **block_kwargs: arguments of this block (``kernel_size``, ``groups``, ...).
     """
-    conv = make_block(
-        block, in_channels, out_channels, kernel_size, stride, groups, deployed=deployed,
-        **block_kwargs,
-    )  # fmt: skip
+    conv = block(in_channels, out_channels, stride=stride, **block_kwargs)
     attn = [attn_layer(out_channels)] if attn_layer is not None else []
     return nn.Sequential(conv, *attn, act_layer())
 

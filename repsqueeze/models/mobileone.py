@@ -18,13 +18,15 @@ from torch import nn
 
 from repsqueeze.models.layers import ActLayer, ConvClassifier, SqueezeExcite, block_act, relu
 from repsqueeze.models.registry import register_model
+from repsqueeze.zoo import BlockFactory, BlockLike, block_factory
 
 DEPTHS = (2, 8, 10, 1)
 
 
 def mobileone_widths(w: Sequence[float]) -> tuple[int, ...]:
     """Stem and stage widths ``[min(64, 64 w0), 64 w0, 128 w1, 256 w2, 512 w3]``."""
-    return (min(64, int(64 * w[0])), *(int(c * f) for c, f in zip((64, 128, 256, 512), w, strict=True)))  # fmt: skip
+    stages = (int(c * f) for c, f in zip((64, 128, 256, 512), w, strict=True))
+    return (min(64, int(64 * w[0])), *stages)
 
 
 class MobileOne(ConvClassifier):
@@ -32,32 +34,32 @@ class MobileOne(ConvClassifier):
 
     Args:
         width_multipliers: the four stage width factors.
-        block: block kind (see :data:`repsqueeze.zoo.BLOCKS`).
+        block: the blocks: a kind (see :func:`repsqueeze.zoo.list_blocks`) or a factory
+            (:func:`repsqueeze.zoo.block_factory`); the stem of MobileOne blocks has one
+            k x k branch.
         num_classes: outputs of the linear head.
         in_channels: input channels.
         deployed: build every block's single convolution directly.
         act_layer: activation constructor, applied after every block.
         se_blocks: per stage, how many of its last units have squeeze-and-excitation.
         depths: units per stage.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block` (for MobileOne
-            blocks e.g. ``num_conv_branches``).
     """
 
     def __init__(
         self,
         width_multipliers: Sequence[float],
-        block: str = "mobileone",
+        block: BlockLike = "mobileone",
         num_classes: int = 1000,
         in_channels: int = 3,
         deployed: bool = False,
         act_layer: ActLayer = relu,
         se_blocks: Sequence[int] = (0, 0, 0, 0),
         depths: Sequence[int] = DEPTHS,
-        **block_kwargs,
     ) -> None:
         widths = mobileone_widths(width_multipliers)
-        unit = partial(block_act, block, deployed=deployed, act_layer=act_layer, **block_kwargs)
-        stem_kwargs = {"num_conv_branches": 1} if block == "mobileone" else {}
+        make = block_factory(block, deployed=deployed)
+        unit = partial(block_act, make, act_layer=act_layer)
+        stem_kwargs = {"num_conv_branches": 1} if make.kind == "mobileone" else {}
         stem = nn.Sequential(unit(in_channels, widths[0], 2, **stem_kwargs))
         stages, c_in = [], widths[0]
         for width, depth, se in zip(widths[1:], depths, se_blocks, strict=True):
@@ -73,10 +75,19 @@ class MobileOne(ConvClassifier):
         super().__init__(stem, stages, widths[-1], num_classes, widths, reductions)
 
 
-def _build(width_multipliers, branches: int = 1, se_blocks=(0, 0, 0, 0), **kwargs) -> MobileOne:
-    if kwargs.get("block", "mobileone") == "mobileone":
-        kwargs.setdefault("num_conv_branches", branches)
-    return MobileOne(width_multipliers, se_blocks=se_blocks, **kwargs)
+def with_branches(block: BlockLike, branches: int) -> BlockFactory:
+    """``block``'s factory; MobileOne blocks get ``branches`` k x k branches unless bound."""
+    make = block_factory(block)
+    if make.kind == "mobileone" and "num_conv_branches" not in make.defaults:
+        make = make.bind(num_conv_branches=branches)
+    return make
+
+
+def _build(
+    width_multipliers, branches: int = 1, se_blocks=(0, 0, 0, 0), block="mobileone", **kwargs
+) -> MobileOne:
+    block = with_branches(block, branches)
+    return MobileOne(width_multipliers, block=block, se_blocks=se_blocks, **kwargs)
 
 
 @register_model

@@ -1,19 +1,23 @@
-"""A registry of model constructors: ``create_model(name, **kwargs)``, as in timm."""
+"""A registry of model constructors, as in timm: ``register_model``, ``list_models``, and
+:func:`build_model`, which resolves the block kind once and checks every argument against
+the signatures of the model and of its blocks."""
 
 from __future__ import annotations
 
 import inspect
-import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
 from torch import nn
 
+from repsqueeze.zoo import BlockFactory, block_factory
+from repsqueeze.zoo.registry import GEOMETRY
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 Constructor = TypeVar("Constructor", bound=Callable[..., nn.Module])
-_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def register_model(fn: Constructor) -> Constructor:
@@ -25,94 +29,17 @@ def register_model(fn: Constructor) -> Constructor:
     return fn
 
 
-def create_model(
-    name: str,
-    pretrained: bool | str | os.PathLike | Mapping = False,
-    features_only: bool = False,
-    out_indices: Sequence[int] | None = None,
-    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
-    **kwargs,
-) -> nn.Module:
-    """Builds a registered model, optionally from published or saved weights, as in timm.
+def unregister_model(name: str) -> Callable[..., nn.Module]:
+    """Removes a registered model (one registered for a test or a notebook session).
 
-    Args:
-        name: a name from :func:`list_models`.
-        pretrained: ``False`` (fresh initialisation); ``True`` (the architecture's default
-            published weights, through timm); ``"timm:<model>[.<tag>]"`` (those of a timm
-            model and tag); a file path (repsqueeze's own checkpoint or state dict, timm's,
-            or an official RepVGG / QARepVGG / MobileOne / DBB / ACNet one, training form or
-            deployed, recognised from its keys); or a state dict. Another ``num_classes``
-            re-initialises the head, another ``in_channels`` adapts the stem
-            (timm's ``adapt_input_conv``); see :mod:`repsqueeze.models.pretrained`. What was
-            loaded is logged and kept in the model's ``pretrained_report``.
-        features_only: return a :class:`~repsqueeze.models.layers.FeatureNet`: the feature
-            maps of ``out_indices`` instead of logits.
-        out_indices: feature levels for ``features_only`` (0: the stem, ``i``: stage ``i``;
-            default all).
-        pretrained_cfg_overlay: passed to timm with a ``timm:`` or ``True`` source, e.g.
-            ``{"file": PATH}`` to read timm's weights from a local file.
-        **kwargs: arguments of the model's constructor (``block``, ``num_classes``,
-            ``in_channels``, ``deployed``, ...) and of its blocks (``norm_layer``, ...).
+    Returns:
+        its constructor.
 
     Raises:
-        ValueError: an unknown name, ``num_classes`` / ``in_channels`` not a positive
-            integer, weights that do not fit (one line naming keys and shapes), or
-            ``features_only`` for a model without feature levels.
-        TypeError: an argument that neither the model nor its blocks take; the message
-            names the model and the arguments it takes.
-        FileNotFoundError, OSError, ImportError: a missing file, weights timm could not
-            fetch, timm not installed (``pip install 'repsqueeze[timm]'``).
+        ValueError: an unknown name, listing the registered ones.
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    for arg in ("num_classes", "in_channels"):
-        value = kwargs.get(arg, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
-    try:
-        model = _MODELS[name](**kwargs)
-    except TypeError as err:
-        match = _UNEXPECTED.search(str(err))
-        if match is None or match.group(1) not in kwargs:
-            raise
-        raise TypeError(
-            f"{name} got an unexpected keyword argument {match.group(1)!r}; it takes "
-            f"{_arguments(_MODELS[name], kwargs.get('block', 'repvgg'))}"
-        ) from err
-    if pretrained is not False and pretrained is not None:
-        from repsqueeze.models.pretrained import load_pretrained
-
-        report = load_pretrained(model, pretrained, name, kwargs, pretrained_cfg_overlay)
-        model.__dict__["pretrained_report"] = report
-    if features_only:
-        from repsqueeze.models.layers import FeatureNet
-
-        info = getattr(model, "feature_info", None)
-        if info is None:
-            raise ValueError(f"{name}: features_only needs a model with feature_info levels")
-        model = FeatureNet(model, range(len(info)) if out_indices is None else out_indices)
-    return model
-
-
-def _arguments(fn: Callable[..., nn.Module], block: str) -> str:
-    """The keyword arguments ``fn`` names, then those of its block kind's constructor."""
-    from repsqueeze.zoo import BLOCKS, make_block
-
-    def named(f: Callable) -> list[str]:
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        return [p.name for p in inspect.signature(f).parameters.values() if p.kind in kinds]
-
-    own = named(fn)
-    cls = inspect.signature(fn, eval_str=True).return_annotation
-    if inspect.isclass(cls) and any(
-        p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()
-    ):
-        defaults = inspect.signature(cls).parameters.values()
-        own += [p.name for p in defaults if p.default is not p.empty and p.name not in own]
-    inner = named(make_block) + (named(BLOCKS[block]) if block in BLOCKS else [])
-    fixed = {"kind", "in_channels", "out_channels", "kernel_size", "stride", "dims", *own}
-    inner = [a for i, a in enumerate(inner) if a not in fixed and a not in inner[:i]]
-    return f"{', '.join(own)}, and the arguments of a {block!r} block: {', '.join(inner)}"
+    get_model(name)
+    return _MODELS.pop(name)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -122,3 +49,95 @@ def list_models(pattern: str = "*") -> list[str]:
         pattern: an :mod:`fnmatch` pattern, e.g. ``"repvgg*"``; the default lists all.
     """
     return sorted(n for n in _MODELS if fnmatchcase(n, pattern))
+
+
+def get_model(name: str) -> Callable[..., nn.Module]:
+    """The constructor registered as ``name``.
+
+    Raises:
+        ValueError: an unknown name, listing the registered ones.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a registered model takes, read from its signature.
+
+    Attributes:
+        own: the arguments of the model itself (those of the class it returns when it
+            forwards ``**kwargs``).
+        block: the default block kind, or ``None`` for a model without a ``block`` argument.
+        open: whether the arguments cannot be known (``**kwargs`` to an unannotated model):
+            they are passed on unchecked.
+    """
+
+    own: tuple[str, ...]
+    block: Any
+    open: bool
+
+
+def signature(name: str) -> Signature:
+    """The :class:`Signature` of the model registered as ``name``."""
+    fn = get_model(name)
+    params = inspect.signature(fn).parameters
+    own = [p.name for p in params.values() if p.kind in _NAMED]
+    block = params["block"].default if "block" in params else None
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return Signature(tuple(own), block, False)
+    cls = inspect.signature(fn, eval_str=True).return_annotation
+    if cls is inspect.Signature.empty or not inspect.isclass(cls):
+        return Signature(tuple(own), block, True)
+    inner = inspect.signature(cls).parameters
+    own += [p.name for p in inner.values() if p.default is not p.empty and p.name not in own]
+    if block is None and "block" in inner:
+        block = inner["block"].default
+    opened = any(p.kind == p.VAR_KEYWORD for p in inner.values())
+    return Signature(tuple(own), block, opened)
+
+
+def split_arguments(name: str, kwargs: Mapping[str, Any]) -> tuple[dict, BlockFactory | None]:
+    """``kwargs`` of ``build_model(name, ...)`` as the model's own arguments and the block
+    factory they describe (the kind resolved, the block arguments bound).
+
+    Raises:
+        ValueError: an unknown block kind, naming the valid ones.
+        TypeError: an argument neither the model nor its blocks take, naming those they take.
+    """
+    sig = signature(name)
+    if sig.open:
+        return dict(kwargs), None
+    own = {k: v for k, v in kwargs.items() if k in sig.own}
+    rest = {k: v for k, v in kwargs.items() if k not in sig.own}
+    if sig.block is None:
+        for arg in rest:
+            raise TypeError(
+                f"{name} got an unexpected keyword argument {arg!r}; it takes {', '.join(sig.own)}"
+            )
+        return own, None
+    factory = block_factory(own.get("block", sig.block))
+    takes = factory.parameters()
+    for arg in rest:
+        if arg in GEOMETRY:
+            raise TypeError(
+                f"{name} got multiple values for argument {arg!r}: the model sets it for each block"
+            )
+        if arg not in takes:
+            inner = [a for a in takes if a not in sig.own and a != "dims"]
+            raise TypeError(
+                f"{name} got an unexpected keyword argument {arg!r}; it takes "
+                f"{', '.join(sig.own)}, and the arguments of a {factory.kind!r} block: "
+                f"{', '.join(inner)}"
+            )
+    return own, factory.bind(**rest) if rest else factory
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """The model registered as ``name``, built with ``kwargs`` (the model's arguments and
+    its blocks', see :func:`split_arguments`)."""
+    own, factory = split_arguments(name, kwargs)
+    if factory is not None:
+        own["block"] = factory
+    return get_model(name)(**own)

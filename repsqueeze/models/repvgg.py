@@ -23,6 +23,7 @@ from repsqueeze.models.layers import (
     relu,
 )
 from repsqueeze.models.registry import register_model
+from repsqueeze.zoo import BlockLike, block_factory
 
 DEPTHS_A = (1, 2, 4, 14, 1)
 DEPTHS_B = (1, 4, 6, 16, 1)
@@ -40,7 +41,8 @@ class RepVGG(ConvClassifier):
     Args:
         depths: blocks per stage (the first stage is the stem).
         widths: channels per stage.
-        block: block kind (see :data:`repsqueeze.zoo.BLOCKS`).
+        block: the blocks: a kind (see :func:`repsqueeze.zoo.list_blocks`) or a factory
+            (:func:`repsqueeze.zoo.block_factory`).
         num_classes: outputs of the linear head.
         in_channels: input channels.
         cifar_stem: stride 1 in the first stage, for 32x32 inputs.
@@ -49,14 +51,13 @@ class RepVGG(ConvClassifier):
         groups: groups of every second block after the stem (blocks 2, 4, ... counting the
             first block after the stem as 1); the others have 1.
         use_se: squeeze-and-excitation (hidden channels ``C // 16``) after every block.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
     """
 
     def __init__(
         self,
         depths: Sequence[int],
         widths: Sequence[int],
-        block: str = "repvgg",
+        block: BlockLike = "repvgg",
         num_classes: int = 1000,
         in_channels: int = 3,
         cifar_stem: bool = False,
@@ -64,13 +65,10 @@ class RepVGG(ConvClassifier):
         act_layer: ActLayer = relu,
         groups: int = 1,
         use_se: bool = False,
-        **block_kwargs,
     ) -> None:
         attn = SqueezeExcite if use_se else None
-        unit = partial(
-            block_act, block, deployed=deployed, act_layer=act_layer, attn_layer=attn,
-            **block_kwargs,
-        )  # fmt: skip
+        make = block_factory(block, deployed=deployed)
+        unit = partial(block_act, make, act_layer=act_layer, attn_layer=attn)
         first = 1 if cifar_stem else 2
         stem = nn.Sequential(unit(in_channels, widths[0], first))
         stages, c_in, index = [], widths[0], 1
@@ -92,7 +90,7 @@ def _variant(depths: Sequence[int], a: float, b: float, **fixed):
     return build
 
 
-def _register(name: str, doc: str, depths: Sequence[int], a: float, b: float, **fixed) -> None:
+def _register(name: str, doc: str, depths: Sequence[int], a: float, b: float, fixed: dict) -> None:
     build = _variant(depths, a, b, **fixed)
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"{doc}. Args: :class:`RepVGG`."
@@ -100,17 +98,30 @@ def _register(name: str, doc: str, depths: Sequence[int], a: float, b: float, **
     globals()[name] = register_model(build)
 
 
-_register("repvgg_a0", "RepVGG-A0 (a=0.75, b=2.5): 8.30M parameters deployed at 1000 classes", DEPTHS_A, 0.75, 2.5)  # fmt: skip
-_register("repvgg_a1", "RepVGG-A1 (a=1, b=2.5): 12.78M parameters deployed at 1000 classes", DEPTHS_A, 1, 2.5)  # fmt: skip
-_register("repvgg_a2", "RepVGG-A2 (a=1.5, b=2.75)", DEPTHS_A, 1.5, 2.75)
-_register("repvgg_b0", "RepVGG-B0 (a=1, b=2.5): 14.33M parameters deployed at 1000 classes", DEPTHS_B, 1, 2.5)  # fmt: skip
-_register("repvgg_b1", "RepVGG-B1 (a=2, b=4)", DEPTHS_B, 2, 4)
-_register("repvgg_b1g2", "RepVGG-B1g2 (a=2, b=4, 2 groups in every second block)", DEPTHS_B, 2, 4, groups=2)  # fmt: skip
-_register("repvgg_b1g4", "RepVGG-B1g4 (a=2, b=4, 4 groups in every second block)", DEPTHS_B, 2, 4, groups=4)  # fmt: skip
-_register("repvgg_b2", "RepVGG-B2 (a=2.5, b=5)", DEPTHS_B, 2.5, 5)
-_register("repvgg_b2g2", "RepVGG-B2g2 (a=2.5, b=5, 2 groups in every second block)", DEPTHS_B, 2.5, 5, groups=2)  # fmt: skip
-_register("repvgg_b2g4", "RepVGG-B2g4 (a=2.5, b=5, 4 groups in every second block)", DEPTHS_B, 2.5, 5, groups=4)  # fmt: skip
-_register("repvgg_b3", "RepVGG-B3 (a=3, b=5)", DEPTHS_B, 3, 5)
-_register("repvgg_b3g2", "RepVGG-B3g2 (a=3, b=5, 2 groups in every second block)", DEPTHS_B, 3, 5, groups=2)  # fmt: skip
-_register("repvgg_b3g4", "RepVGG-B3g4 (a=3, b=5, 4 groups in every second block)", DEPTHS_B, 3, 5, groups=4)  # fmt: skip
-_register("repvgg_d2se", "RepVGG-D2se (a=2.5, b=5, depths 8/14/24/1, squeeze-and-excitation)", DEPTHS_D, 2.5, 5, use_se=True)  # fmt: skip
+_DEPLOYED = "parameters deployed at 1000 classes"
+_G2, _G4 = "2 groups in every second block", "4 groups in every second block"
+_VARIANTS = [  # (name, description, depths, a, b, fixed arguments)
+    ("repvgg_a0", f"RepVGG-A0 (a=0.75, b=2.5): 8.30M {_DEPLOYED}", DEPTHS_A, 0.75, 2.5, {}),
+    ("repvgg_a1", f"RepVGG-A1 (a=1, b=2.5): 12.78M {_DEPLOYED}", DEPTHS_A, 1, 2.5, {}),
+    ("repvgg_a2", "RepVGG-A2 (a=1.5, b=2.75)", DEPTHS_A, 1.5, 2.75, {}),
+    ("repvgg_b0", f"RepVGG-B0 (a=1, b=2.5): 14.33M {_DEPLOYED}", DEPTHS_B, 1, 2.5, {}),
+    ("repvgg_b1", "RepVGG-B1 (a=2, b=4)", DEPTHS_B, 2, 4, {}),
+    ("repvgg_b1g2", f"RepVGG-B1g2 (a=2, b=4, {_G2})", DEPTHS_B, 2, 4, {"groups": 2}),
+    ("repvgg_b1g4", f"RepVGG-B1g4 (a=2, b=4, {_G4})", DEPTHS_B, 2, 4, {"groups": 4}),
+    ("repvgg_b2", "RepVGG-B2 (a=2.5, b=5)", DEPTHS_B, 2.5, 5, {}),
+    ("repvgg_b2g2", f"RepVGG-B2g2 (a=2.5, b=5, {_G2})", DEPTHS_B, 2.5, 5, {"groups": 2}),
+    ("repvgg_b2g4", f"RepVGG-B2g4 (a=2.5, b=5, {_G4})", DEPTHS_B, 2.5, 5, {"groups": 4}),
+    ("repvgg_b3", "RepVGG-B3 (a=3, b=5)", DEPTHS_B, 3, 5, {}),
+    ("repvgg_b3g2", f"RepVGG-B3g2 (a=3, b=5, {_G2})", DEPTHS_B, 3, 5, {"groups": 2}),
+    ("repvgg_b3g4", f"RepVGG-B3g4 (a=3, b=5, {_G4})", DEPTHS_B, 3, 5, {"groups": 4}),
+    (
+        "repvgg_d2se",
+        "RepVGG-D2se (a=2.5, b=5, depths 8/14/24/1, squeeze-and-excitation)",
+        DEPTHS_D,
+        2.5,
+        5,
+        {"use_se": True},
+    ),
+]
+for _spec in _VARIANTS:
+    _register(*_spec)

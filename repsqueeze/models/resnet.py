@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from repsqueeze.models.layers import ActLayer, ConvClassifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
-from repsqueeze.zoo import ConvBN, make_block
+from repsqueeze.zoo import BlockFactory, BlockLike, block_factory
+
+
+def _shortcut(block: BlockFactory, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """The identity, or a plain 1x1 ConvBN where the residual changes shape."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return block.plain()(in_channels, out_channels, 1, stride)
 
 
 class BasicBlock(nn.Module):
@@ -26,83 +33,27 @@ class BasicBlock(nn.Module):
         in_channels: input channels.
         out_channels: output channels.
         stride: stride of the first block and of the shortcut.
-        block: block kind (see :data:`repsqueeze.zoo.BLOCKS`).
-        deployed: build every block's single convolution directly.
+        block: the factory of the 3x3 blocks (:func:`repsqueeze.zoo.block_factory`); the
+            shortcut is a plain ConvBN with its norm, mode and form.
         act_layer: activation constructor.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        stride: int = 1,
-        block: str = "repvgg",
-        deployed: bool = False,
+        stride: int,
+        block: BlockFactory,
         act_layer: ActLayer = relu,
-        **block_kwargs,
     ) -> None:
         super().__init__()
-        self.conv1 = block_act(
-            block, in_channels, out_channels, stride, deployed, act_layer, **block_kwargs
-        )
-        self.conv2 = make_block(
-            block, out_channels, out_channels, 3, deployed=deployed, **block_kwargs
-        )
-        if stride == 1 and in_channels == out_channels:
-            self.shortcut = nn.Identity()
-        else:
-            norm_layer = block_kwargs.get("norm_layer")
-            self.shortcut = ConvBN(
-                in_channels,
-                out_channels,
-                1,
-                stride,
-                norm_layer=norm_layer,
-                deployed=deployed,
-                mode=block_kwargs.get("mode", "chain"),
-            )
+        self.conv1 = block_act(block, in_channels, out_channels, stride, act_layer)
+        self.conv2 = block(out_channels, out_channels, 3)
+        self.shortcut = _shortcut(block, in_channels, out_channels, stride)
         self.act = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))  # (N, C_out, H/s, W/s)
-
-
-class CifarResNet(ConvClassifier):
-    """A ResNet for 32x32 inputs with ``depth = 6n + 2`` layers.
-
-    Args:
-        depth: ``6n + 2`` (20, 32, 44, 56, 110, ...).
-        block: block kind (see :data:`repsqueeze.zoo.BLOCKS`).
-        num_classes: outputs of the linear head.
-        in_channels: input channels.
-        deployed: build every block's single convolution directly.
-        act_layer: activation constructor.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
-    """
-
-    def __init__(
-        self,
-        depth: int = 20,
-        block: str = "repvgg",
-        num_classes: int = 10,
-        in_channels: int = 3,
-        deployed: bool = False,
-        act_layer: ActLayer = relu,
-        **block_kwargs,
-    ) -> None:
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 with n >= 1, got {depth}")
-        n = (depth - 2) // 6
-        kw = {"block": block, "deployed": deployed, "act_layer": act_layer, **block_kwargs}
-        stem = block_act(in_channels=in_channels, out_channels=16, **kw)
-        stages = make_stages(partial(BasicBlock, **kw), 16, (16, 32, 64), (n, n, n), (1, 2, 2))
-        super().__init__(stem, stages, 64, num_classes, (16, 16, 32, 64), (1, 1, 2, 4))
-
-
-def _plain(block_kwargs: dict) -> dict:
-    """The arguments a plain ConvBN shares with the blocks: the norm and the mode."""
-    return {k: block_kwargs[k] for k in ("norm_layer", "mode") if k in block_kwargs}
 
 
 class Bottleneck(nn.Module):
@@ -113,10 +64,9 @@ class Bottleneck(nn.Module):
         in_channels: input channels.
         planes: channels of the 3x3 block (the output has ``4 * planes``).
         stride: stride of the 3x3 block and of the shortcut.
-        block: block kind of the 3x3 conv (see :data:`repsqueeze.zoo.BLOCKS`).
-        deployed: build every block's single convolution directly.
+        block: the factory of the 3x3 block (:func:`repsqueeze.zoo.block_factory`); the 1x1
+            convs and the shortcut are plain ConvBNs with its norm, mode and form.
         act_layer: activation constructor.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
     """
 
     expansion = 4
@@ -125,27 +75,54 @@ class Bottleneck(nn.Module):
         self,
         in_channels: int,
         planes: int,
-        stride: int = 1,
-        block: str = "repvgg",
-        deployed: bool = False,
+        stride: int,
+        block: BlockFactory,
         act_layer: ActLayer = relu,
-        **block_kwargs,
     ) -> None:
         super().__init__()
         out_channels = self.expansion * planes
-        plain = _plain(block_kwargs)
-        self.conv1 = block_act("plain", in_channels, planes, 1, deployed, act_layer, 1, **plain)
-        self.conv2 = block_act(block, planes, planes, stride, deployed, act_layer, **block_kwargs)
-        self.conv3 = ConvBN(planes, out_channels, 1, deployed=deployed, **plain)
-        if stride == 1 and in_channels == out_channels:
-            self.shortcut = nn.Identity()
-        else:
-            self.shortcut = ConvBN(in_channels, out_channels, 1, stride, deployed=deployed, **plain)
+        plain = block.plain()
+        self.conv1 = block_act(plain, in_channels, planes, 1, act_layer, kernel_size=1)
+        self.conv2 = block_act(block, planes, planes, stride, act_layer)
+        self.conv3 = plain(planes, out_channels, 1)
+        self.shortcut = _shortcut(block, in_channels, out_channels, stride)
         self.act = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv3(self.conv2(self.conv1(x)))  # (N, 4 planes, H/s, W/s)
         return self.act(y + self.shortcut(x))
+
+
+class CifarResNet(ConvClassifier):
+    """A ResNet for 32x32 inputs with ``depth = 6n + 2`` layers.
+
+    Args:
+        depth: ``6n + 2`` (20, 32, 44, 56, 110, ...).
+        block: the blocks: a kind (see :func:`repsqueeze.zoo.list_blocks`) or a factory
+            (:func:`repsqueeze.zoo.block_factory`).
+        num_classes: outputs of the linear head.
+        in_channels: input channels.
+        deployed: build every block's single convolution directly.
+        act_layer: activation constructor.
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        block: BlockLike = "repvgg",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        deployed: bool = False,
+        act_layer: ActLayer = relu,
+    ) -> None:
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 with n >= 1, got {depth}")
+        n = (depth - 2) // 6
+        make = block_factory(block, deployed=deployed)
+        stem = block_act(make, in_channels, 16, act_layer=act_layer)
+        unit = partial(BasicBlock, block=make, act_layer=act_layer)
+        stages = make_stages(unit, 16, (16, 32, 64), (n, n, n), (1, 2, 2))
+        super().__init__(stem, stages, 64, num_classes, (16, 16, 32, 64), (1, 1, 2, 4))
 
 
 class ResNet(ConvClassifier):
@@ -154,36 +131,32 @@ class ResNet(ConvClassifier):
     Args:
         unit: :class:`BasicBlock` or :class:`Bottleneck`.
         depths: units per stage.
-        block: block kind of every 3x3 conv (see :data:`repsqueeze.zoo.BLOCKS`).
+        block: the blocks of every 3x3 conv: a kind (see :func:`repsqueeze.zoo.list_blocks`)
+            or a factory (:func:`repsqueeze.zoo.block_factory`).
         num_classes: outputs of the linear head.
-        in_channels: input channels.
-        deployed: build every block's single convolution directly.
-        act_layer: activation constructor.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
+        in_channels, deployed, act_layer: as in :class:`CifarResNet`.
     """
 
     def __init__(
         self,
         unit: type[BasicBlock] | type[Bottleneck],
         depths: tuple[int, ...],
-        block: str = "repvgg",
+        block: BlockLike = "repvgg",
         num_classes: int = 1000,
         in_channels: int = 3,
         deployed: bool = False,
         act_layer: ActLayer = relu,
-        **block_kwargs,
     ) -> None:
-        plain = _plain(block_kwargs)
-        stem_conv = block_act("plain", in_channels, 64, 2, deployed, act_layer, 7, **plain)
+        make = block_factory(block, deployed=deployed)
+        stem_conv = block_act(make.plain(), in_channels, 64, 2, act_layer, kernel_size=7)
         stem = nn.Sequential(stem_conv, nn.MaxPool2d(3, 2, 1))
         e = getattr(unit, "expansion", 1)
-        kw = {"block": block, "deployed": deployed, "act_layer": act_layer, **block_kwargs}
         stages, c_in = [], 64
         for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths, strict=True)):
             units = []
             for j in range(depth):
                 stride = 2 if i > 0 and j == 0 else 1
-                units.append(unit(c_in, planes, stride, **kw))
+                units.append(unit(c_in, planes, stride, make, act_layer))
                 c_in = planes * e
             stages.append(nn.Sequential(*units))
         channels = (64, 64 * e, 128 * e, 256 * e, 512 * e)

@@ -10,28 +10,28 @@ from functools import partial
 
 from repsqueeze.models.layers import ActLayer, ConvClassifier, block_act, make_stages, relu
 from repsqueeze.models.registry import register_model
+from repsqueeze.zoo import BlockLike, block_factory
 
 
 @register_model
 def digits_net(
-    block: str = "repvgg",
+    block: BlockLike = "repvgg",
     num_classes: int = 10,
     in_channels: int = 1,
     deployed: bool = False,
     act_layer: ActLayer = relu,
-    **block_kwargs,
 ) -> ConvClassifier:
     """The digits network.
 
     Args:
-        block: block kind (see :data:`repsqueeze.zoo.BLOCKS`).
+        block: the blocks: a kind (see :func:`repsqueeze.zoo.list_blocks`) or a factory
+            (:func:`repsqueeze.zoo.block_factory`).
         num_classes: outputs of the linear head.
         in_channels: input channels.
         deployed: build every block's single convolution directly.
         act_layer: activation constructor, applied after every block.
-        **block_kwargs: forwarded to :func:`~repsqueeze.zoo.make_block`.
     """
-    unit = partial(block_act, block, deployed=deployed, act_layer=act_layer, **block_kwargs)
+    unit = partial(block_act, block_factory(block, deployed=deployed), act_layer=act_layer)
     stem = unit(in_channels, 32, 1)
     stages = make_stages(unit, 32, (32, 64), (1, 2), (1, 2))
     return ConvClassifier(stem, stages, 64, num_classes, (32, 32, 64), (1, 1, 2))

@@ -233,7 +233,7 @@ def repvgg_blocks(draw):
     groups = draw(st.sampled_from(divisors(math.gcd(c_in, c_out))))
     mode = draw(st.sampled_from(MODES))
     block = rs.RepVGGBlock(
-        c_in, c_out, kernel, stride, dilation, groups, padding_mode=mode, dims=dims
+        c_in, c_out, kernel, stride, dilation=dilation, groups=groups, padding_mode=mode, dims=dims
     )
     seed = draw(st.integers(0, 2**31 - 1))
     randomize(block.double(), torch.Generator().manual_seed(seed)).eval()

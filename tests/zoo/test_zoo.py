@@ -17,16 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repsqueeze as rs
 from repsqueeze.core.algebra import CONV_CLASSES
-from repsqueeze.zoo import (
-    BLOCKS,
-    ACBlock,
-    ConvBN,
-    DiverseBranchBlock,
-    ExpandedConv,
-    MobileOneBlock,
-    RepVGGBlock,
-    make_block,
-)
+from repsqueeze.zoo import BLOCKS, make_block
 
 KINDS = list(BLOCKS)
 RTOL = 1e-10  # float64: max|squeezed - block| <= RTOL * max(1, max|block|)
@@ -132,7 +123,7 @@ def test_dilation_and_padding_modes_are_kept(kind, kernel_size, dilation, stride
 @pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
 @pytest.mark.parametrize("expand_mode", ["ck", "cl"])
 def test_expanded_conv_padding_modes(expand_mode, padding_mode, generator):
-    block = ExpandedConv(3, 4, 5, expand_mode=expand_mode, padding_mode=padding_mode)
+    block = rs.ExpandedConv(3, 4, 5, expand_mode=expand_mode, padding_mode=padding_mode)
     block = prepared(block, generator)
     x = torch.randn(2, 3, 9, 10, dtype=torch.float64, generator=generator)
     conv = block.squeeze()
@@ -161,7 +152,7 @@ def kernels(block: nn.Module) -> list[tuple[int, ...]]:
 
 
 def test_conv_bn_is_conv_then_bn():
-    block = ConvBN(3, 5, 3, dims=3)
+    block = rs.ConvBN(3, 5, 3, dims=3)
     assert [type(m) for m in block.layers] == [nn.Conv3d, nn.BatchNorm3d]
     assert block.layers[0].bias is None
 
@@ -175,20 +166,20 @@ def test_conv_bn_is_conv_then_bn():
     ],
 )
 def test_acblock_has_one_asymmetric_branch_per_axis(dims, expected):
-    assert kernels(ACBlock(2, 2, 3, dims=dims)) == expected
+    assert kernels(rs.ACBlock(2, 2, 3, dims=dims)) == expected
 
 
 def test_dbb_branches():
-    block = DiverseBranchBlock(4, 6)
+    block = rs.DiverseBranchBlock(4, 6)
     assert len(block.branches) == 4
     assert kernels(block) == [(3, 3), (1, 1), (1, 1), (3, 3), (1, 1)]
     assert isinstance(block.branches[3][2], nn.AvgPool2d)
     assert block.branches[2][0].out_channels == 4  # internal_channels defaults to in_channels
-    assert DiverseBranchBlock(4, 6, internal_channels=8).branches[2][0].out_channels == 8
+    assert rs.DiverseBranchBlock(4, 6, internal_channels=8).branches[2][0].out_channels == 8
 
 
 def test_dbb_depthwise_drops_the_1x1_branches():
-    block = DiverseBranchBlock(4, 4, groups=4)
+    block = rs.DiverseBranchBlock(4, 4, groups=4)
     assert len(block.branches) == 3
     assert kernels(block) == [(3, 3), (1, 1), (3, 3)]  # k x k, then the 1x1 -> k x k chain
     assert block.branches[1][0].out_channels == 8  # 2 * in_channels, as in DBB
@@ -197,31 +188,33 @@ def test_dbb_depthwise_drops_the_1x1_branches():
 
 def test_dbb_refuses_what_it_cannot_align():
     with pytest.raises(ValueError, match="odd kernel_size"):
-        DiverseBranchBlock(4, 4, 4)
+        rs.DiverseBranchBlock(4, 4, 4)
     with pytest.raises(ValueError, match="zeros only"):
-        DiverseBranchBlock(4, 4, padding_mode="reflect")
+        rs.DiverseBranchBlock(4, 4, padding_mode="reflect")
 
 
 @pytest.mark.parametrize(
     ("c_in", "c_out", "stride", "identity"), [(4, 4, 1, True), (4, 6, 1, False), (4, 4, 2, False)]
 )
 def test_mobileone_branches(c_in, c_out, stride, identity):
-    block = MobileOneBlock(c_in, c_out, stride=stride, num_conv_branches=3)
+    block = rs.MobileOneBlock(c_in, c_out, stride=stride, num_conv_branches=3)
     assert kernels(block) == [(3, 3)] * 3 + [(1, 1)]
     assert len(block.branches) == 4 + identity
-    assert len(MobileOneBlock(c_in, c_out, stride=stride, use_scale=False).branches) == 1 + identity
+    assert (
+        len(rs.MobileOneBlock(c_in, c_out, stride=stride, use_scale=False).branches) == 1 + identity
+    )
     with pytest.raises(ValueError, match="num_conv_branches"):
-        MobileOneBlock(c_in, c_out, num_conv_branches=0)
+        rs.MobileOneBlock(c_in, c_out, num_conv_branches=0)
 
 
 def test_repvgg_block_state_dict_is_unchanged():
-    keys = list(RepVGGBlock(4, 4).state_dict())
+    keys = list(rs.RepVGGBlock(4, 4).state_dict())
     assert keys[:2] == ["branches.0.0.weight", "branches.0.1.weight"]
     assert keys[-5:] == [
         f"branches.2.{k}"
         for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     ]
-    assert len(RepVGGBlock(4, 4, use_1x1=False, use_identity=False).branches) == 1
+    assert len(rs.RepVGGBlock(4, 4, use_1x1=False, use_identity=False).branches) == 1
 
 
 @pytest.mark.parametrize(
@@ -229,7 +222,7 @@ def test_repvgg_block_state_dict_is_unchanged():
     [(1, [(1, 1), (1, 1)]), (3, [(3, 3), (1, 1)]), (5, [(3, 3), (3, 3)]), (7, [(3, 3)] * 3)],
 )
 def test_expanded_conv_ck_chain(kernel_size, expected):
-    block = ExpandedConv(3, 5, kernel_size, stride=2, expand_mode="ck", expansion=2)
+    block = rs.ExpandedConv(3, 5, kernel_size, stride=2, expand_mode="ck", expansion=2)
     convs = [m for m in block.layers if isinstance(m, nn.Conv2d)]
     assert [c.kernel_size for c in convs] == expected
     assert [c.out_channels for c in convs] == [10] * (len(convs) - 1) + [5]
@@ -239,7 +232,7 @@ def test_expanded_conv_ck_chain(kernel_size, expected):
 
 
 def test_expanded_conv_cl_chain_keeps_groups():
-    block = ExpandedConv(4, 6, 3, groups=2, expand_mode="cl", expansion=3)
+    block = rs.ExpandedConv(4, 6, 3, groups=2, expand_mode="cl", expansion=3)
     convs = list(block.layers)[:-1]
     assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(4, 12), (12, 18), (18, 6)]
@@ -249,9 +242,9 @@ def test_expanded_conv_cl_chain_keeps_groups():
 
 def test_expanded_conv_refuses_bad_arguments():
     with pytest.raises(ValueError, match="odd kernel_size"):
-        ExpandedConv(3, 3, 4, expand_mode="ck")
+        rs.ExpandedConv(3, 3, 4, expand_mode="ck")
     with pytest.raises(ValueError, match="'ck' or 'cl'"):
-        ExpandedConv(3, 3, expand_mode="fc")
+        rs.ExpandedConv(3, 3, expand_mode="fc")
 
 
 def test_make_block_refuses_unknown_kinds():

@@ -17,8 +17,8 @@ from helpers import randomize
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze.models import RepVGG, registry
-from repsqueeze.models.mobileone import MobileOne
+from repsqueeze.models import RepVGG, unregister_model
+from repsqueeze.models.mobileone import MobileOne, with_branches
 from repsqueeze.models.repvgg import repvgg_widths
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -54,21 +54,21 @@ def float64():
 
 
 @pytest.fixture
-def tiny_models(monkeypatch):
+def tiny_models():
     """Tiny RepVGG (groups, SE) and MobileOne (SE) registered for the test only."""
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
 
     def tiny_repvgg(**kw) -> RepVGG:
         return RepVGG((1, *TINY_DEPTHS), repvgg_widths(0.25, 0.125), **kw)
 
-    def tiny_mobileone(**kw) -> MobileOne:
-        if kw.get("block", "mobileone") == "mobileone":
-            kw.setdefault("num_conv_branches", 2)
-        return MobileOne((0.25, 0.25, 0.25, 0.125), depths=TINY_DEPTHS, **kw)
+    def tiny_mobileone(block="mobileone", **kw) -> MobileOne:
+        block = with_branches(block, 2)
+        return MobileOne((0.25, 0.25, 0.25, 0.125), block=block, depths=TINY_DEPTHS, **kw)
 
     rs.register_model(tiny_repvgg)
     rs.register_model(tiny_mobileone)
-    return tiny_repvgg
+    yield tiny_repvgg
+    unregister_model("tiny_repvgg")
+    unregister_model("tiny_mobileone")
 
 
 def _official_tiny(**kw) -> official.RepVGG:
@@ -82,8 +82,12 @@ def _official_tiny(**kw) -> official.RepVGG:
 )
 def test_official_repvgg_layouts_load_with_the_same_function(tiny_models, tmp_path, variant, kw):
     src = _save(_official_tiny(**kw), tmp_path / "official.pt")
-    ours_kw = {k: v for k, v in kw.items() if k != "qa"} | ({"block": "qarepvgg"} if "qa" in kw else {})  # fmt: skip
-    model = rs.create_model("tiny_repvgg", num_classes=10, pretrained=tmp_path / "official.pt", **ours_kw)  # fmt: skip
+    ours_kw = {k: v for k, v in kw.items() if k != "qa"} | (
+        {"block": "qarepvgg"} if "qa" in kw else {}
+    )
+    model = rs.create_model(
+        "tiny_repvgg", num_classes=10, pretrained=tmp_path / "official.pt", **ours_kw
+    )
     report = model.pretrained_report
     assert report.layout == f"official {'qarepvgg' if 'qa' in kw else 'repvgg'}"
     assert report.converted == [] and report.reinitialised == []
@@ -102,10 +106,18 @@ def test_official_file_into_another_kind_deployed_and_another_head(tiny_models, 
     with torch.no_grad():
         ref = src(x)
         for kw in ({"block": "dbb"}, {"block": "expand_cl", "expansion": 2}, {"deployed": True}):
-            model = rs.create_model("tiny_repvgg", num_classes=10, use_se=True, pretrained=tmp_path / "official.pt", **kw)  # fmt: skip
+            model = rs.create_model(
+                "tiny_repvgg",
+                num_classes=10,
+                use_se=True,
+                pretrained=tmp_path / "official.pt",
+                **kw,
+            )
             assert len(model.pretrained_report.converted) == 7  # stem + 6 blocks
             assert _rel(model.double().eval()(x), ref) <= 1e-10, kw
-        other = rs.create_model("tiny_repvgg", num_classes=3, use_se=True, pretrained=tmp_path / "official.pt")  # fmt: skip
+        other = rs.create_model(
+            "tiny_repvgg", num_classes=3, use_se=True, pretrained=tmp_path / "official.pt"
+        )
     assert other.pretrained_report.reinitialised == ["head.weight", "head.bias"]
     assert other.head.weight.shape == (3, 64)
     loaded = dict(other.named_parameters())
@@ -114,12 +126,16 @@ def test_official_file_into_another_kind_deployed_and_another_head(tiny_models, 
 
 def test_official_deployed_file_loads_into_training_form(tiny_models, tmp_path, float64):
     src = _save(_official_tiny(deploy=True), tmp_path / "deployed.pt")
-    model = rs.create_model("tiny_repvgg", num_classes=10, block="acb", pretrained=tmp_path / "deployed.pt")  # fmt: skip
+    model = rs.create_model(
+        "tiny_repvgg", num_classes=10, block="acb", pretrained=tmp_path / "deployed.pt"
+    )
     assert model.pretrained_report.kind == "deployed"
     x = _x()
     with torch.no_grad():
         assert _rel(model.double().eval()(x), src(x)) <= 1e-10
-    flat = rs.create_model("tiny_repvgg", num_classes=10, deployed=True, pretrained=tmp_path / "deployed.pt")  # fmt: skip
+    flat = rs.create_model(
+        "tiny_repvgg", num_classes=10, deployed=True, pretrained=tmp_path / "deployed.pt"
+    )
     assert flat.pretrained_report.converted == []  # same layout: loaded as it is
 
 
@@ -159,7 +175,7 @@ def test_dbb_repo_resnet18_loads(tmp_path, kind, float64):  # DBB: the 1x1 + ide
 def test_torchvision_resnet18_into_any_kind(tmp_path, float64, kind, carried):
     src = _save(torchvision.models.resnet18(num_classes=10), tmp_path / "tv.pt")
     x = _x()
-    model = rs.create_model("resnet18", block=kind, num_classes=10, pretrained=tmp_path / "tv.pt")  # fmt: skip
+    model = rs.create_model("resnet18", block=kind, num_classes=10, pretrained=tmp_path / "tv.pt")
     assert model.pretrained_report.layout == "torchvision resnet"
     assert len(model.pretrained_report.converted) == carried  # the 3x3 convs (stem, 1x1: plain)
     with torch.no_grad():
@@ -190,8 +206,11 @@ def test_timm_files_load_by_path_and_by_tag(timm_file, arch, ours):
         assert _rel(model.double().eval()(x), ref) <= 1e-10
         tag = "rvgg_in1k" if arch.startswith("repvgg") else "apple_in1k"
         by_tag = rs.create_model(
-            arch, num_classes=10, pretrained=f"timm:{arch}.{tag}", pretrained_cfg_overlay={"file": str(path)}
-        )  # fmt: skip
+            arch,
+            num_classes=10,
+            pretrained=f"timm:{arch}.{tag}",
+            pretrained_cfg_overlay={"file": str(path)},
+        )
     assert by_tag.pretrained_report.source == f"timm:{arch}.{tag}"
     assert by_tag.pretrained_report.reinitialised == ["head.weight", "head.bias"]
 
@@ -201,7 +220,10 @@ def test_in_channels_adapts_the_stem_like_timm(timm_file):
 
     src, path = timm_file("repvgg_a0")
     model = rs.create_model("repvgg_a0", in_channels=1, num_classes=7, pretrained=path)
-    assert model.pretrained_report.adapted == ["stem.0.0.branches.0.0.weight", "stem.0.0.branches.1.0.weight"]  # fmt: skip
+    assert model.pretrained_report.adapted == [
+        "stem.0.0.branches.0.0.weight",
+        "stem.0.0.branches.1.0.weight",
+    ]
     expected = adapt_input_conv(1, src.stem.conv_kxk.conv.weight.float())
     assert torch.equal(model.stem[0][0].branches[0][0].weight, expected)
 
@@ -227,7 +249,10 @@ def test_no_network_is_one_line_naming_the_tag(timm_file, monkeypatch):
 # --- repsqueeze's own files, errors --------------------------------------------------------------
 def test_own_files_any_kind_or_deployed(tmp_path, float64):
     trained = randomize(rs.create_model("digits_net", block="dbb"), _gen()).double().eval()
-    torch.save({"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "a.ckpt")  # fmt: skip
+    torch.save(
+        {"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}},
+        tmp_path / "a.ckpt",
+    )
     rs.save_deployed(rs.deploy(trained), tmp_path / "deployed.pt", {"name": "digits_net"})
     x = _x(1, 8)
     with torch.no_grad():
@@ -236,7 +261,7 @@ def test_own_files_any_kind_or_deployed(tmp_path, float64):
         assert same.pretrained_report.kind == "dbb" and same.pretrained_report.converted == []
         assert _rel(same.double().eval()(x), ref) <= 1e-10
         other = rs.create_model("digits_net", block="mobileone", pretrained=tmp_path / "a.ckpt")
-        assert other.pretrained_report.kind == "dbb" and len(other.pretrained_report.converted) == 4  # fmt: skip
+        assert other.pretrained_report.kind == "dbb" and len(other.pretrained_report.converted) == 4
         assert _rel(other.double().eval()(x), ref) <= 1e-10
         back = rs.create_model("digits_net", block="repvgg", pretrained=tmp_path / "deployed.pt")
         assert back.pretrained_report.kind == "deployed"
@@ -251,7 +276,9 @@ def test_mismatch_and_bad_sources_are_one_line(tiny_models, tmp_path):
     assert "\n" not in message and "tiny_repvgg: pretrained=" in message
     assert "missing stem.0.1.reduce.weight" in message
     _save(_official_tiny(groups=2), tmp_path / "g2.pt")
-    with pytest.raises(ValueError, match=r"is \[\d+, \d+, 3, 3\] in the file, \[\d+, \d+, 3, 3\] in the model"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"is \[\d+, \d+, 3, 3\] in the file, \[\d+, \d+, 3, 3\] in the model"
+    ):
         rs.create_model("tiny_repvgg", pretrained=tmp_path / "g2.pt")
     with pytest.raises(FileNotFoundError, match="no such file"):
         rs.create_model("digits_net", pretrained=tmp_path / "none.pt")
@@ -317,7 +344,10 @@ def test_published_repvgg_variants_load_official_layout(tmp_path, name, depths, 
 
 @pytest.mark.slow
 def test_mobileone_s4_loads_official_layout(tmp_path):
-    src = _save(official.MobileOne((3.0, 3.5, 3.5, 4.0), se=(0, 0, 5, 1), num_classes=1000), tmp_path / "s4.pt")  # fmt: skip
+    src = _save(
+        official.MobileOne((3.0, 3.5, 3.5, 4.0), se=(0, 0, 5, 1), num_classes=1000),
+        tmp_path / "s4.pt",
+    )
     model = rs.create_model("mobileone_s4", pretrained=tmp_path / "s4.pt").double().eval()
     _unit_by_unit(model, src, _x())
 
@@ -330,7 +360,13 @@ def test_timm_published_architectures_load(timm_file, arch):
     x = _x()
     with torch.no_grad():  # timm's forward_features / forward_head match ours
         assert _rel(model.forward_features(x), src.forward_features(x)) <= 1e-8
-        assert _rel(model.forward_head(src.forward_features(x)), src.forward_head(src.forward_features(x))) <= 1e-10  # fmt: skip
+        assert (
+            _rel(
+                model.forward_head(src.forward_features(x)),
+                src.forward_head(src.forward_features(x)),
+            )
+            <= 1e-10
+        )
 
 
 # --- the config key ------------------------------------------------------------------------------
@@ -343,9 +379,14 @@ def test_config_key_model_net_pretrained_reaches_create_model(tmp_path):
     trained = randomize(rs.create_model("digits_net", block="acb"), _gen())
     torch.save(trained.state_dict(), tmp_path / "w.pt")
     GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "configs"), version_base="1.3")  # fmt: skip
+    configs = Path(__file__).parents[2] / "configs"
+    initialize_config_dir(config_dir=str(configs), version_base="1.3")
     try:
-        fixed = ["model.net.num_classes=10", "model.net.in_channels=1", f"paths.root_dir={tmp_path}"]  # fmt: skip
+        fixed = [
+            "model.net.num_classes=10",
+            "model.net.in_channels=1",
+            f"paths.root_dir={tmp_path}",
+        ]
         assert compose("train", overrides=fixed).model.net.pretrained is False
         cfg = compose("train", overrides=[*fixed, f"model.net.pretrained={tmp_path / 'w.pt'}"])
         module = instantiate(cfg.model)

@@ -8,7 +8,7 @@ from helpers import assert_equivalent, randomize
 from torch import nn
 
 import repsqueeze as rs
-from repsqueeze.models import FeatureNet
+from repsqueeze.models import FeatureNet, unregister_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -76,11 +76,9 @@ def test_features_only_refuses_bad_levels():
     def no_levels(**kwargs):
         return nn.Identity()
 
-    from repsqueeze.models import registry
-
-    registry._MODELS["no_levels"] = no_levels
+    rs.register_model(no_levels)
     try:
         with pytest.raises(ValueError, match="no_levels: features_only needs"):
             rs.create_model("no_levels", features_only=True)
     finally:
-        del registry._MODELS["no_levels"]
+        unregister_model("no_levels")
