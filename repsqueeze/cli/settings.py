@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from repsqueeze.checkpoints import CheckpointError, read_checkpoint
@@ -26,6 +27,9 @@ from repsqueeze.cli.schema import (
     Rule,
     Schema,
 )  # fmt: skip
+from repsqueeze.core.auto import MODES
+from repsqueeze.models import list_models
+from repsqueeze.zoo import list_blocks
 
 # --- checks of files ------------------------------------------------------------------------------
 
@@ -51,24 +55,6 @@ METRICS += ["val/acc_best", "test/loss", "test/acc", "test/acc_top5", "test/acc_
 METRICS += ["test/max_logit_diff"]
 
 
-def _model_names() -> list[str]:
-    from repsqueeze.models import list_models
-
-    return list_models()
-
-
-def _block_kinds() -> list[str]:
-    from repsqueeze.zoo import BLOCKS
-
-    return list(BLOCKS)
-
-
-def _modes() -> list[str]:
-    from repsqueeze.core.blocks import MODES
-
-    return list(MODES)
-
-
 def _run_mode(value: Any, cfg: DictConfig) -> str | None:
     """The blocks' run mode has one setting, ``model.mode``; the blocks' own ``mode``
     argument under ``model.net`` is refused, pointing there."""
@@ -77,8 +63,7 @@ def _run_mode(value: Any, cfg: DictConfig) -> str | None:
 
 def _accelerator(value: Any, cfg: DictConfig) -> str | None:
     """A Lightning accelerator that this machine has (``auto`` always)."""
-    import torch
-    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.accelerators import AcceleratorRegistry  # not on deploy.py's path
 
     known = ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]
     if value not in known:
@@ -169,7 +154,6 @@ def _epochs_in_order(cfg: DictConfig) -> tuple[str, str] | None:
 
 
 def _ddp_needs_gpus(cfg: DictConfig) -> tuple[str, str] | None:
-    import torch
 
     trainer = cfg.trainer
     strategy = str(trainer.get("strategy") or "")
@@ -213,10 +197,10 @@ TRAIN_SCHEMA = Schema(
         "data.seed": Rule(type=int),
         "model.label_smoothing": Float(ge=0, lt=1),
         "model.deploy_tolerance": TOLERANCE,
-        "model.mode": Rule(type=str, nullable=True, choices=_modes),
+        "model.mode": Rule(type=str, nullable=True, choices=list(MODES)),
         "model.compile": Rule(type=(bool, dict)),
-        "model.net.name": Rule(type=str, choices=_model_names),
-        "model.net.block": Rule(type=str, choices=_block_kinds),
+        "model.net.name": Rule(type=str, choices=list_models),
+        "model.net.block": Rule(type=str, choices=list_blocks),
         "model.net.num_classes": Int(ge=1, nullable=True),
         "model.net.in_channels": Int(ge=1, nullable=True),
         "model.net.online_norm": BOOL,
@@ -287,7 +271,6 @@ def _shape(value: Any, cfg: DictConfig) -> str | None:
 
 
 def _device(value: Any, cfg: DictConfig) -> str | None:
-    import torch
 
     try:
         device = torch.device(value)
