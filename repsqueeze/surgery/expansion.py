@@ -7,7 +7,6 @@ import copy
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from repsqueeze.surgery.hooks import (
     wrappers,
 )
 from repsqueeze.surgery.origin import ORIGIN, Origin
-from repsqueeze.zoo import BLOCKS
+from repsqueeze.zoo import block_factory
 
 
 @dataclass
@@ -101,8 +100,7 @@ def expand(
 
 def _check_expand(model: nn.Module, block: str, block_kwargs: dict) -> None:
     """Refuses what :func:`expand` cannot start as an exact copy of ``model``."""
-    if block not in BLOCKS:
-        raise ValueError(f"unknown block kind {block!r}; valid kinds: {', '.join(BLOCKS)}")
+    block_factory(block)  # an unknown kind is refused, naming the valid ones
     if block == "qarepvgg":
         raise ValueError(
             "expand: block='qarepvgg' cannot start as an exact copy of conv -> BatchNorm: its "
@@ -153,12 +151,7 @@ def block_from_conv_bn(kind: str, conv: nn.Module, bn: _BatchNorm, **kwargs) -> 
         bn: the BatchNorm after it.
         **kwargs: further arguments of the block.
     """
-    if kind not in BLOCKS:
-        raise ValueError(f"unknown block kind {kind!r}; valid kinds: {', '.join(BLOCKS)}")
-    make = BLOCKS[kind]
-    if isinstance(make, partial):  # expand_ck / expand_cl: ExpandedConv with a fixed mode
-        return make.func.from_conv_bn(conv, bn, **{**make.keywords, **kwargs})
-    return make.from_conv_bn(conv, bn, **kwargs)
+    return block_factory(kind).from_conv_bn(conv, bn, **kwargs)
 
 
 def _conv_bn_pairs(model: nn.Module, report: ExpandReport) -> list[tuple[str, str]]:

@@ -128,9 +128,7 @@ def test_from_conv_bn_is_exact_in_eval_and_training(kind, single_thread):
     conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=True).double()
     bn = nn.BatchNorm2d(6, eps=1e-3, momentum=0.3).double()
     randomize_bn(bn, torch.Generator().manual_seed(5))
-    make = BLOCKS[kind]
-    cls, kw = (make.func, make.keywords) if hasattr(make, "func") else (make, {})
-    block = cls.from_conv_bn(conv.eval(), bn, **kw)
+    block = BLOCKS[kind].from_conv_bn(conv.eval(), bn)
     x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
     bn.eval()
     assert _relative(block.eval()(x), bn(conv(x))) <= 1e-12
