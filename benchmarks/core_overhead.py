@@ -20,12 +20,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from repsqueeze import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,20 +66,18 @@ def load_as(tree: Path, name: str) -> ModuleType:
 
 
 def interleaved(packages: dict[str, ModuleType], repeats: int) -> dict[str, dict[str, list]]:
-    """Per tree and case, the seconds of each round; every round runs each case of every
-    tree once, in turn, so load on a shared machine falls on all alike."""
+    """Per tree and case, the seconds of each round (:func:`repsqueeze.timing.interleaved_fresh`,
+    after one untimed round): every round runs each case of every tree once, in turn, so load
+    on a shared machine falls on all alike."""
     calls = {tree: cases(rs) for tree, rs in packages.items()}
-    for per_tree in calls.values():
-        for fn in per_tree.values():
-            fn()  # warm-up: plans, layouts, allocator
-    times: dict[str, dict[str, list]] = {t: {c: [] for c in calls[t]} for t in calls}
-    for _ in range(repeats):
-        for case in next(iter(calls.values())):
-            for tree, per_tree in calls.items():
-                start = time.perf_counter()
-                per_tree[case]()
-                times[tree][case].append(time.perf_counter() - start)
-    return times
+    cases_in_order = list(next(iter(calls.values())))
+    fns = {
+        f"{tree}/{case}": (lambda _, fn=calls[tree][case]: fn())
+        for case in cases_in_order
+        for tree in calls
+    }
+    rounds = timing.interleaved_fresh(fns, dict.fromkeys(fns, lambda: None), repeats)
+    return {tree: {case: rounds[f"{tree}/{case}"] for case in cases_in_order} for tree in calls}
 
 
 def main() -> None:
