@@ -32,6 +32,7 @@ import sys
 import time
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -102,6 +103,18 @@ def data_config(cfg: DictConfig, ckpt_path: Path) -> DictConfig | None:
     return OmegaConf.load(saved).get("data") if saved.is_file() else None
 
 
+def build_data(data_cfg: DictConfig) -> Any:
+    """The data of ``data_cfg``: for a data module repsqueeze ships, its Lightning-free class
+    (:data:`repsqueeze.training.data.PLAIN_DATA`, same arguments, no Lightning import);
+    for any other target, the target itself."""
+    from repsqueeze.training.data import PLAIN_DATA
+
+    plain = PLAIN_DATA.get(data_cfg.get("_target_"))
+    if plain is None:
+        return instantiate(data_cfg)
+    return instantiate(data_cfg, _target_=f"{plain.__module__}.{plain.__qualname__}")
+
+
 def verification_inputs(
     cfg: DictConfig, ckpt_path: Path, net: torch.nn.Module, notes: list[str]
 ) -> dict[str, torch.Tensor]:
@@ -111,7 +124,7 @@ def verification_inputs(
     data_cfg = data_config(cfg, ckpt_path) if cfg.use_data or shape is None else None
     if data_cfg is not None:
         try:
-            datamodule = instantiate(data_cfg)
+            datamodule = build_data(data_cfg)
         except Exception as err:
             notes.append(f"data module not built: {err}")
     source = "input_shape"
@@ -132,9 +145,7 @@ def verification_inputs(
     if cfg.use_data and datamodule is None:
         notes.append("no data module found (give data=NAME): verified on the random batch only")
     if cfg.use_data and datamodule is not None:
-        from repsqueeze.training.datamodules import (
-            example_batch,  # the data pipeline, only when data is used
-        )
+        from repsqueeze.training.data import example_batch  # the data, only when used
 
         try:
             inputs["data"] = example_batch(datamodule, "test")[0][: cfg.batch_size]

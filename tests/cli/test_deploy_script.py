@@ -21,6 +21,7 @@ from deploy_support import (
     check_report,
     listing,
     no_outputs,
+    write_checkpoint,
 )
 from helpers import randomize_bn
 from hydra import compose, initialize_config_dir
@@ -165,6 +166,34 @@ def test_a_checkpoint_trained_on_the_gpu_deploys_on_a_cpu_only_machine(tmp_path)
     assert "TF32 disabled" in report["numerics"] and "cuda" in report["numerics"]
     for errors in report["verification"].values():
         assert errors["float32"] <= TOL32
+
+
+def test_a_real_batch_of_the_runs_data_is_drawn_without_lightning(tmp_path):
+    """deploy.py on a run folder whose saved config names the digits data module: the
+    verification batch is drawn from that data, and neither Lightning nor torchmetrics is
+    imported on the way."""
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "model.ckpt", NET_CONFIG)
+    data = {"_target_": "repsqueeze.training.datamodules.DigitsDataModule", "batch_size": 16}
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save({"data": data}, tmp_path / "run" / ".hydra" / "config.yaml")
+    out = tmp_path / "out"
+    argv = [f"ckpt_path={ckpt}", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    code = (
+        "import sys\n"
+        "from repsqueeze.cli import deploy\n"
+        f"sys.argv = ['deploy.py', *{[*argv, *FAST, 'formats.pt2=false']!r}]\n"
+        "deploy.main()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', "
+        "'pytorch_lightning'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "[]"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["verification"]) == {"random", "data"}
 
 
 # --- end to end: train(cfg), then python deploy.py -------------------------------------------
