@@ -13,9 +13,9 @@ and centre crop (:func:`eval_transform`). A validation split carved out of a tra
 never sees training augmentation: :class:`TransformedSubset` applies each side's own
 transform to the untransformed images.
 
-The Lightning data modules built on these are in :mod:`repsqueeze.training.datamodules`;
-this module imports neither Lightning nor torchmetrics, so a deploy tool reading a data set
-does not pay their import time.
+The data classes built on these are in :mod:`repsqueeze.training.data` (Lightning-free) and
+:mod:`repsqueeze.training.datamodules` (Lightning); this module imports neither Lightning nor
+torchmetrics, so a deploy tool reading a data set does not pay their import time.
 
 Arguments that cannot work, and data that is missing or unreadable, raise :class:`ConfigError`
 naming the argument to change (``batch_size``, ``download``, ``root``) or the file at fault,
