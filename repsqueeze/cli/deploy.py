@@ -192,7 +192,7 @@ def int8_artifact(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path, folder
         raise DeployError(
             "int8.enabled=true needs the run's data (give data=NAME) to calibrate and test"
         )
-    datamodule = instantiate(data_cfg)
+    datamodule = build_data(data_cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")
