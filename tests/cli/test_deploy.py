@@ -7,7 +7,6 @@ first test writes ``model.onnx``; the others pass ``formats.onnx=false``.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -368,18 +367,3 @@ def test_grouped_settings_reach_the_run(compose_deploy, checkpoint, tmp_path):
     no_outputs(out)
     cli_deploy.run(compose_deploy(*common, "formats.pt2=false", "formats.torchscript=true"))
     assert listing(out) == {"deployed.pt", "model.ts", "report.json"}
-
-
-def test_importing_the_deploy_command_imports_no_lightning():
-    """deploy.py pays neither Lightning's nor torchmetrics' import time."""
-    code = (
-        "import sys, repsqueeze.cli.deploy\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', "
-        "'pytorch_lightning'}))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["[]"]

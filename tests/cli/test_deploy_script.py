@@ -171,7 +171,7 @@ def test_a_checkpoint_trained_on_the_gpu_deploys_on_a_cpu_only_machine(tmp_path)
 def test_a_real_batch_of_the_runs_data_is_drawn_without_lightning(tmp_path):
     """deploy.py on a run folder whose saved config names the digits data module: the
     verification batch is drawn from that data, and neither Lightning nor torchmetrics is
-    imported on the way."""
+    imported on the way (not by the command, the data sets or the plain data classes)."""
     ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "model.ckpt", NET_CONFIG)
     data = {"_target_": "repsqueeze.training.datamodules.DigitsDataModule", "batch_size": 16}
     (tmp_path / "run" / ".hydra").mkdir()
