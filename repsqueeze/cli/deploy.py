@@ -156,12 +156,16 @@ def verification_inputs(
 
 # --- the files -------------------------------------------------------------------------------
 def build_artifacts(
-    cfg: DictConfig, net: torch.nn.Module, net_config: dict, inputs: dict, folder: Path
+    cfg: DictConfig,
+    net: torch.nn.Module,
+    deployed: torch.nn.Module,
+    net_config: dict,
+    inputs: dict,
+    folder: Path,
 ) -> dict:
-    """Deploys, verifies, writes every artifact into ``folder`` and returns the report."""
+    """Verifies ``deployed`` against ``net``, writes every artifact into ``folder`` and
+    returns the report."""
     timings: dict[str, float] = {}
-    with timed(timings, "deploy"):
-        deployed = deploy(net).eval()
     with timed(timings, "verify"):
         errors, numerics = artifacts.verify_forms(net, deployed, inputs, cfg.tol, cfg.device)
     x = inputs.get("data", inputs["random"])
@@ -182,9 +186,12 @@ def build_artifacts(
     }
 
 
-def int8_artifact(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path, folder: Path) -> dict:
-    """``model.int8.onnx`` in ``folder`` (see :func:`repsqueeze.quant.quantize`): calibrated on
-    ``int8.calibration_batches`` training batches, checked on the test split; its report."""
+def int8_artifact(
+    cfg: DictConfig, deployed: torch.nn.Module, ckpt_path: Path, folder: Path
+) -> dict:
+    """``model.int8.onnx`` of the deployed network in ``folder`` (see
+    :func:`repsqueeze.quant.quantize`): calibrated on ``int8.calibration_batches`` training
+    batches, checked on the test split; its report."""
     from repsqueeze import quant  # onnxruntime's quantization, only when asked
 
     data_cfg = data_config(cfg, ckpt_path)
@@ -199,7 +206,7 @@ def int8_artifact(cfg: DictConfig, net: torch.nn.Module, ckpt_path: Path, folder
     calibration = islice(datamodule.train_dataloader(), cfg.int8.calibration_batches)
     try:
         result = quant.quantize(
-            deploy(net).eval(), calibration, datamodule.test_dataloader(),
+            deployed, calibration, datamodule.test_dataloader(),
             folder / "model.int8.onnx", max_drop=cfg.int8.max_drop, cle=cfg.int8.cle,
             method=cfg.int8.calibration_method, opset=cfg.formats.onnx_opset,
         )  # fmt: skip
@@ -256,14 +263,16 @@ def _deploy_into(cfg: DictConfig, ckpt_path: Path, staging: Path, timings: dict)
         notes.append("nothing to squeeze: the network has no re-parameterizable block")
     with timed(timings, "inputs"):
         inputs = verification_inputs(cfg, ckpt_path, net, notes)
+    with timed(timings, "deploy"):
+        deployed = deploy(net).eval()
     try:
-        result = build_artifacts(cfg, net, net_config, inputs, staging)
+        result = build_artifacts(cfg, net, deployed, net_config, inputs, staging)
     except artifacts.DeploymentError as err:
         raise DeployError(str(err)) from err
     result["timings_s"] = {**timings, **result["timings_s"]}
     if cfg.int8.enabled:
         with timed(result["timings_s"], "int8"):
-            result.update(int8_artifact(cfg, net, ckpt_path, staging))
+            result.update(int8_artifact(cfg, deployed, ckpt_path, staging))
     result["notes"] = notes
     result["checkpoint"] = str(ckpt_path)
     result["files"] = {
