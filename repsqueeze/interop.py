@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from repsqueeze.core.auto import MODES
 from repsqueeze.core.blocks import Squeezable
+from repsqueeze.core.squeeze import conv_kwargs
 from repsqueeze.surgery import split_into
 from repsqueeze.zoo import MobileOneBlock, RepVGGBlock, block_factory, load_norm
 
@@ -200,18 +201,8 @@ def convert_block(block: nn.Module, kind: str, **kwargs: Any) -> Squeezable:
 
 
 def conv_like(conv: nn.Module) -> nn.Module:
-    """A bias-free conv with ``conv``'s geometry (freshly initialised, on the CPU)."""
-    return type(conv)(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=False,
-        padding_mode=conv.padding_mode,
-    )
+    """A bias-free conv with ``conv``'s geometry, device and dtype (freshly initialised)."""
+    return type(conv)(**{**conv_kwargs(conv), "bias": False})
 
 
 # --- official state dicts --------------------------------------------------------------------

@@ -220,6 +220,7 @@ def _check_cast(block: Combinator, conv: nn.Module, weight: Tensor, bias: Tensor
 
 
 def conv_kwargs(conv: nn.Module) -> dict:
+    """The constructor arguments that rebuild ``conv`` (geometry, bias, device, dtype)."""
     return {
         "in_channels": conv.in_channels,
         "out_channels": conv.out_channels,
